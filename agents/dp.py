@@ -1,0 +1,114 @@
+"""What value iteration and policy iteration share: loading the model, the common config fields,
+and the report (greedy rollouts in the real env, figures, final metrics)."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from agents.evaluation import evaluate_policy
+from agents.mdp import TabularMDP, TorchMDP
+from agents.plots import residual_curve, value_heatmap
+from service.context import RunContext
+
+
+class DPConfig(BaseModel):
+    """Fields every dynamic-programming solver takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gamma: float = Field(0.99, ge=0.0, lt=1.0, description="Discount factor, in [0, 1).")
+    tol: float = Field(
+        1e-6, gt=0.0,
+        description="epsilon: the returned greedy policy is epsilon-optimal (sup-norm of values).",
+    )
+    dtype: Literal["float64", "float32"] = Field(
+        "float64", description="Floating point type of values and transitions (float32 is faster, "
+        "but cannot resolve residuals below ~1e-7 of the values' scale).",
+    )
+    eval_episodes: int = Field(
+        100, ge=1, description="Greedy rollouts of the final policy in the real env."
+    )
+    figures: bool = Field(True, description="Log the value heatmap and residual curve.")
+
+
+def load_mdp(ctx: RunContext, dtype: str) -> tuple[TabularMDP, TorchMDP]:
+    env = ctx.make_env()
+    try:
+        mdp = TabularMDP.from_env(env)
+    finally:
+        env.close()
+    ctx.log.info("MDP with %d states, %d actions, %d transitions", mdp.n_states, mdp.n_actions,
+                 mdp.P.nnz)
+    return mdp, mdp.to_torch(ctx.device, getattr(torch, dtype))
+
+
+def report(
+    ctx: RunContext,
+    config: DPConfig,
+    mdp: TabularMDP,
+    V: torch.Tensor,
+    policy: torch.Tensor,
+    residuals: list[float],
+    threshold: float,
+    solve_s: float,
+    converged: bool,
+    title: str,
+) -> None:
+    """Final metrics, greedy rollouts in the real env, and figures (all off the training clock)."""
+    iterations = len(residuals)
+    V_np, pi_np = V.double().cpu().numpy(), policy.cpu().numpy()
+    metrics = {
+        "solver/iterations": iterations,
+        "solver/converged": float(converged),
+        "solver/value_max": float(V_np.max()),
+        "solver/value_mean": float(V_np.mean()),
+        "time/solve_s": solve_s,
+    }
+    with ctx.timer.paused():
+        env = ctx.make_env()
+        try:
+            returns, lengths = evaluate_policy(
+                env, lambda s: int(pi_np[int(s)]), config.eval_episodes,
+                seed=int(ctx.np_rng.integers(2**31)),
+            )
+        finally:
+            env.close()
+        metrics |= {
+            "eval/return_mean": float(returns.mean()),
+            "eval/return_std": float(returns.std()),
+            "eval/length_mean": float(lengths.mean()),
+        }
+        ctx.log_metrics(metrics, step=iterations)
+        if config.figures:
+            ctx.log_figure(residual_curve(residuals, threshold, f"{title}: Bellman residual"),
+                           "bellman_residual")
+            if mdp.grid_shape is not None:
+                ctx.log_figure(value_heatmap(mdp, V_np, pi_np, f"{title}: V* and greedy policy"),
+                               "value_heatmap")
+
+
+class Stopwatch:
+    """perf_counter seconds, synchronising CUDA so GPU time is counted where it is spent."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t0 = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def seconds(self) -> float:
+        return self._now() - self.t0
+
+
+def greedy(Q: torch.Tensor) -> torch.Tensor:
+    """Greedy policy (S,) from Q (A, S); ties go to the lowest action index."""
+    return Q.argmax(dim=0)
+
+

@@ -1,0 +1,68 @@
+"""Figures for tabular solvers. matplotlib is imported lazily (it costs ~0.5 s) with the Agg backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from agents.mdp import TabularMDP
+
+MAX_ARROW_GRID = 32  # beyond this many cells a side, arrows are unreadable: heatmap only
+
+
+def _figure(**kwargs: object) -> Figure:
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    return Figure(**kwargs)  # type: ignore[arg-type]
+
+
+def value_heatmap(mdp: TabularMDP, V: np.ndarray, policy: np.ndarray, title: str) -> Figure:
+    """State values on the grid, with the greedy action of each live cell drawn as an arrow."""
+    assert mdp.grid_shape is not None
+    rows, cols = mdp.grid_shape
+    values = np.ma.masked_array(V.reshape(rows, cols), mask=_mask(mdp).reshape(rows, cols))
+    side = min(8.0, 1.0 + 0.5 * max(rows, cols)) if max(rows, cols) <= MAX_ARROW_GRID else 8.0
+    fig = _figure(figsize=(side * cols / max(rows, cols) + 1.5, side * rows / max(rows, cols)))
+    ax = fig.add_subplot()
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].with_extremes(bad="0.3")  # obstacles and terminals in grey
+    image = ax.imshow(values, cmap=cmap, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="V(s)")
+    if mdp.moves is not None and max(rows, cols) <= MAX_ARROW_GRID:
+        moves = np.asarray(mdp.moves, dtype=float)[policy]  # (S, 2) as (d_row, d_col)
+        live = ~_mask(mdp)
+        r, c = np.divmod(np.arange(rows * cols), cols)
+        ax.quiver(c[live], r[live], moves[live, 1], -moves[live, 0], color="white",
+                  pivot="middle", scale=1.6 * max(rows, cols), width=0.006)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def _mask(mdp: TabularMDP) -> np.ndarray:
+    mask = mdp.terminal.copy()
+    if mdp.blocked is not None:
+        mask |= mdp.blocked
+    return mask
+
+
+def residual_curve(residuals: Sequence[float], threshold: float, title: str) -> Figure:
+    """Bellman residual per iteration on a log scale, with the stopping threshold."""
+    fig = _figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    ax.semilogy(np.arange(1, len(residuals) + 1), np.maximum(residuals, 1e-300), lw=1.5)
+    if np.isfinite(threshold) and threshold > 0:
+        ax.axhline(threshold, color="tab:red", ls="--", lw=1, label="epsilon-optimal threshold")
+        ax.legend()
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("||V_{k+1} - V_k||_inf")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig

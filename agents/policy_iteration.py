@@ -1,0 +1,93 @@
+"""Policy iteration (Howard 1960): alternate policy evaluation and greedy improvement.
+
+Evaluation solves V_pi = R_pi + gamma P_pi V_pi either exactly, as the sparse linear system
+(I - gamma P_pi) V = R_pi, or iteratively by repeated backups under pi (warm-started from the last
+V). Improvement takes the greedy policy, keeping the current action on ties so that the loop ends
+when no action strictly improves: then pi is optimal (exact evaluation) or epsilon-optimal.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+from pydantic import Field
+
+from agents.dp import DPConfig, Stopwatch, greedy, load_mdp, report
+from agents.mdp import TabularMDP, TorchMDP, epsilon_optimal_threshold, precision_floor
+from service.context import RunContext
+
+
+class Config(DPConfig):
+    evaluation: Literal["exact", "iterative"] = Field(
+        "exact", description="Policy evaluation by a sparse linear solve (exact) or by backups."
+    )
+    max_iterations: int = Field(1_000, gt=0, description="Upper bound on improvement steps.")
+    max_eval_sweeps: int = Field(
+        10_000, gt=0, description="Upper bound on backups per iterative evaluation."
+    )
+
+
+def evaluate_exact(mdp: TabularMDP, policy: np.ndarray, gamma: float) -> np.ndarray:
+    """Solve (I - gamma P_pi) V = R_pi. P_pi: (S, S) rows of P chosen by the policy."""
+    S = mdp.n_states
+    rows = policy * S + np.arange(S)
+    P_pi = mdp.P[rows]
+    A = sp.identity(S, format="csc") - gamma * P_pi.tocsc()
+    return np.asarray(spla.spsolve(A, mdp.R[policy, np.arange(S)]))
+
+
+def evaluate_iterative(
+    model: TorchMDP, policy: torch.Tensor, V: torch.Tensor, gamma: float, threshold: float,
+    max_sweeps: int,
+) -> torch.Tensor:
+    """Backups under pi, V <- R_pi + gamma P_pi V, until the change is below the threshold."""
+    index = policy.unsqueeze(0)  # (1, S): picks Q(s, pi(s)) out of the (A, S) backup
+    for _ in range(max_sweeps):
+        V_next = model.q_values(V, gamma).gather(0, index).squeeze(0)
+        delta = float((V_next - V).abs().max())
+        V = V_next
+        if delta < threshold or delta <= precision_floor(V):
+            break
+    return V
+
+
+def train(config: Config, ctx: RunContext) -> None:
+    mdp, model = load_mdp(ctx, config.dtype)
+    gamma = config.gamma
+    threshold = epsilon_optimal_threshold(config.tol, gamma)
+    dtype = model.R.dtype
+
+    clock = Stopwatch(ctx.device)
+    # Start from the policy greedy in the immediate reward.
+    policy = greedy(model.R.view(mdp.n_actions, mdp.n_states))
+    V = torch.zeros(mdp.n_states, dtype=dtype, device=ctx.device)
+    residuals: list[float] = []
+    converged = False
+    for it in range(1, config.max_iterations + 1):
+        if config.evaluation == "exact":
+            V = torch.from_numpy(evaluate_exact(mdp, policy.cpu().numpy(), gamma)).to(ctx.device, dtype)
+        else:
+            V = evaluate_iterative(model, policy, V, gamma, threshold, config.max_eval_sweeps)
+        Q = model.q_values(V, gamma)  # (A, S)
+        residual = float((Q.amax(dim=0) - V).abs().max())  # ||T V_pi - V_pi||_inf
+        # Keep the current action unless another is strictly better (beyond rounding noise):
+        # switching between equally good actions would never terminate.
+        q_current = Q.gather(0, policy.unsqueeze(0)).squeeze(0)
+        candidate = greedy(Q)
+        improves = Q.amax(dim=0) > q_current + precision_floor(V)
+        changes = int(improves.sum())
+        policy = torch.where(improves, candidate, policy)
+        residuals.append(residual)
+        ctx.log_metrics({"solver/bellman_residual": residual, "solver/policy_changes": changes},
+                        step=it)
+        if changes == 0:
+            converged = True
+            break
+        if ctx.should_stop():
+            break
+    solve_s = clock.seconds()
+    report(ctx, config, mdp, V, policy, residuals, threshold, solve_s, converged, "Policy iteration")

@@ -1,0 +1,220 @@
+"""`rlgen`: run, validate and inspect experiments.
+
+Exit status: 0 every trial finished; 1 a trial failed (or tracking failed); 2 invalid input, in which
+case nothing was started and no MLflow run was created; 130 interrupted (runs end KILLED).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+app = typer.Typer(
+    name="rlgen",
+    help="Reinforcement-learning and generative-model experiments: YAML in, Ray runs, MLflow logs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+STYLE = {"PENDING": "dim", "RUNNING": "cyan", "FINISHED": "green", "FAILED": "red", "KILLED": "yellow"}
+
+TrackingOpt = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a field, e.g. --set params.gamma=0.95 (repeatable).")]
+
+
+def _invalid(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(EXIT_INVALID)
+
+
+def _load(spec_path: Path | None, from_run: str | None, overrides: list[str], tracking_uri: str | None) -> Any:
+    from service.spec import SpecError, load_spec, load_spec_text
+
+    try:
+        if from_run:
+            return load_spec_text(_spec_of_run(from_run, tracking_uri), f"run {from_run}:spec.yaml",
+                                  overrides)
+        if spec_path is None:
+            raise _invalid("give a SPEC file or --from-run RUN_ID")
+        return load_spec(spec_path, overrides)
+    except SpecError as e:
+        for problem in e.problems:
+            err.print(f"[red]error:[/red] {problem}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+def _spec_of_run(run_id: str, tracking_uri: str | None) -> bytes:
+    from mlflow.exceptions import MlflowException
+
+    from service.tracking import client_for, resolve_tracking_uri
+
+    client = client_for(resolve_tracking_uri(tracking_uri))
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            return Path(client.download_artifacts(run_id, "spec.yaml", d)).read_bytes()
+    except (MlflowException, OSError) as e:
+        raise _invalid(f"run {run_id}: cannot read its spec.yaml ({e})") from None
+
+
+class ProgressTable:
+    """A live table of trials on stderr (final state only when stderr is not a terminal)."""
+
+    def __init__(self, seeds: list[int], title: str):
+        self.title = title
+        self.rows: dict[int, dict[str, Any]] = {s: {"status": "PENDING", "run_id": "", "t0": None,
+                                                    "t1": None} for s in seeds}
+        self.live = Live(self.render(), console=err, refresh_per_second=4,
+                         auto_refresh=err.is_terminal, transient=False)
+
+    def update(self, seed: int, status: str, run_id: str | None) -> None:
+        row = self.rows[seed]
+        now = time.monotonic()
+        if status == "RUNNING" and row["t0"] is None:
+            row["t0"] = now
+        if status in ("FINISHED", "FAILED", "KILLED"):
+            row["t1"] = now
+        row["status"] = status
+        row["run_id"] = run_id or row["run_id"]
+        self.live.update(self.render())
+
+    def render(self) -> Table:
+        table = Table(title=self.title, title_justify="left")
+        for col in ("seed", "status", "MLflow run", "time"):
+            table.add_column(col)
+        for seed, row in self.rows.items():
+            elapsed = "" if row["t0"] is None else f"{(row['t1'] or time.monotonic()) - row['t0']:.1f}s"
+            table.add_row(str(seed), f"[{STYLE.get(row['status'], '')}]{row['status']}", row["run_id"],
+                          elapsed)
+        return table
+
+
+@app.command()
+def run(
+    spec_path: Annotated[Path | None, typer.Argument(metavar="SPEC", help="Experiment YAML.")] = None,
+    overrides: SetOpt = None,
+    from_run: Annotated[str | None, typer.Option("--from-run", help="Re-run the spec logged by an MLflow run.")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Join this Ray cluster (default: embedded local Ray).")] = None,
+    local: Annotated[bool, typer.Option("--local", help="Run in-process, without Ray (for debugging).")] = False,
+    tracking_uri: TrackingOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
+    """Validate SPEC and run one trial per seed, logging to MLflow."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    spec = _load(spec_path, from_run, overrides or [], tracking_uri)
+    if local and address:
+        raise _invalid("--local and --address exclude each other")
+
+    from service.execution import launch
+    from service.spec import SpecError
+
+    table = ProgressTable(spec.seeds, f"{spec.name}: {spec.algorithm}")
+    try:
+        with table.live:
+            report = launch(spec, mode="local" if local else "ray", address=address,
+                            tracking_uri=tracking_uri, spec_path=spec_path, progress=table.update)
+            for trial in report.trials:
+                table.update(trial.seed, trial.status, trial.run_id)
+    except SpecError as e:
+        raise _invalid(str(e)) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: runs ended KILLED")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json()) + "\n")
+    for trial in report.trials:
+        if trial.error:
+            err.print(f"[red]seed {trial.seed} {trial.status}[/red]: {trial.error}", markup=True,
+                      highlight=False)
+    if report.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+@app.command()
+def validate(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC")],
+    overrides: SetOpt = None,
+) -> None:
+    """Check SPEC without running it; print the resolved spec (every default filled in)."""
+    from service.spec import to_yaml
+
+    spec = _load(spec_path, None, overrides or [], None)
+    sys.stdout.write(to_yaml(spec))
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of experiment specs (for YAML completion in editors)."""
+    from service.spec import spec_json_schema
+
+    sys.stdout.write(json.dumps(spec_json_schema(), indent=2) + "\n")
+
+
+@app.command()
+def algorithms(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the algorithms with their parameters, defaults and descriptions."""
+    from service.registry import ALGORITHMS
+
+    listing = {
+        name: {"family": a.family, "summary": a.summary,
+               "params": {f: {"type": _type_name(info.annotation), "default": info.get_default(call_default_factory=True),
+                              "description": info.description or ""}
+                          for f, info in a.config.model_fields.items()}}
+        for name, a in ALGORITHMS.items()
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(listing, indent=2, default=str) + "\n")
+        return
+    out = Console()
+    for name, entry in listing.items():
+        table = Table(title=f"{name} ({entry['family']}): {entry['summary']}", title_justify="left")
+        for col in ("param", "type", "default", "description"):
+            table.add_column(col, overflow="fold")
+        for field_name, info in entry["params"].items():
+            table.add_row(field_name, info["type"], repr(info["default"]), info["description"])
+        out.print(table)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+@app.command()
+def ui(
+    tracking_uri: TrackingOpt = None,
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+) -> None:
+    """Open the MLflow UI on the experiments' tracking store."""
+    from service.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    args = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    err.print(f"MLflow UI on http://{host}:{port} ({uri})")
+    os.execvp(args[0], args)
+
+
+if __name__ == "__main__":
+    app()

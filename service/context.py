@@ -1,0 +1,288 @@
+"""The run context: everything an algorithm receives besides its own config.
+
+An algorithm is `train(config, ctx)`. The context carries the plumbing every algorithm shares
+(seed and generators, device, buffered metric logging, figures, checkpoints, the training clock and
+cooperative stop requests), composed from small parts rather than inherited. This module imports
+neither Ray nor MLflow: `agents/` and `generative/` run in-process against `RunContext.in_memory()`,
+and the service plugs an MLflow writer in behind the same interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+_METRIC_KEY = re.compile(r"^[A-Za-z0-9_\-. /]+$")
+
+
+class EnvSpec(BaseModel):
+    """A gymnasium environment: a registered id and the keyword arguments for `gym.make`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="Gymnasium environment id, e.g. FrozenLake-v1 or rlgen/GridWorld-v0.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to gymnasium.make."
+    )
+
+    def make(self, **overrides: Any) -> gym.Env:
+        import gymnasium as gym
+
+        import agents  # noqa: F401  (registers rlgen/* environments)
+
+        return gym.make(self.id, **{**self.kwargs, **overrides})
+
+
+class MetricPoint(NamedTuple):
+    key: str
+    value: float
+    step: int
+    timestamp_ms: int
+
+
+class Writer(Protocol):
+    """Where a run's records end up (MLflow in the service, memory in tests)."""
+
+    def write_metrics(self, points: Sequence[MetricPoint]) -> None: ...
+
+    def write_artifact(self, local_path: Path, artifact_dir: str) -> None: ...
+
+
+@dataclass
+class InMemoryWriter:
+    """Keeps everything in memory: the writer for tests and notebooks."""
+
+    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+    artifacts: list[tuple[Path, str]] = field(default_factory=list)
+    batches: int = 0
+
+    def write_metrics(self, points: Sequence[MetricPoint]) -> None:
+        self.batches += 1
+        for p in points:
+            self.metrics[p.key].append((p.step, p.value))
+
+    def write_artifact(self, local_path: Path, artifact_dir: str) -> None:
+        self.artifacts.append((local_path, artifact_dir))
+
+
+class MetricLogger:
+    """Buffers metric points and hands them to the writer in batches.
+
+    One MLflow `log_metric` call costs ~5 ms against SQLite while `log_batch` costs ~0.1 ms a
+    metric, so points are only written when the buffer fills or `flush_interval_s` has passed
+    (so the UI still shows a long run's progress), and at the end of the run.
+    """
+
+    def __init__(self, writer: Writer, *, max_buffer: int = 1000, flush_interval_s: float = 10.0):
+        self.writer = writer
+        self.max_buffer = max_buffer
+        self.flush_interval_s = flush_interval_s
+        self.last: dict[str, float] = {}
+        self.last_step = 0
+        self._buffer: list[MetricPoint] = []
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+
+    def log(self, metrics: Mapping[str, float | int | torch.Tensor | np.number], step: int) -> None:
+        now_ms = int(time.time() * 1000)
+        points = []
+        for key, value in metrics.items():
+            if not _METRIC_KEY.match(key):
+                raise ValueError(f"metric name {key!r} has characters MLflow does not accept")
+            v = float(value.item() if isinstance(value, torch.Tensor) else value)
+            points.append(MetricPoint(key, v, int(step), now_ms))
+            self.last[key] = v
+        with self._lock:
+            self._buffer.extend(points)
+            self.last_step = max(self.last_step, int(step))
+            full = len(self._buffer) >= self.max_buffer
+        if full or time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+            self._last_flush = time.monotonic()
+        if not batch:
+            return
+        try:
+            self.writer.write_metrics(batch)
+        except BaseException:
+            # Keep what could not be written: it goes out with the next flush.
+            with self._lock:
+                self._buffer[:0] = batch
+            raise
+
+
+class TrainTimer:
+    """Wall-clock seconds spent training: runs from `start()`, minus every `paused()` block.
+
+    Algorithms wrap evaluation and figure rendering in `with ctx.timer.paused():` so that
+    `time/train_s` measures training alone.
+    """
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._paused_s = 0.0
+        self._pause_depth = 0
+        self._pause_start = 0.0
+        self._stopped_at: float | None = None
+
+    def start(self) -> None:
+        self._start, self._paused_s, self._stopped_at = time.perf_counter(), 0.0, None
+
+    def stop(self) -> None:
+        if self._stopped_at is None:
+            self._stopped_at = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._pause_depth += 1
+        if self._pause_depth == 1:
+            self._pause_start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._pause_depth -= 1
+            if self._pause_depth == 0:
+                self._paused_s += time.perf_counter() - self._pause_start
+
+    def elapsed(self) -> float:
+        if self._start is None:
+            return 0.0
+        end = self._stopped_at if self._stopped_at is not None else time.perf_counter()
+        return end - self._start - self._paused_s
+
+
+class Checkpointer:
+    """Saves state dicts (modules, optimizers, counters) as `.pt` files and hands them to the writer.
+
+    Checkpoints are plain dicts of tensors and numbers, never pickled objects, so they load with
+    `torch.load(weights_only=True)`.
+    """
+
+    def __init__(self, directory: Path, writer: Writer, *, keep: int = 2):
+        self.directory = directory
+        self.writer = writer
+        self.keep = keep
+
+    def save(self, state: Mapping[str, Any], step: int) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"step_{step:010d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(dict(state), tmp)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+        self.writer.write_artifact(path, "checkpoints")
+        for old in sorted(self.directory.glob("step_*.pt"))[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> dict[str, Any] | None:
+        files = sorted(self.directory.glob("step_*.pt")) if self.directory.exists() else []
+        if not files:
+            return None
+        loaded: dict[str, Any] = torch.load(files[-1], map_location="cpu", weights_only=True)
+        return loaded
+
+
+class RunContext:
+    """What `train(config, ctx)` gets besides its config. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        writer: Writer,
+        workdir: Path,
+        device: torch.device | str = "cpu",
+        env: EnvSpec | None = None,
+        dataset: Any = None,
+        run_id: str = "local",
+        stop_event: threading.Event | None = None,
+    ):
+        self.seed = seed
+        self.run_id = run_id
+        self.device = torch.device(device)
+        self.env = env
+        self.dataset = dataset
+        self.workdir = workdir
+        self.writer = writer
+        self.metrics = MetricLogger(writer)
+        self.checkpoints = Checkpointer(workdir / "checkpoints", writer)
+        self.timer = TrainTimer()
+        self.log = logging.getLogger(f"rlgen.run.{run_id}")
+        # Every random draw in an algorithm comes from these, never from a global RNG.
+        self.np_rng = np.random.default_rng(seed)
+        self.torch_rng = torch.Generator(device=self.device).manual_seed(seed)
+        self._stop = stop_event or threading.Event()
+
+    @classmethod
+    def in_memory(
+        cls,
+        *,
+        seed: int = 0,
+        workdir: Path | str,
+        env: EnvSpec | None = None,
+        dataset: Any = None,
+        device: torch.device | str = "cpu",
+    ) -> RunContext:
+        """A context that records into an `InMemoryWriter` (`ctx.writer`): for tests and notebooks."""
+        return cls(seed=seed, writer=InMemoryWriter(), workdir=Path(workdir), device=device,
+                   env=env, dataset=dataset)
+
+    # -- metrics ------------------------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Buffer `group/name` metrics at `step`; they are written in batches."""
+        self.metrics.log(metrics, step)
+
+    def log_figure(self, fig: Figure, name: str, step: int | None = None) -> Path:
+        """Save a matplotlib figure as a PNG artifact under `figures/` (off the training clock).
+
+        With a step the file name carries it, so per-epoch figures page in order in the UI.
+        """
+        with self.timer.paused():
+            out_dir = self.workdir / "figures"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stem = name if step is None else f"{name}_step{step:08d}"
+            path = out_dir / f"{stem}.png"
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            self.writer.write_artifact(path, "figures")
+        return path
+
+    def log_artifact(self, path: Path, artifact_dir: str = "") -> None:
+        self.writer.write_artifact(path, artifact_dir)
+
+    # -- environments -------------------------------------------------------------------------
+    def make_env(self, **overrides: Any) -> gym.Env:
+        if self.env is None:
+            raise RuntimeError("this run has no `env` in its spec")
+        return self.env.make(**overrides)
+
+    # -- cooperative cancellation -------------------------------------------------------------
+    def should_stop(self) -> bool:
+        """True once a stop was requested (Ctrl-C, cancel); loops check it and return early."""
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.metrics.flush()

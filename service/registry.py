@@ -1,0 +1,33 @@
+"""The closed table of algorithms. A spec names a key; nothing else can be imported through it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from agents import policy_iteration, value_iteration
+from service.context import RunContext
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    family: Literal["rl", "generative"]
+    summary: str
+    config: type[BaseModel]
+    train: Callable[[Any, RunContext], None]
+    tabular: bool = False  # needs an env with a transition model (unwrapped.P)
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in [
+        Algorithm("value_iteration", "rl", "Value iteration with the Bellman optimality backup.",
+                  value_iteration.Config, value_iteration.train, tabular=True),
+        Algorithm("policy_iteration", "rl", "Policy iteration, exact or iterative evaluation.",
+                  policy_iteration.Config, policy_iteration.train, tabular=True),
+    ]
+}

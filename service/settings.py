@@ -1,0 +1,26 @@
+"""Service settings, from the environment (prefix RLGEN_) and read through a cached function."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RLGEN_", extra="ignore")
+
+    allowed_env_modules: list[str] = Field(
+        default_factory=list,
+        description="Modules that `module:EnvName-v0` env ids may import (JSON list, e.g. "
+        '\'["my_envs"]\'). Empty: such ids are refused, since they make gymnasium import code.',
+    )
+    workdir: str = Field(".rlgen", description="Scratch space for trial files before upload.")
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()

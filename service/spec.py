@@ -1,0 +1,407 @@
+"""Experiment specs: YAML in, a validated pydantic model out, or errors naming file, line and field.
+
+    name: frozenlake-vi                 # the MLflow experiment
+    algorithm: value_iteration          # a key of service.registry.ALGORITHMS
+    env: {id: FrozenLake-v1, kwargs: {is_slippery: true}}
+    params: {gamma: 0.99, tol: 1.0e-8}  # the algorithm's Config
+    seeds: [0, 1]                       # one trial per seed
+    resources: {num_cpus: 1, num_gpus: 0}
+
+Validation runs in two stages so that every error has a clean field path: first the envelope
+(`algorithm` must be a registry key), then the algorithm's own spec model, whose `params` is that
+algorithm's `Config`. Checks that need the outside world (the env id exists and is allowed, data
+files exist) come last. Nothing here starts Ray or touches MLflow: a spec that fails leaves nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+)
+
+from service.context import EnvSpec
+from service.registry import ALGORITHMS, Algorithm
+from service.settings import get_settings
+
+MAX_SPEC_BYTES = 1_000_000
+MAX_YAML_NODES = 10_000  # a real spec has a few hundred; aliases expanding past this are a bomb
+
+Loc = tuple[str | int, ...]
+
+
+# -- errors ---------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    where: str  # "spec.yaml:7", "--set params.gamma=2" or "spec.yaml"
+    field: str  # "params.gamma", or "" for the document itself
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.field}: {self.message}" if self.field else f"{self.where}: {self.message}"
+
+
+class SpecError(Exception):
+    """Invalid input. `str()` gives one line per problem: `file:line: field.path: message`."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(map(str, self.problems)))
+
+
+# -- the spec models ------------------------------------------------------------------------------
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per trial (sets torch threads).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per trial; fractions share a GPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when the trial was given a GPU, else CPU."
+    )
+
+
+class SpecBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="MLflow experiment name.")
+    algorithm: str = Field(description="Algorithm: one of `rlgen algorithms`.")
+    description: str = Field("", description="Free text, logged as the run description.")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1, description="One trial per seed."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Per-trial resources.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int]) -> list[int]:
+        if any(s < 0 or s >= 2**32 for s in seeds):
+            raise ValueError("seeds must lie in [0, 2**32)")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct")
+        return seeds
+
+
+class RLSpecBase(SpecBase):
+    env: EnvSpec = Field(description="The gymnasium environment.")
+
+
+@cache
+def spec_model(algorithm: str) -> type[SpecBase]:
+    """The spec model of one algorithm: the shared envelope plus `params: <its Config>`."""
+    algo = ALGORITHMS[algorithm]
+    base = RLSpecBase if algo.family == "rl" else SpecBase
+    model: type[SpecBase] = create_model(  # type: ignore[call-overload]
+        f"{''.join(p.title() for p in algorithm.split('_'))}Spec",
+        __base__=base,
+        algorithm=(Literal[algorithm], Field(description=algo.summary)),
+        params=(algo.config, Field(default_factory=algo.config, description="Algorithm config.")),
+    )
+    return model
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """JSON schema of every spec: a union on `algorithm`, for editors to complete YAML."""
+    models = tuple(spec_model(name) for name in ALGORITHMS)
+    union: Any = models[0] if len(models) == 1 else Annotated[
+        Union[models], Field(discriminator="algorithm")  # noqa: UP007
+    ]
+    schema = TypeAdapter(union).json_schema()
+    schema["title"] = "rlgen experiment spec"
+    return schema
+
+
+# -- YAML with line numbers -----------------------------------------------------------------------
+@dataclass
+class Source:
+    """A document and where each field came from, for error messages."""
+
+    name: str
+    data: Any
+    lines: dict[Loc, str] = field(default_factory=dict)  # loc -> "file:line" or "--set ..."
+
+    def where(self, loc: Loc) -> str:
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in self.lines:
+                return self.lines[loc[:n]]
+        return self.name
+
+
+def _walk(node: yaml.Node, loc: Loc, source: str, lines: dict[Loc, str], problems: list[Problem]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node)
+            here = (*loc, key)
+            where = f"{source}:{key_node.start_mark.line + 1}"
+            if key in seen:
+                problems.append(Problem(where, _dotted(here), "duplicate key"))
+            seen.add(key)
+            lines[here] = where
+            _walk(value_node, here, source, lines, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*loc, i)] = f"{source}:{item.start_mark.line + 1}"
+            _walk(item, (*loc, i), source, lines, problems)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Number of nodes once aliases are expanded (shared nodes count each time they appear)."""
+    key = id(node)
+    if key in active:
+        raise ValueError("recursive YAML alias")
+    if key not in memo:
+        active.add(key)
+        children: Iterable[yaml.Node] = ()
+        if isinstance(node, yaml.MappingNode):
+            children = (n for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        total = 1
+        for child in children:
+            total += _expanded_size(child, memo, active)
+            if total > MAX_YAML_NODES:
+                break
+        active.discard(key)
+        memo[key] = total
+    return memo[key]
+
+
+def parse_yaml(raw: bytes, name: str) -> Source:
+    """Safe-load one YAML mapping, recording the line of every key and item."""
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError([Problem(name, "", f"file is larger than {MAX_SPEC_BYTES} bytes")])
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SpecError([Problem(f"{name}:{line}", "", "file is not valid UTF-8 text")]) from None
+    if not text.strip():
+        raise SpecError([Problem(name, "", "empty file: expected a mapping with name, algorithm, params")])
+    loader = yaml.SafeLoader(text)  # safe: no !!python/* tags, nothing is ever imported
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError([Problem(name, "", "empty document: expected a mapping")])
+        try:
+            size = _expanded_size(node, {}, set())
+        except ValueError as e:
+            raise SpecError([Problem(name, "", str(e))]) from None
+        if size > MAX_YAML_NODES:
+            raise SpecError([Problem(name, "", f"document expands to more than {MAX_YAML_NODES} "
+                                     "nodes (YAML alias bomb?)")])
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}:{mark.line + 1}" if mark else name
+        msg = " ".join(str(p) for p in (e.context, e.problem) if p)
+        raise SpecError([Problem(where, "", f"YAML error: {msg}")]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([Problem(name, "", f"YAML error: {e}")]) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        where = f"{name}:{node.start_mark.line + 1}"
+        raise SpecError([Problem(where, "", f"the document must be a mapping, not a {type(data).__name__}")])
+    lines: dict[Loc, str] = {}
+    problems: list[Problem] = []
+    _walk(node, (), name, lines, problems)
+    if problems:
+        raise SpecError(problems)
+    return Source(name, data, lines)
+
+
+def apply_overrides(source: Source, overrides: Sequence[str]) -> Source:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a copy of the document."""
+    data = json.loads(json.dumps(source.data, default=str))
+    lines = dict(source.lines)
+    for item in overrides:
+        where = f"--set {item}"
+        path, sep, raw_value = item.partition("=")
+        keys = tuple(k.strip() for k in path.split("."))
+        if not sep or not all(keys):
+            raise SpecError([Problem(where, "", "expected FIELD.PATH=VALUE, e.g. params.gamma=0.95")])
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        except yaml.YAMLError as e:
+            raise SpecError([Problem(where, ".".join(keys), f"value is not valid YAML: {e}")]) from None
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise SpecError([Problem(where, ".".join(keys[: depth + 1]), "is not a mapping")])
+            node = child
+        node[keys[-1]] = value
+        for n in range(1, len(keys) + 1):
+            lines[keys[:n]] = where
+        for loc in [loc for loc in lines if loc[: len(keys)] == keys and len(loc) > len(keys)]:
+            lines[loc] = where
+    return Source(source.name, data, lines)
+
+
+# -- validation -----------------------------------------------------------------------------------
+def _dotted(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
+    """Names of the fields of the sub-model at `loc` (for 'did you mean' hints)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(str(part))
+        current = info.annotation if info else None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _problems(error: ValidationError, source: Source, model: type[BaseModel] | None) -> list[Problem]:
+    problems = []
+    for e in error.errors(include_url=False):
+        loc: Loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            known = _fields_at(model, loc[:-1]) if model else []
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            msg = f"unknown field '{loc[-1]}'"
+            msg += f"; did you mean '{hint[0]}'?" if hint else (
+                f"; expected one of: {', '.join(known)}" if known else "")
+        elif e["type"] == "missing":
+            msg = "field required"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            value = e.get("input")
+            if isinstance(value, (int, float, str, bool)) and len(repr(value)) < 60:
+                msg += f" (got {value!r})"
+        problems.append(Problem(source.where(loc), _dotted(loc), msg))
+    return problems
+
+
+def validate(source: Source) -> SpecBase:
+    """Validate a parsed document; raise SpecError with every problem found."""
+    data = source.data
+    algorithm = data.get("algorithm")
+    if algorithm is None:
+        raise SpecError([Problem(source.name, "algorithm", "field required; one of: "
+                                 + ", ".join(ALGORITHMS))])
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        hint = difflib.get_close_matches(str(algorithm), list(ALGORITHMS), n=1)
+        msg = f"unknown algorithm {algorithm!r}; " + (
+            f"did you mean '{hint[0]}'?" if hint else "one of: " + ", ".join(ALGORITHMS))
+        raise SpecError([Problem(source.where(("algorithm",)), "algorithm", msg)])
+    model = spec_model(algorithm)
+    try:
+        spec = model.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_problems(e, source, model)) from None
+    check_world(spec, source)
+    return spec
+
+
+def check_world(spec: SpecBase, source: Source) -> None:
+    """Checks that look outside the document: env ids and their models."""
+    env = getattr(spec, "env", None)
+    if env is not None:
+        check_env(env, ALGORITHMS[spec.algorithm], source)
+
+
+def check_env(env: EnvSpec, algo: Algorithm, source: Source) -> None:
+    import gymnasium as gym
+
+    import agents  # noqa: F401  (registers rlgen/* envs)
+
+    where = source.where(("env", "id"))
+    if ":" in env.id:
+        module = env.id.split(":", 1)[0]
+        allowed = get_settings().allowed_env_modules
+        if module not in allowed:
+            raise SpecError([Problem(where, "env.id", f"'{env.id}' would make gymnasium import "
+                                     f"module '{module}'; allow it with RLGEN_ALLOWED_ENV_MODULES")])
+    elif env.id not in gym.registry:
+        hint = difflib.get_close_matches(env.id, list(gym.registry), n=1, cutoff=0.6)
+        msg = f"unknown environment '{env.id}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
+        raise SpecError([Problem(where, "env.id", msg)])
+    if algo.tabular:
+        # Build the env once: catches bad kwargs and envs without a transition model up front.
+        try:
+            instance = env.make()
+        except Exception as e:  # gymnasium raises many types for bad ids and kwargs
+            raise SpecError([Problem(source.where(("env", "kwargs")), "env",
+                                     f"cannot create '{env.id}': {e}")]) from None
+        try:
+            base = instance.unwrapped
+            if not (hasattr(base, "transition_model") or hasattr(base, "P")):
+                raise SpecError([Problem(where, "env.id", f"'{env.id}' exposes no transition "
+                                         f"model; {algo.name} needs a tabular env "
+                                         "(FrozenLake-v1, Taxi-v4, CliffWalking-v1, rlgen/GridWorld-v0)")])
+        finally:
+            instance.close()
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SpecBase:
+    """Read, parse, override and validate a spec file. Raises SpecError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError([Problem(str(path), "", "no such file")]) from None
+    except IsADirectoryError:
+        raise SpecError([Problem(str(path), "", "is a directory, not a spec file")]) from None
+    except OSError as e:
+        raise SpecError([Problem(str(path), "", f"cannot read: {e.strerror}")]) from None
+    return load_spec_text(raw, str(path), overrides)
+
+
+def load_spec_text(raw: bytes, name: str, overrides: Sequence[str] = ()) -> SpecBase:
+    source = parse_yaml(raw, name)
+    if overrides:
+        source = apply_overrides(source, overrides)
+    return validate(source)
+
+
+# -- the resolved spec ----------------------------------------------------------------------------
+def resolved(spec: SpecBase) -> dict[str, Any]:
+    """The spec with every default filled in: what actually ran."""
+    return spec.model_dump(mode="json")
+
+
+def to_yaml(spec: SpecBase) -> str:
+    return yaml.safe_dump(resolved(spec), sort_keys=False)
+
+
+def spec_hash(spec: SpecBase) -> str:
+    return hashlib.sha256(json.dumps(resolved(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"params.gamma": "0.99", ...}; lists become JSON text."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out

@@ -1,0 +1,149 @@
+"""MLflow tracking: the writer behind `RunContext`, experiments, and run bookkeeping.
+
+Algorithms never call MLflow: they log through the run context, whose buffered `MetricLogger`
+hands batches to `MlflowWriter`, which writes them with `log_batch` (~0.1 ms a metric against
+SQLite, where `log_metric` costs ~5 ms a call) and retries with backoff when the store is busy or
+unreachable, so that a restart of the tracking server loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from service.context import MetricPoint
+from service.settings import DEFAULT_TRACKING_URI
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+TAG_LAUNCH = "rlgen.launch_id"
+TAG_SEED = "rlgen.seed"
+TAG_ERROR = "rlgen.error"
+TAG_PARENT = "mlflow.parentRunId"
+ACTIVE = ("RUNNING", "SCHEDULED")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use, with relative SQLite paths made absolute.
+
+    Ray workers do not share the driver's working directory, so `sqlite:///mlflow.db` must name
+    the driver's file explicitly before it is handed to them.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def client_for(uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 6, first_wait_s: float = 0.5) -> T:
+    """Call `fn`, retrying with exponential backoff (0.5 s, 1 s, 2 s, ...) on any error."""
+    wait = first_wait_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:  # sqlite "database is locked", HTTP errors, connection resets
+            if attempt == attempts:
+                raise
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, e, attempt, attempts - 1, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 30.0)
+    raise AssertionError("unreachable")
+
+
+class MlflowWriter:
+    """`service.context.Writer` for one MLflow run."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def write_metrics(self, points: Sequence[MetricPoint]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(p.key, p.value, p.timestamp_ms, p.step) for p in points]
+        for i in range(0, len(metrics), BATCH_LIMIT):
+            chunk = metrics[i : i + BATCH_LIMIT]
+            with_retries(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c, synchronous=True),
+                         "log_batch")
+
+    def write_artifact(self, local_path: Path, artifact_dir: str) -> None:
+        with_retries(lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_dir or None),
+                     f"upload of {local_path.name}")
+
+
+def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """Id of the experiment `name`, created (or restored) as needed.
+
+    For a local SQLite store the artifacts go beside the database, in `mlartifacts/`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        root = Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts"
+        location = root.as_uri()
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException:  # created concurrently by another launch
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def runs_of_launch(client: MlflowClient, experiment_id: str, launch_id: str) -> list[Run]:
+    """Trial runs of one launch (the parent excluded), in seed order."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_LAUNCH}` = '{launch_id}'", max_results=10_000
+    )
+    trials = [r for r in runs if TAG_SEED in r.data.tags]
+    return sorted(trials, key=lambda r: int(r.data.tags[TAG_SEED]))
+
+
+def close_dangling(client: MlflowClient, runs: Sequence[Run], status: str, reason: str) -> None:
+    """End runs a dead or interrupted worker left RUNNING, so none stays RUNNING forever."""
+    for run in runs:
+        if run.info.status in ACTIVE:
+            client.set_tag(run.info.run_id, TAG_ERROR, reason[:5000])
+            client.set_terminated(run.info.run_id, status)
+
+
+def git_commit(*dirs: Path) -> str | None:
+    for d in dirs:
+        try:
+            out = subprocess.run(["git", "-C", str(d), "rev-parse", "HEAD"], capture_output=True,
+                                 text=True, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return None
+
+
+def params_batch(flat: dict[str, str]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(k, v[:6000]) for k, v in flat.items()]

@@ -1,0 +1,150 @@
+"""One trial: an MLflow run around `algorithm.train(config, ctx)`.
+
+The same function runs in-process (`rlgen run --local`) and inside a Ray Tune trial. It always ends
+its MLflow run: FINISHED, FAILED with the error as the `rlgen.error` tag (and the traceback as
+`error.txt`), or KILLED when a stop was requested.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from service.context import RunContext
+from service.registry import ALGORITHMS
+from service.spec import SpecBase, flatten, spec_model
+from service.tracking import (
+    TAG_ERROR,
+    TAG_LAUNCH,
+    TAG_PARENT,
+    TAG_SEED,
+    MlflowWriter,
+    client_for,
+    params_batch,
+    with_retries,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """Everything a worker needs to run one trial; plain data, so Ray ships it cheaply."""
+
+    spec: dict[str, Any]  # the resolved spec (all seeds)
+    seed: int
+    tracking_uri: str
+    experiment_id: str
+    launch_id: str
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # version, commit, spec hash
+
+    def for_seed(self, seed: int) -> TrialRequest:
+        return replace(self, seed=seed)
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    run_id: str
+    seed: int
+    status: str  # FINISHED | FAILED | KILLED
+    error: str | None = None
+
+
+def pick_device(wanted: str, gpu_ids: list[Any] | tuple[Any, ...]) -> torch.device:
+    """`auto`: CUDA when the trial holds a GPU (Ray's assignment, or any GPU outside Ray)."""
+    if wanted == "cpu":
+        return torch.device("cpu")
+    has_gpu = torch.cuda.is_available() and (bool(gpu_ids) or wanted == "cuda")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("resources.device is 'cuda' but no CUDA device is visible to this trial")
+    return torch.device("cuda" if has_gpu else "cpu")
+
+
+def trial_spec(request: TrialRequest) -> SpecBase:
+    """The typed spec of this trial: the resolved spec with `seeds: [seed]`."""
+    data = {**request.spec, "seeds": [request.seed]}
+    return spec_model(data["algorithm"]).model_validate(data)
+
+
+def run_name(spec: SpecBase, seed: int) -> str:
+    env = getattr(spec, "env", None)
+    subject = env.id.split("/")[-1] if env is not None else getattr(spec, "dataset", spec.name)
+    return f"{spec.algorithm}-{subject}-s{seed}"
+
+
+def run_trial(
+    request: TrialRequest,
+    *,
+    gpu_ids: list[Any] | tuple[Any, ...] = (),
+    stop_event: threading.Event | None = None,
+) -> TrialOutcome:
+    spec = trial_spec(request)
+    algo = ALGORITHMS[spec.algorithm]
+    client = client_for(request.tracking_uri)
+    tags = {**request.tags, **spec.tags, TAG_LAUNCH: request.launch_id, TAG_SEED: str(request.seed)}
+    if request.parent_run_id:
+        tags[TAG_PARENT] = request.parent_run_id
+    if spec.description:
+        tags["mlflow.note.content"] = spec.description
+    run = with_retries(lambda: client.create_run(request.experiment_id, tags=tags,
+                                                 run_name=run_name(spec, request.seed)), "create_run")
+    run_id = run.info.run_id
+    workdir = Path(tempfile.mkdtemp(prefix=f"rlgen-{run_id[:8]}-"))
+    status, error = "FAILED", None
+    ctx: RunContext | None = None
+    try:
+        resolved = spec.model_dump(mode="json")
+        with_retries(lambda: client.log_batch(run_id, params=params_batch(
+            {**flatten(resolved), "seed": str(request.seed)}), synchronous=True), "log params")
+        spec_file = workdir / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        writer = MlflowWriter(client, run_id)
+        writer.write_artifact(spec_file, "")
+
+        torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
+        ctx = RunContext(
+            seed=request.seed, writer=writer, workdir=workdir, run_id=run_id,
+            device=pick_device(spec.resources.device, gpu_ids), stop_event=stop_event,
+            env=getattr(spec, "env", None), dataset=getattr(spec, "dataset", None),
+        )
+        ctx.timer.start()
+        algo.train(spec.params, ctx)  # type: ignore[attr-defined]
+        ctx.timer.stop()
+        status = "KILLED" if ctx.should_stop() else "FINISHED"
+    except KeyboardInterrupt:
+        status, error = "KILLED", "interrupted"
+    except Exception as e:
+        status, error = "FAILED", f"{type(e).__name__}: {e}"
+        log.error("trial %s (seed %d) failed: %s", run_id, request.seed, error)
+        (workdir / "error.txt").write_text(traceback.format_exc())
+        _best_effort(lambda: client.log_artifact(run_id, str(workdir / "error.txt")))
+    finally:
+        if ctx is not None:
+            ctx.timer.stop()
+            ctx.log_metrics({"time/train_s": ctx.timer.elapsed()}, step=ctx.metrics.last_step)
+            try:
+                ctx.close()
+            except Exception as e:  # metrics could not be written even after retries
+                status, error = "FAILED", error or f"metrics were not written: {e}"
+        if error:
+            _best_effort(lambda: client.set_tag(run_id, TAG_ERROR, error[:5000]))
+        _best_effort(lambda: client.set_terminated(run_id, status))
+        shutil.rmtree(workdir, ignore_errors=True)
+    return TrialOutcome(run_id, request.seed, status, error)
+
+
+def _best_effort(fn: Any) -> None:
+    try:
+        with_retries(fn, "tracking call", attempts=3)
+    except Exception as e:
+        log.error("tracking call failed for good: %s", e)
