@@ -4,6 +4,7 @@ and the report (greedy rollouts in the real env, figures, final metrics)."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,11 +23,13 @@ class DPConfig(BaseModel):
 
     gamma: float = Field(0.99, ge=0.0, lt=1.0, description="Discount factor, in [0, 1).")
     tol: float = Field(
-        1e-6, gt=0.0,
+        1e-6,
+        gt=0.0,
         description="epsilon: the returned greedy policy is epsilon-optimal (sup-norm of values).",
     )
     dtype: Literal["float64", "float32"] = Field(
-        "float64", description="Floating point type of values and transitions (float32 is faster, "
+        "float64",
+        description="Floating point type of values and transitions (float32 is faster, "
         "but cannot resolve residuals below ~1e-7 of the values' scale).",
     )
     eval_episodes: int = Field(
@@ -35,14 +38,24 @@ class DPConfig(BaseModel):
     figures: bool = Field(True, description="Log the value heatmap and residual curve.")
 
 
+@dataclass
+class Solution:
+    V: torch.Tensor  # (S,) state values
+    policy: torch.Tensor  # (S,) greedy action per state
+    residuals: list[float]  # per iteration
+    threshold: float  # residual that guarantees epsilon-optimality
+    converged: bool
+
+
 def load_mdp(ctx: RunContext, dtype: str) -> tuple[TabularMDP, TorchMDP]:
     env = ctx.make_env()
     try:
         mdp = TabularMDP.from_env(env)
     finally:
         env.close()
-    ctx.log.info("MDP with %d states, %d actions, %d transitions", mdp.n_states, mdp.n_actions,
-                 mdp.P.nnz)
+    ctx.log.info(
+        "MDP with %d states, %d actions, %d transitions", mdp.n_states, mdp.n_actions, mdp.P.nnz
+    )
     return mdp, mdp.to_torch(ctx.device, getattr(torch, dtype))
 
 
@@ -50,29 +63,30 @@ def report(
     ctx: RunContext,
     config: DPConfig,
     mdp: TabularMDP,
-    V: torch.Tensor,
-    policy: torch.Tensor,
-    residuals: list[float],
-    threshold: float,
+    solution: Solution,
     solve_s: float,
-    converged: bool,
     title: str,
 ) -> None:
     """Final metrics, greedy rollouts in the real env, and figures (all off the training clock)."""
-    iterations = len(residuals)
-    V_np, pi_np = V.double().cpu().numpy(), policy.cpu().numpy()
+    iterations = len(solution.residuals)
+    V_np, pi_np = solution.V.double().cpu().numpy(), solution.policy.cpu().numpy()
     metrics = {
         "solver/iterations": iterations,
-        "solver/converged": float(converged),
+        "solver/converged": float(solution.converged),
         "solver/value_max": float(V_np.max()),
         "solver/value_mean": float(V_np.mean()),
         "time/solve_s": solve_s,
     }
+    if ctx.should_stop():  # interrupted: record how far the solver got, skip the rollouts
+        ctx.log_metrics(metrics, step=iterations)
+        return
     with ctx.timer.paused():
         env = ctx.make_env()
         try:
             returns, lengths = evaluate_policy(
-                env, lambda s: int(pi_np[int(s)]), config.eval_episodes,
+                env,
+                lambda s: int(pi_np[int(s)]),
+                config.eval_episodes,
                 seed=int(ctx.np_rng.integers(2**31)),
             )
         finally:
@@ -84,11 +98,17 @@ def report(
         }
         ctx.log_metrics(metrics, step=iterations)
         if config.figures:
-            ctx.log_figure(residual_curve(residuals, threshold, f"{title}: Bellman residual"),
-                           "bellman_residual")
+            ctx.log_figure(
+                residual_curve(
+                    solution.residuals, solution.threshold, f"{title}: Bellman residual"
+                ),
+                "bellman_residual",
+            )
             if mdp.grid_shape is not None:
-                ctx.log_figure(value_heatmap(mdp, V_np, pi_np, f"{title}: V* and greedy policy"),
-                               "value_heatmap")
+                ctx.log_figure(
+                    value_heatmap(mdp, V_np, pi_np, f"{title}: V* and greedy policy"),
+                    "value_heatmap",
+                )
 
 
 class Stopwatch:
@@ -110,5 +130,3 @@ class Stopwatch:
 def greedy(Q: torch.Tensor) -> torch.Tensor:
     """Greedy policy (S,) from Q (A, S); ties go to the lowest action index."""
     return Q.argmax(dim=0)
-
-

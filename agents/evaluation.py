@@ -15,7 +15,7 @@ DEFAULT_MAX_STEPS = 100_000
 def evaluate_policy(
     env: gym.Env, act: Callable[[Any], Any], episodes: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Roll `act` out for `episodes` episodes; returns (returns, lengths), each of shape (episodes,).
+    """Roll `act` out for `episodes` episodes; returns (returns, lengths), each (episodes,).
 
     The env is seeded once with `seed` at the first reset, so the whole sequence of episodes is
     reproducible and independent of the training env's random stream.

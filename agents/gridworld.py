@@ -23,8 +23,8 @@ from agents.mdp import FROZENLAKE_MOVES, TabularMDP
 MOVES = np.array(FROZENLAKE_MOVES)  # action -> (d_row, d_col): LEFT, DOWN, RIGHT, UP
 
 
-class GridWorldEnv(gym.Env[int, int]):
-    metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 8}
+class GridWorldEnv(gym.Env):
+    metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 8}  # noqa: RUF012
 
     def __init__(
         self,
@@ -69,18 +69,28 @@ class GridWorldEnv(gym.Env[int, int]):
         live = ~self.blocked.ravel()
         live[self.goal] = False
         s_live = states[live]
-        outcomes = [(0, 1.0 - self.slip), (1, self.slip / 2), (3, self.slip / 2)]  # intended, perpendiculars
+        # The intended direction and the two perpendicular ones (turns of +1 and +3 quarters).
+        outcomes = [(0, 1.0 - self.slip), (1, self.slip / 2), (3, self.slip / 2)]
         parts = []
         for a in range(A):
-            for turn, p in outcomes:
-                if p == 0:
+            for turn, prob in outcomes:
+                if prob == 0:
                     continue
                 nxt = self._move(s_live, np.full_like(s_live, (a + turn) % 4))
-                parts.append((s_live, np.full_like(s_live, a), nxt, np.full(len(s_live), p)))
+                parts.append((s_live, np.full_like(s_live, a), nxt, np.full(len(s_live), prob)))
         s, a_, n, p = (np.concatenate(x) for x in zip(*parts, strict=True))
         return TabularMDP.from_arrays(
-            S, A, s, a_, n, p, reward=np.full(len(s), -1.0), done=n == self.goal,
-            grid_shape=self.shape, blocked=self.blocked.ravel().copy(), moves=FROZENLAKE_MOVES,
+            S,
+            A,
+            s,
+            a_,
+            n,
+            p,
+            reward=np.full(len(s), -1.0),
+            done=n == self.goal,
+            grid_shape=self.shape,
+            blocked=self.blocked.ravel().copy(),
+            moves=FROZENLAKE_MOVES,
         )
 
     def reset(

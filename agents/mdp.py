@@ -84,8 +84,10 @@ class TabularMDP:
         return cls(P=P, R=r, terminal=terminal, **extra)
 
     @classmethod
-    def from_transition_dict(cls, P: dict, n_states: int, n_actions: int, **extra: Any) -> TabularMDP:
-        """Build from gymnasium's toy-text model `P[s][a] = [(prob, s', reward, terminated), ...]`."""
+    def from_transition_dict(
+        cls, P: dict, n_states: int, n_actions: int, **extra: Any
+    ) -> TabularMDP:
+        """Build from gymnasium's toy-text model `P[s][a] = [(prob, s', reward, done), ...]`."""
         rows = [
             (s, a, nxt, p, rew, d)
             for s in range(n_states)
@@ -94,12 +96,14 @@ class TabularMDP:
         ]
         cols = np.array(rows, dtype=np.float64).T
         s_, a_, n_ = (cols[i].astype(np.int64) for i in range(3))
-        return cls.from_arrays(n_states, n_actions, s_, a_, n_, cols[3], cols[4], cols[5] != 0, **extra)
+        return cls.from_arrays(
+            n_states, n_actions, s_, a_, n_, cols[3], cols[4], cols[5] != 0, **extra
+        )
 
     @classmethod
     def from_env(cls, env: gym.Env) -> TabularMDP:
         """The model of an env that exposes one: `transition_model()` (rlgen) or `P` (toy text)."""
-        base = env.unwrapped
+        base: Any = env.unwrapped
         if hasattr(base, "transition_model"):
             model: TabularMDP = base.transition_model()
             return model

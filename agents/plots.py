@@ -1,4 +1,4 @@
-"""Figures for tabular solvers. matplotlib is imported lazily (it costs ~0.5 s) with the Agg backend."""
+"""Figures for tabular solvers. matplotlib is imported lazily (it costs ~0.5 s), without pyplot."""
 
 from __future__ import annotations
 
@@ -38,8 +38,16 @@ def value_heatmap(mdp: TabularMDP, V: np.ndarray, policy: np.ndarray, title: str
         moves = np.asarray(mdp.moves, dtype=float)[policy]  # (S, 2) as (d_row, d_col)
         live = ~_mask(mdp)
         r, c = np.divmod(np.arange(rows * cols), cols)
-        ax.quiver(c[live], r[live], moves[live, 1], -moves[live, 0], color="white",
-                  pivot="middle", scale=1.6 * max(rows, cols), width=0.006)
+        ax.quiver(
+            c[live],
+            r[live],
+            moves[live, 1],
+            -moves[live, 0],
+            color="white",
+            pivot="middle",
+            scale=1.6 * max(rows, cols),
+            width=0.006,
+        )
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])

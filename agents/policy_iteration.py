@@ -8,6 +8,7 @@ when no action strictly improves: then pi is optimal (exact evaluation) or epsil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -16,7 +17,7 @@ import scipy.sparse.linalg as spla
 import torch
 from pydantic import Field
 
-from agents.dp import DPConfig, Stopwatch, greedy, load_mdp, report
+from agents.dp import DPConfig, Solution, Stopwatch, greedy, load_mdp, report
 from agents.mdp import TabularMDP, TorchMDP, epsilon_optimal_threshold, precision_floor
 from service.context import RunContext
 
@@ -32,16 +33,19 @@ class Config(DPConfig):
 
 
 def evaluate_exact(mdp: TabularMDP, policy: np.ndarray, gamma: float) -> np.ndarray:
-    """Solve (I - gamma P_pi) V = R_pi. P_pi: (S, S) rows of P chosen by the policy."""
+    """Solve (I - gamma P_pi) V = R_pi, with P_pi (S, S) the rows of P the policy picks."""
     S = mdp.n_states
-    rows = policy * S + np.arange(S)
-    P_pi = mdp.P[rows]
+    P_pi = mdp.P[policy * S + np.arange(S)]
     A = sp.identity(S, format="csc") - gamma * P_pi.tocsc()
     return np.asarray(spla.spsolve(A, mdp.R[policy, np.arange(S)]))
 
 
 def evaluate_iterative(
-    model: TorchMDP, policy: torch.Tensor, V: torch.Tensor, gamma: float, threshold: float,
+    model: TorchMDP,
+    policy: torch.Tensor,
+    V: torch.Tensor,
+    gamma: float,
+    threshold: float,
     max_sweeps: int,
 ) -> torch.Tensor:
     """Backups under pi, V <- R_pi + gamma P_pi V, until the change is below the threshold."""
@@ -55,39 +59,60 @@ def evaluate_iterative(
     return V
 
 
-def train(config: Config, ctx: RunContext) -> None:
-    mdp, model = load_mdp(ctx, config.dtype)
-    gamma = config.gamma
-    threshold = epsilon_optimal_threshold(config.tol, gamma)
-    dtype = model.R.dtype
-
-    clock = Stopwatch(ctx.device)
-    # Start from the policy greedy in the immediate reward.
-    policy = greedy(model.R.view(mdp.n_actions, mdp.n_states))
-    V = torch.zeros(mdp.n_states, dtype=dtype, device=ctx.device)
+def solve(
+    mdp: TabularMDP,
+    model: TorchMDP,
+    gamma: float,
+    tol: float,
+    evaluation: Literal["exact", "iterative"] = "exact",
+    max_iterations: int = 1_000,
+    max_eval_sweeps: int = 10_000,
+    on_iteration: Callable[[int, float, int], None] = lambda it, residual, changes: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Solution:
+    threshold = epsilon_optimal_threshold(tol, gamma)
+    device, dtype = model.R.device, model.R.dtype
+    policy = greedy(model.R.view(mdp.n_actions, mdp.n_states))  # start greedy in the reward
+    V = torch.zeros(mdp.n_states, dtype=dtype, device=device)
     residuals: list[float] = []
     converged = False
-    for it in range(1, config.max_iterations + 1):
-        if config.evaluation == "exact":
-            V = torch.from_numpy(evaluate_exact(mdp, policy.cpu().numpy(), gamma)).to(ctx.device, dtype)
+    for it in range(1, max_iterations + 1):
+        if evaluation == "exact":
+            V = torch.from_numpy(evaluate_exact(mdp, policy.cpu().numpy(), gamma)).to(device, dtype)
         else:
-            V = evaluate_iterative(model, policy, V, gamma, threshold, config.max_eval_sweeps)
+            V = evaluate_iterative(model, policy, V, gamma, threshold, max_eval_sweeps)
         Q = model.q_values(V, gamma)  # (A, S)
-        residual = float((Q.amax(dim=0) - V).abs().max())  # ||T V_pi - V_pi||_inf
+        best = Q.amax(dim=0)
+        residual = float((best - V).abs().max())  # ||T V_pi - V_pi||_inf
         # Keep the current action unless another is strictly better (beyond rounding noise):
         # switching between equally good actions would never terminate.
-        q_current = Q.gather(0, policy.unsqueeze(0)).squeeze(0)
-        candidate = greedy(Q)
-        improves = Q.amax(dim=0) > q_current + precision_floor(V)
+        improves = best > Q.gather(0, policy.unsqueeze(0)).squeeze(0) + precision_floor(V)
         changes = int(improves.sum())
-        policy = torch.where(improves, candidate, policy)
+        policy = torch.where(improves, greedy(Q), policy)
         residuals.append(residual)
-        ctx.log_metrics({"solver/bellman_residual": residual, "solver/policy_changes": changes},
-                        step=it)
+        on_iteration(it, residual, changes)
         if changes == 0:
             converged = True
             break
-        if ctx.should_stop():
+        if should_stop():
             break
-    solve_s = clock.seconds()
-    report(ctx, config, mdp, V, policy, residuals, threshold, solve_s, converged, "Policy iteration")
+    return Solution(V, policy, residuals, threshold, converged)
+
+
+def train(config: Config, ctx: RunContext) -> None:
+    mdp, model = load_mdp(ctx, config.dtype)
+    clock = Stopwatch(ctx.device)
+    solution = solve(
+        mdp,
+        model,
+        config.gamma,
+        config.tol,
+        config.evaluation,
+        config.max_iterations,
+        config.max_eval_sweeps,
+        on_iteration=lambda it, r, n: ctx.log_metrics(
+            {"solver/bellman_residual": r, "solver/policy_changes": n}, step=it
+        ),
+        should_stop=ctx.should_stop,
+    )
+    report(ctx, config, mdp, solution, clock.seconds(), "Policy iteration")

@@ -9,49 +9,79 @@ epsilon (1 - gamma) / (2 gamma), which guarantees the greedy policy is epsilon-o
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 from pydantic import Field
 
-from agents.dp import DPConfig, Stopwatch, greedy, load_mdp, report
-from agents.mdp import epsilon_optimal_threshold, precision_floor
+from agents.dp import DPConfig, Solution, Stopwatch, greedy, load_mdp, report
+from agents.mdp import TorchMDP, epsilon_optimal_threshold, precision_floor
 from service.context import RunContext
+
+log = logging.getLogger(__name__)
 
 
 class Config(DPConfig):
     max_iterations: int = Field(
-        100_000, gt=0, description="Upper bound on Bellman sweeps (a budget; reaching it is logged)."
+        100_000,
+        gt=0,
+        description="Upper bound on Bellman sweeps (a budget; reaching it is logged).",
     )
 
 
-def train(config: Config, ctx: RunContext) -> None:
-    mdp, model = load_mdp(ctx, config.dtype)
-    gamma = config.gamma
-    threshold = epsilon_optimal_threshold(config.tol, gamma)
-
-    clock = Stopwatch(ctx.device)
-    V = torch.zeros(mdp.n_states, dtype=model.R.dtype, device=ctx.device)  # (S,)
+def solve(
+    model: TorchMDP,
+    gamma: float,
+    tol: float,
+    max_iterations: int,
+    on_sweep: Callable[[int, float], None] = lambda it, residual: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Solution:
+    threshold = epsilon_optimal_threshold(tol, gamma)
+    V = torch.zeros(model.n_states, dtype=model.R.dtype, device=model.R.device)  # (S,)
     residuals: list[float] = []
     converged = False
-    for it in range(1, config.max_iterations + 1):
+    for it in range(1, max_iterations + 1):
         V_next = model.q_values(V, gamma).amax(dim=0)  # (A, S) -> (S,)
         residual = float((V_next - V).abs().max())
         V = V_next
         residuals.append(residual)
-        ctx.log_metrics({"solver/bellman_residual": residual}, step=it)
+        on_sweep(it, residual)
         if residual < threshold:
             converged = True
             break
         if residual <= precision_floor(V):
             # The threshold is below what this dtype can resolve: the values no longer change.
-            ctx.log.warning("residual %.3g hit the %s precision floor above the threshold %.3g",
-                            residual, config.dtype, threshold)
+            log.warning(
+                "residual %.3g hit the precision floor above the threshold %.3g",
+                residual,
+                threshold,
+            )
             converged = True
             break
-        if ctx.should_stop():
+        if should_stop():
             break
     policy = greedy(model.q_values(V, gamma))  # greedy with respect to V_{k+1}, as the bound needs
-    solve_s = clock.seconds()
     if not converged:
-        ctx.log.warning("value iteration stopped after %d sweeps, residual %.3g > %.3g",
-                        len(residuals), residuals[-1], threshold)
-    report(ctx, config, mdp, V, policy, residuals, threshold, solve_s, converged, "Value iteration")
+        log.warning(
+            "value iteration stopped after %d sweeps, residual %.3g > %.3g",
+            len(residuals),
+            residuals[-1],
+            threshold,
+        )
+    return Solution(V, policy, residuals, threshold, converged)
+
+
+def train(config: Config, ctx: RunContext) -> None:
+    mdp, model = load_mdp(ctx, config.dtype)
+    clock = Stopwatch(ctx.device)
+    solution = solve(
+        model,
+        config.gamma,
+        config.tol,
+        config.max_iterations,
+        on_sweep=lambda it, r: ctx.log_metrics({"solver/bellman_residual": r}, step=it),
+        should_stop=ctx.should_stop,
+    )
+    report(ctx, config, mdp, solution, clock.seconds(), "Value iteration")

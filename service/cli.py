@@ -1,7 +1,7 @@
 """`rlgen`: run, validate and inspect experiments.
 
-Exit status: 0 every trial finished; 1 a trial failed (or tracking failed); 2 invalid input, in which
-case nothing was started and no MLflow run was created; 130 interrupted (runs end KILLED).
+Exit status: 0 every trial finished; 1 a trial failed (or tracking failed); 2 invalid input, in
+which case nothing was started and no MLflow run was created; 130 interrupted (runs end KILLED).
 """
 
 from __future__ import annotations
@@ -30,12 +30,25 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
-STYLE = {"PENDING": "dim", "RUNNING": "cyan", "FINISHED": "green", "FAILED": "red", "KILLED": "yellow"}
+STYLE = {
+    "PENDING": "dim",
+    "RUNNING": "cyan",
+    "FINISHED": "green",
+    "FAILED": "red",
+    "KILLED": "yellow",
+}
 
-TrackingOpt = Annotated[str | None, typer.Option(
-    "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")]
-SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a field, e.g. --set params.gamma=0.95 (repeatable).")]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db]",
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a field, e.g. --set params.gamma=0.95 (repeatable)."),
+]
 
 
 def _invalid(message: str) -> typer.Exit:
@@ -43,13 +56,16 @@ def _invalid(message: str) -> typer.Exit:
     return typer.Exit(EXIT_INVALID)
 
 
-def _load(spec_path: Path | None, from_run: str | None, overrides: list[str], tracking_uri: str | None) -> Any:
+def _load(
+    spec_path: Path | None, from_run: str | None, overrides: list[str], tracking_uri: str | None
+) -> Any:
     from service.spec import SpecError, load_spec, load_spec_text
 
     try:
         if from_run:
-            return load_spec_text(_spec_of_run(from_run, tracking_uri), f"run {from_run}:spec.yaml",
-                                  overrides)
+            return load_spec_text(
+                _spec_of_run(from_run, tracking_uri), f"run {from_run}:spec.yaml", overrides
+            )
         if spec_path is None:
             raise _invalid("give a SPEC file or --from-run RUN_ID")
         return load_spec(spec_path, overrides)
@@ -77,10 +93,16 @@ class ProgressTable:
 
     def __init__(self, seeds: list[int], title: str):
         self.title = title
-        self.rows: dict[int, dict[str, Any]] = {s: {"status": "PENDING", "run_id": "", "t0": None,
-                                                    "t1": None} for s in seeds}
-        self.live = Live(self.render(), console=err, refresh_per_second=4,
-                         auto_refresh=err.is_terminal, transient=False)
+        self.rows: dict[int, dict[str, Any]] = {
+            s: {"status": "PENDING", "run_id": "", "t0": None, "t1": None} for s in seeds
+        }
+        self.live = Live(
+            self.render(),
+            console=err,
+            refresh_per_second=4,
+            auto_refresh=err.is_terminal,
+            transient=False,
+        )
 
     def update(self, seed: int, status: str, run_id: str | None) -> None:
         row = self.rows[seed]
@@ -98,26 +120,45 @@ class ProgressTable:
         for col in ("seed", "status", "MLflow run", "time"):
             table.add_column(col)
         for seed, row in self.rows.items():
-            elapsed = "" if row["t0"] is None else f"{(row['t1'] or time.monotonic()) - row['t0']:.1f}s"
-            table.add_row(str(seed), f"[{STYLE.get(row['status'], '')}]{row['status']}", row["run_id"],
-                          elapsed)
+            elapsed = (
+                "" if row["t0"] is None else f"{(row['t1'] or time.monotonic()) - row['t0']:.1f}s"
+            )
+            table.add_row(
+                str(seed),
+                f"[{STYLE.get(row['status'], '')}]{row['status']}",
+                row["run_id"],
+                elapsed,
+            )
         return table
 
 
 @app.command()
 def run(
-    spec_path: Annotated[Path | None, typer.Argument(metavar="SPEC", help="Experiment YAML.")] = None,
+    spec_path: Annotated[
+        Path | None, typer.Argument(metavar="SPEC", help="Experiment YAML.")
+    ] = None,
     overrides: SetOpt = None,
-    from_run: Annotated[str | None, typer.Option("--from-run", help="Re-run the spec logged by an MLflow run.")] = None,
-    address: Annotated[str | None, typer.Option("--address", help="Join this Ray cluster (default: embedded local Ray).")] = None,
-    local: Annotated[bool, typer.Option("--local", help="Run in-process, without Ray (for debugging).")] = False,
+    from_run: Annotated[
+        str | None, typer.Option("--from-run", help="Re-run the spec logged by an MLflow run.")
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Join this Ray cluster (default: embedded local Ray)."),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run in-process, without Ray (for debugging).")
+    ] = False,
     tracking_uri: TrackingOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
 ) -> None:
     """Validate SPEC and run one trial per seed, logging to MLflow."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if not verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     spec = _load(spec_path, from_run, overrides or [], tracking_uri)
@@ -130,8 +171,14 @@ def run(
     table = ProgressTable(spec.seeds, f"{spec.name}: {spec.algorithm}")
     try:
         with table.live:
-            report = launch(spec, mode="local" if local else "ray", address=address,
-                            tracking_uri=tracking_uri, spec_path=spec_path, progress=table.update)
+            report = launch(
+                spec,
+                mode="local" if local else "ray",
+                address=address,
+                tracking_uri=tracking_uri,
+                spec_path=spec_path,
+                progress=table.update,
+            )
             for trial in report.trials:
                 table.update(trial.seed, trial.status, trial.run_id)
     except SpecError as e:
@@ -143,8 +190,11 @@ def run(
         sys.stdout.write(json.dumps(report.to_json()) + "\n")
     for trial in report.trials:
         if trial.error:
-            err.print(f"[red]seed {trial.seed} {trial.status}[/red]: {trial.error}", markup=True,
-                      highlight=False)
+            err.print(
+                f"[red]seed {trial.seed} {trial.status}[/red]: {trial.error}",
+                markup=True,
+                highlight=False,
+            )
     if report.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
@@ -177,11 +227,19 @@ def algorithms(
     """List the algorithms with their parameters, defaults and descriptions."""
     from service.registry import ALGORITHMS
 
-    listing = {
-        name: {"family": a.family, "summary": a.summary,
-               "params": {f: {"type": _type_name(info.annotation), "default": info.get_default(call_default_factory=True),
-                              "description": info.description or ""}
-                          for f, info in a.config.model_fields.items()}}
+    listing: dict[str, dict[str, Any]] = {
+        name: {
+            "family": a.family,
+            "summary": a.summary,
+            "params": {
+                f: {
+                    "type": _type_name(info.annotation),
+                    "default": info.get_default(call_default_factory=True),
+                    "description": info.description or "",
+                }
+                for f, info in a.config.model_fields.items()
+            },
+        }
         for name, a in ALGORITHMS.items()
     }
     if as_json:

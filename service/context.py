@@ -38,7 +38,9 @@ class EnvSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(description="Gymnasium environment id, e.g. FrozenLake-v1 or rlgen/GridWorld-v0.")
+    id: str = Field(
+        description="Gymnasium environment id, e.g. FrozenLake-v1 or rlgen/GridWorld-v0."
+    )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments passed to gymnasium.make."
     )
@@ -173,7 +175,7 @@ class TrainTimer:
 
 
 class Checkpointer:
-    """Saves state dicts (modules, optimizers, counters) as `.pt` files and hands them to the writer.
+    """Saves state dicts (modules, optimizers, counters) as `.pt` files, handed to the writer.
 
     Checkpoints are plain dicts of tensors and numbers, never pickled objects, so they load with
     `torch.load(weights_only=True)`.
@@ -244,9 +246,15 @@ class RunContext:
         dataset: Any = None,
         device: torch.device | str = "cpu",
     ) -> RunContext:
-        """A context that records into an `InMemoryWriter` (`ctx.writer`): for tests and notebooks."""
-        return cls(seed=seed, writer=InMemoryWriter(), workdir=Path(workdir), device=device,
-                   env=env, dataset=dataset)
+        """A context recording into an `InMemoryWriter` (`ctx.writer`): for tests and notebooks."""
+        return cls(
+            seed=seed,
+            writer=InMemoryWriter(),
+            workdir=Path(workdir),
+            device=device,
+            env=env,
+            dataset=dataset,
+        )
 
     # -- metrics ------------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:

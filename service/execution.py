@@ -99,22 +99,40 @@ def launch(
     client = client_for(uri)
     experiment_id = ensure_experiment(client, spec.name, uri)
     launch_id = uuid.uuid4().hex
-    commit = git_commit(*(p for p in (spec_path and spec_path.resolve().parent,
-                                      Path(__file__).resolve().parent) if p))
-    tags = {"rlgen.version": __version__, "rlgen.spec_hash": spec_hash(spec),
-            "rlgen.algorithm": spec.algorithm, **({"rlgen.git_commit": commit} if commit else {})}
+    commit = git_commit(
+        *(
+            p
+            for p in (spec_path and spec_path.resolve().parent, Path(__file__).resolve().parent)
+            if p
+        )
+    )
+    tags = {
+        "rlgen.version": __version__,
+        "rlgen.spec_hash": spec_hash(spec),
+        "rlgen.algorithm": spec.algorithm,
+        **({"rlgen.git_commit": commit} if commit else {}),
+    }
 
     parent_run_id = None
     if len(spec.seeds) > 1:
-        parent = client.create_run(experiment_id, run_name=spec.name,
-                                   tags={**tags, **spec.tags, TAG_LAUNCH: launch_id})
+        parent = client.create_run(
+            experiment_id, run_name=spec.name, tags={**tags, **spec.tags, TAG_LAUNCH: launch_id}
+        )
         parent_run_id = parent.info.run_id
-        client.log_batch(parent_run_id, params=params_batch(flatten(resolved(spec))), synchronous=True)
+        client.log_batch(
+            parent_run_id, params=params_batch(flatten(resolved(spec))), synchronous=True
+        )
         client.log_text(parent_run_id, to_yaml(spec), "spec.yaml")
 
-    request = TrialRequest(spec=resolved(spec), seed=spec.seeds[0], tracking_uri=uri,
-                           experiment_id=experiment_id, launch_id=launch_id,
-                           parent_run_id=parent_run_id, tags=tags)
+    request = TrialRequest(
+        spec=resolved(spec),
+        seed=spec.seeds[0],
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        launch_id=launch_id,
+        parent_run_id=parent_run_id,
+        tags=tags,
+    )
     notify = progress or (lambda *_: None)
     interrupted = False
     errors: dict[int, str] = {}
@@ -125,6 +143,8 @@ def launch(
             errors = _run_tune(request, spec, notify)
     except KeyboardInterrupt:
         interrupted = True
+        if mode == "ray" and address is None:
+            ray.shutdown()  # stops the embedded cluster's workers before their runs are closed
     finally:
         trials = runs_of_launch(client, experiment_id, launch_id)
         for run in trials:
@@ -133,15 +153,25 @@ def launch(
             close_dangling(client, [run], "KILLED" if interrupted else "FAILED", reason)
         if parent_run_id:
             final = [client.get_run(r.info.run_id).info.status for r in trials]
-            ok = not interrupted and len(final) == len(spec.seeds) and all(
-                s == "FINISHED" for s in final)
-            client.set_terminated(parent_run_id,
-                                  "KILLED" if interrupted else ("FINISHED" if ok else "FAILED"))
+            ok = (
+                not interrupted
+                and len(final) == len(spec.seeds)
+                and all(s == "FINISHED" for s in final)
+            )
+            client.set_terminated(
+                parent_run_id, "KILLED" if interrupted else ("FINISHED" if ok else "FAILED")
+            )
     report = LaunchReport(spec.name, experiment_id, parent_run_id, interrupted=interrupted)
     for run in runs_of_launch(client, experiment_id, launch_id):
-        report.trials.append(TrialReport(
-            run_id=run.info.run_id, seed=int(run.data.tags["rlgen.seed"]), status=run.info.status,
-            metrics=dict(run.data.metrics), error=run.data.tags.get(TAG_ERROR)))
+        report.trials.append(
+            TrialReport(
+                run_id=run.info.run_id,
+                seed=int(run.data.tags["rlgen.seed"]),
+                status=run.info.status,
+                metrics=dict(run.data.metrics),
+                error=run.data.tags.get(TAG_ERROR),
+            )
+        )
     return report
 
 
@@ -184,8 +214,13 @@ def _run_local(request: TrialRequest, seeds: list[int], notify: ProgressFn) -> l
 # -- Ray Tune --------------------------------------------------------------------------------------
 def _start_ray(address: str | None, spec: SpecBase) -> None:
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, configure_logging=True)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            configure_logging=True,
+        )
         # Tune looks for the result files of the loggers we disabled; MLflow has the results.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     available = ray.cluster_resources()
@@ -194,9 +229,16 @@ def _start_ray(address: str | None, spec: SpecBase) -> None:
         if amount > available.get(name, 0.0) and address is None:
             from service.spec import Problem, SpecError
 
-            raise SpecError([Problem("resources", f"resources.num_{name.lower()}s",
-                                     f"a trial asks for {amount:g} {name}s but the embedded Ray "
-                                     f"cluster has {available.get(name, 0.0):g}")])
+            raise SpecError(
+                [
+                    Problem(
+                        "resources",
+                        f"resources.num_{name.lower()}s",
+                        f"a trial asks for {amount:g} {name}s but the embedded Ray "
+                        f"cluster has {available.get(name, 0.0):g}",
+                    )
+                ]
+            )
 
 
 class TrialFailedError(RuntimeError):
@@ -250,15 +292,18 @@ def _run_tune(request: TrialRequest, spec: SpecBase, notify: ProgressFn) -> dict
         ),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{request.launch_id[:6]}",
-            storage_path=str(storage), verbose=0, callbacks=[_Progress(notify)],
+            storage_path=str(storage),
+            verbose=0,
+            callbacks=[_Progress(notify)],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
     results = tuner.fit()
     errors = {}
-    for result in results:
+    for i in range(len(results)):
+        result = results[i]
         if result.error is not None and result.config:
-            cause = result.error
+            cause: Any = result.error
             while getattr(cause, "cause", None) is not None:  # unwrap RayTaskError chains
                 cause = cause.cause
             errors[int(result.config["seed"])] = str(cause).strip().splitlines()[-1][:2000]

@@ -25,9 +25,21 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in [
-        Algorithm("value_iteration", "rl", "Value iteration with the Bellman optimality backup.",
-                  value_iteration.Config, value_iteration.train, tabular=True),
-        Algorithm("policy_iteration", "rl", "Policy iteration, exact or iterative evaluation.",
-                  policy_iteration.Config, policy_iteration.train, tabular=True),
+        Algorithm(
+            "value_iteration",
+            "rl",
+            "Value iteration with the Bellman optimality backup.",
+            value_iteration.Config,
+            value_iteration.train,
+            tabular=True,
+        ),
+        Algorithm(
+            "policy_iteration",
+            "rl",
+            "Policy iteration, exact or iterative evaluation.",
+            policy_iteration.Config,
+            policy_iteration.train,
+            tabular=True,
+        ),
     ]
 }

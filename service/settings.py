@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     allowed_env_modules: list[str] = Field(
         default_factory=list,
         description="Modules that `module:EnvName-v0` env ids may import (JSON list, e.g. "
-        '\'["my_envs"]\'). Empty: such ids are refused, since they make gymnasium import code.',
+        "'[\"my_envs\"]'). Empty: such ids are refused, since they make gymnasium import code.",
     )
     workdir: str = Field(".rlgen", description="Scratch space for trial files before upload.")
 

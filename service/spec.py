@@ -54,7 +54,11 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.field}: {self.message}" if self.field else f"{self.where}: {self.message}"
+        return (
+            f"{self.where}: {self.field}: {self.message}"
+            if self.field
+            else f"{self.where}: {self.message}"
+        )
 
 
 class SpecError(Exception):
@@ -107,21 +111,25 @@ def spec_model(algorithm: str) -> type[SpecBase]:
     """The spec model of one algorithm: the shared envelope plus `params: <its Config>`."""
     algo = ALGORITHMS[algorithm]
     base = RLSpecBase if algo.family == "rl" else SpecBase
-    model: type[SpecBase] = create_model(  # type: ignore[call-overload]
+    model = create_model(
         f"{''.join(p.title() for p in algorithm.split('_'))}Spec",
         __base__=base,
-        algorithm=(Literal[algorithm], Field(description=algo.summary)),
+        algorithm=(Literal[algorithm], Field(description=algo.summary)),  # type: ignore[arg-type]
         params=(algo.config, Field(default_factory=algo.config, description="Algorithm config.")),
     )
-    return model
+    return model  # type: ignore[return-value]
 
 
 def spec_json_schema() -> dict[str, Any]:
     """JSON schema of every spec: a union on `algorithm`, for editors to complete YAML."""
     models = tuple(spec_model(name) for name in ALGORITHMS)
-    union: Any = models[0] if len(models) == 1 else Annotated[
-        Union[models], Field(discriminator="algorithm")  # noqa: UP007
-    ]
+    union: Any = (
+        models[0]
+        if len(models) == 1
+        else Annotated[
+            Union[models], Field(discriminator="algorithm")  # noqa: UP007
+        ]
+    )
     schema = TypeAdapter(union).json_schema()
     schema["title"] = "rlgen experiment spec"
     return schema
@@ -143,7 +151,9 @@ class Source:
         return self.name
 
 
-def _walk(node: yaml.Node, loc: Loc, source: str, lines: dict[Loc, str], problems: list[Problem]) -> None:
+def _walk(
+    node: yaml.Node, loc: Loc, source: str, lines: dict[Loc, str], problems: list[Problem]
+) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for key_node, value_node in node.value:
@@ -193,7 +203,9 @@ def parse_yaml(raw: bytes, name: str) -> Source:
         line = raw[: e.start].count(b"\n") + 1
         raise SpecError([Problem(f"{name}:{line}", "", "file is not valid UTF-8 text")]) from None
     if not text.strip():
-        raise SpecError([Problem(name, "", "empty file: expected a mapping with name, algorithm, params")])
+        raise SpecError(
+            [Problem(name, "", "empty file: expected a mapping with name, algorithm, params")]
+        )
     loader = yaml.SafeLoader(text)  # safe: no !!python/* tags, nothing is ever imported
     try:
         node = loader.get_single_node()
@@ -204,8 +216,15 @@ def parse_yaml(raw: bytes, name: str) -> Source:
         except ValueError as e:
             raise SpecError([Problem(name, "", str(e))]) from None
         if size > MAX_YAML_NODES:
-            raise SpecError([Problem(name, "", f"document expands to more than {MAX_YAML_NODES} "
-                                     "nodes (YAML alias bomb?)")])
+            raise SpecError(
+                [
+                    Problem(
+                        name,
+                        "",
+                        f"document expands to more than {MAX_YAML_NODES} nodes (YAML alias bomb?)",
+                    )
+                ]
+            )
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -218,7 +237,9 @@ def parse_yaml(raw: bytes, name: str) -> Source:
         loader.dispose()
     if not isinstance(data, dict):
         where = f"{name}:{node.start_mark.line + 1}"
-        raise SpecError([Problem(where, "", f"the document must be a mapping, not a {type(data).__name__}")])
+        raise SpecError(
+            [Problem(where, "", f"the document must be a mapping, not a {type(data).__name__}")]
+        )
     lines: dict[Loc, str] = {}
     problems: list[Problem] = []
     _walk(node, (), name, lines, problems)
@@ -236,11 +257,15 @@ def apply_overrides(source: Source, overrides: Sequence[str]) -> Source:
         path, sep, raw_value = item.partition("=")
         keys = tuple(k.strip() for k in path.split("."))
         if not sep or not all(keys):
-            raise SpecError([Problem(where, "", "expected FIELD.PATH=VALUE, e.g. params.gamma=0.95")])
+            raise SpecError(
+                [Problem(where, "", "expected FIELD.PATH=VALUE, e.g. params.gamma=0.95")]
+            )
         try:
             value = yaml.safe_load(raw_value) if raw_value.strip() else ""
         except yaml.YAMLError as e:
-            raise SpecError([Problem(where, ".".join(keys), f"value is not valid YAML: {e}")]) from None
+            raise SpecError(
+                [Problem(where, ".".join(keys), f"value is not valid YAML: {e}")]
+            ) from None
         node = data
         for depth, key in enumerate(keys[:-1]):
             child = node.get(key)
@@ -278,7 +303,9 @@ def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
     return []
 
 
-def _problems(error: ValidationError, source: Source, model: type[BaseModel] | None) -> list[Problem]:
+def _problems(
+    error: ValidationError, source: Source, model: type[BaseModel] | None
+) -> list[Problem]:
     problems = []
     for e in error.errors(include_url=False):
         loc: Loc = tuple(e["loc"])
@@ -286,8 +313,11 @@ def _problems(error: ValidationError, source: Source, model: type[BaseModel] | N
             known = _fields_at(model, loc[:-1]) if model else []
             hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
             msg = f"unknown field '{loc[-1]}'"
-            msg += f"; did you mean '{hint[0]}'?" if hint else (
-                f"; expected one of: {', '.join(known)}" if known else "")
+            msg += (
+                f"; did you mean '{hint[0]}'?"
+                if hint
+                else (f"; expected one of: {', '.join(known)}" if known else "")
+            )
         elif e["type"] == "missing":
             msg = "field required"
         else:
@@ -304,12 +334,14 @@ def validate(source: Source) -> SpecBase:
     data = source.data
     algorithm = data.get("algorithm")
     if algorithm is None:
-        raise SpecError([Problem(source.name, "algorithm", "field required; one of: "
-                                 + ", ".join(ALGORITHMS))])
+        raise SpecError(
+            [Problem(source.name, "algorithm", "field required; one of: " + ", ".join(ALGORITHMS))]
+        )
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         hint = difflib.get_close_matches(str(algorithm), list(ALGORITHMS), n=1)
         msg = f"unknown algorithm {algorithm!r}; " + (
-            f"did you mean '{hint[0]}'?" if hint else "one of: " + ", ".join(ALGORITHMS))
+            f"did you mean '{hint[0]}'?" if hint else "one of: " + ", ".join(ALGORITHMS)
+        )
         raise SpecError([Problem(source.where(("algorithm",)), "algorithm", msg)])
     model = spec_model(algorithm)
     try:
@@ -337,8 +369,16 @@ def check_env(env: EnvSpec, algo: Algorithm, source: Source) -> None:
         module = env.id.split(":", 1)[0]
         allowed = get_settings().allowed_env_modules
         if module not in allowed:
-            raise SpecError([Problem(where, "env.id", f"'{env.id}' would make gymnasium import "
-                                     f"module '{module}'; allow it with RLGEN_ALLOWED_ENV_MODULES")])
+            raise SpecError(
+                [
+                    Problem(
+                        where,
+                        "env.id",
+                        f"'{env.id}' would make gymnasium import "
+                        f"module '{module}'; allow it with RLGEN_ALLOWED_ENV_MODULES",
+                    )
+                ]
+            )
     elif env.id not in gym.registry:
         hint = difflib.get_close_matches(env.id, list(gym.registry), n=1, cutoff=0.6)
         msg = f"unknown environment '{env.id}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
@@ -348,14 +388,23 @@ def check_env(env: EnvSpec, algo: Algorithm, source: Source) -> None:
         try:
             instance = env.make()
         except Exception as e:  # gymnasium raises many types for bad ids and kwargs
-            raise SpecError([Problem(source.where(("env", "kwargs")), "env",
-                                     f"cannot create '{env.id}': {e}")]) from None
+            raise SpecError(
+                [Problem(source.where(("env", "kwargs")), "env", f"cannot create '{env.id}': {e}")]
+            ) from None
         try:
             base = instance.unwrapped
             if not (hasattr(base, "transition_model") or hasattr(base, "P")):
-                raise SpecError([Problem(where, "env.id", f"'{env.id}' exposes no transition "
-                                         f"model; {algo.name} needs a tabular env "
-                                         "(FrozenLake-v1, Taxi-v4, CliffWalking-v1, rlgen/GridWorld-v0)")])
+                raise SpecError(
+                    [
+                        Problem(
+                            where,
+                            "env.id",
+                            f"'{env.id}' exposes no transition "
+                            f"model; {algo.name} needs a tabular env "
+                            "(FrozenLake-v1, Taxi-v4, CliffWalking-v1, rlgen/GridWorld-v0)",
+                        )
+                    ]
+                )
         finally:
             instance.close()
 

@@ -43,7 +43,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -53,7 +53,9 @@ def client_for(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 6, first_wait_s: float = 0.5) -> T:
+def with_retries(
+    fn: Callable[[], T], what: str, *, attempts: int = 6, first_wait_s: float = 0.5
+) -> T:
     """Call `fn`, retrying with exponential backoff (0.5 s, 1 s, 2 s, ...) on any error."""
     wait = first_wait_s
     for attempt in range(1, attempts + 1):
@@ -62,7 +64,9 @@ def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 6, first_wai
         except Exception as e:  # sqlite "database is locked", HTTP errors, connection resets
             if attempt == attempts:
                 raise
-            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, e, attempt, attempts - 1, wait)
+            log.warning(
+                "%s failed (%s); retry %d/%d in %.1f s", what, e, attempt, attempts - 1, wait
+            )
             time.sleep(wait)
             wait = min(wait * 2, 30.0)
     raise AssertionError("unreachable")
@@ -81,12 +85,17 @@ class MlflowWriter:
         metrics = [Metric(p.key, p.value, p.timestamp_ms, p.step) for p in points]
         for i in range(0, len(metrics), BATCH_LIMIT):
             chunk = metrics[i : i + BATCH_LIMIT]
-            with_retries(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c, synchronous=True),
-                         "log_batch")
+
+            def write(chunk: list[Metric] = chunk) -> None:
+                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+            with_retries(write, "log_batch")
 
     def write_artifact(self, local_path: Path, artifact_dir: str) -> None:
-        with_retries(lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_dir or None),
-                     f"upload of {local_path.name}")
+        with_retries(
+            lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_dir or None),
+            f"upload of {local_path.name}",
+        )
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -103,7 +112,7 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
         return str(exp.experiment_id)
     location = None
     if tracking_uri.startswith("sqlite:///"):
-        root = Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts"
+        root = Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts"
         location = root.as_uri()
     try:
         return str(client.create_experiment(name, artifact_location=location))
@@ -134,8 +143,13 @@ def close_dangling(client: MlflowClient, runs: Sequence[Run], status: str, reaso
 def git_commit(*dirs: Path) -> str | None:
     for d in dirs:
         try:
-            out = subprocess.run(["git", "-C", str(d), "rev-parse", "HEAD"], capture_output=True,
-                                 text=True, timeout=5, check=False)
+            out = subprocess.run(
+                ["git", "-C", str(d), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if out.returncode == 0:

@@ -96,16 +96,26 @@ def run_trial(
         tags[TAG_PARENT] = request.parent_run_id
     if spec.description:
         tags["mlflow.note.content"] = spec.description
-    run = with_retries(lambda: client.create_run(request.experiment_id, tags=tags,
-                                                 run_name=run_name(spec, request.seed)), "create_run")
+    run = with_retries(
+        lambda: client.create_run(
+            request.experiment_id, tags=tags, run_name=run_name(spec, request.seed)
+        ),
+        "create_run",
+    )
     run_id = run.info.run_id
     workdir = Path(tempfile.mkdtemp(prefix=f"rlgen-{run_id[:8]}-"))
     status, error = "FAILED", None
     ctx: RunContext | None = None
     try:
         resolved = spec.model_dump(mode="json")
-        with_retries(lambda: client.log_batch(run_id, params=params_batch(
-            {**flatten(resolved), "seed": str(request.seed)}), synchronous=True), "log params")
+        with_retries(
+            lambda: client.log_batch(
+                run_id,
+                params=params_batch({**flatten(resolved), "seed": str(request.seed)}),
+                synchronous=True,
+            ),
+            "log params",
+        )
         spec_file = workdir / "spec.yaml"
         spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
         writer = MlflowWriter(client, run_id)
@@ -113,9 +123,14 @@ def run_trial(
 
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
         ctx = RunContext(
-            seed=request.seed, writer=writer, workdir=workdir, run_id=run_id,
-            device=pick_device(spec.resources.device, gpu_ids), stop_event=stop_event,
-            env=getattr(spec, "env", None), dataset=getattr(spec, "dataset", None),
+            seed=request.seed,
+            writer=writer,
+            workdir=workdir,
+            run_id=run_id,
+            device=pick_device(spec.resources.device, gpu_ids),
+            stop_event=stop_event,
+            env=getattr(spec, "env", None),
+            dataset=getattr(spec, "dataset", None),
         )
         ctx.timer.start()
         algo.train(spec.params, ctx)  # type: ignore[attr-defined]

@@ -1,0 +1,293 @@
+"""The `rlgen` command end to end: runs in MLflow, exit codes, failures, interrupts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from service import registry
+from service.cli import app
+
+from .conftest import ROOT
+
+FROZEN = str(ROOT / "experiments" / "value_iteration_frozenlake.yaml")
+FAST = ["--set", "params.eval_episodes=20"]
+
+
+def rlgen(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def run_json(*args: str) -> dict[str, Any]:
+    code, out, err = rlgen("run", *args, "--json")
+    assert code == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def test_local_run_logs_params_tags_metrics_and_figures(
+    tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    out = run_json(
+        FROZEN, "--local", "--tracking-uri", tracking_uri, "--set", f"name={experiment_name}", *FAST
+    )
+    assert out["experiment"] == experiment_name
+    assert [t["seed"] for t in out["trials"]] == [0, 1]
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["params.gamma"] == "0.99"
+    assert json.loads(parent.data.params["seeds"]) == [0, 1]
+    for trial in out["trials"]:
+        assert trial["status"] == "FINISHED"
+        run = client.get_run(trial["run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == out["parent_run_id"]
+        for tag in ("rlgen.version", "rlgen.spec_hash", "rlgen.git_commit"):
+            assert run.data.tags.get(tag), tag
+        assert run.data.params["env.id"] == "FrozenLake-v1"
+        assert run.data.params["env.kwargs.is_slippery"] == "True"
+        assert run.data.params["seed"] == str(trial["seed"])
+        m = trial["metrics"]
+        assert m["time/train_s"] > 0 and m["solver/converged"] == 1.0
+        assert 0.55 < m["eval/return_mean"] <= 1.0  # the optimal policy succeeds ~74% of the time
+        history = client.get_metric_history(trial["run_id"], "solver/bellman_residual")
+        assert len(history) == m["solver/iterations"]
+        artifacts = {a.path for a in client.list_artifacts(trial["run_id"])}
+        assert "spec.yaml" in artifacts
+        figures = {a.path for a in client.list_artifacts(trial["run_id"], "figures")}
+        assert figures == {"figures/bellman_residual.png", "figures/value_heatmap.png"}
+
+
+def test_from_run_reproduces_a_trial(tracking_uri: str, experiment_name: str, in_tmp: Path) -> None:
+    first = run_json(
+        FROZEN,
+        "--local",
+        "--tracking-uri",
+        tracking_uri,
+        "--set",
+        f"name={experiment_name}",
+        "--set",
+        "seeds=[5]",
+        *FAST,
+    )
+    assert first["parent_run_id"] is None  # one trial: no parent run
+    run_id = first["trials"][0]["run_id"]
+    again = run_json("--from-run", run_id, "--local", "--tracking-uri", tracking_uri)
+    client = MlflowClient(tracking_uri)
+    a, b = client.get_run(run_id), client.get_run(again["trials"][0]["run_id"])
+    assert a.data.tags["rlgen.spec_hash"] == b.data.tags["rlgen.spec_hash"]
+    assert a.data.params == b.data.params
+    for key in ("eval/return_mean", "solver/iterations", "solver/value_mean"):
+        assert a.data.metrics[key] == b.data.metrics[key]
+
+
+def test_ray_run_on_the_shared_cluster(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    out = run_json(
+        str(ROOT / "experiments" / "policy_iteration_taxi.yaml"),
+        "--tracking-uri",
+        tracking_uri,
+        "--set",
+        f"name={experiment_name}",
+        "--set",
+        "seeds=[0, 1]",
+        *FAST,
+    )
+    assert [t["status"] for t in out["trials"]] == ["FINISHED", "FINISHED"]
+    assert all(t["metrics"]["eval/return_mean"] > 5 for t in out["trials"])  # optimal Taxi: ~7.9
+    assert MlflowClient(tracking_uri).get_run(out["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_failing_trial_is_failed_with_reason_and_others_go_on(
+    tracking_uri: str, experiment_name: str, in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = registry.ALGORITHMS["value_iteration"]
+
+    def flaky(config: Any, ctx: Any) -> None:
+        if ctx.seed == 1:
+            raise RuntimeError("boom on seed 1")
+        real.train(config, ctx)
+
+    monkeypatch.setitem(
+        registry.ALGORITHMS, "value_iteration", dataclasses.replace(real, train=flaky)
+    )
+    code, out, err = rlgen(
+        "run",
+        FROZEN,
+        "--local",
+        "--json",
+        "--tracking-uri",
+        tracking_uri,
+        "--set",
+        f"name={experiment_name}",
+        "--set",
+        "seeds=[0, 1, 2]",
+        *FAST,
+    )
+    assert code == 1
+    result = json.loads(out)
+    assert [t["status"] for t in result["trials"]] == ["FINISHED", "FAILED", "FINISHED"]
+    client = MlflowClient(tracking_uri)
+    failed = client.get_run(result["trials"][1]["run_id"])
+    assert failed.data.tags["rlgen.error"] == "RuntimeError: boom on seed 1"
+    assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
+    assert client.get_run(result["parent_run_id"]).info.status == "FAILED"
+    assert "boom on seed 1" in err
+
+
+def test_failure_inside_a_ray_worker(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    # No GPU here: asking for CUDA fails inside the worker, which must end its run FAILED.
+    code, out, _ = rlgen(
+        "run",
+        FROZEN,
+        "--json",
+        "--tracking-uri",
+        tracking_uri,
+        "--set",
+        f"name={experiment_name}",
+        "--set",
+        "resources.device=cuda",
+        *FAST,
+    )
+    assert code == 1
+    result = json.loads(out)
+    client = MlflowClient(tracking_uri)
+    for trial in result["trials"]:
+        assert trial["status"] == "FAILED"
+        assert "no CUDA device" in client.get_run(trial["run_id"]).data.tags["rlgen.error"]
+    assert client.get_run(result["parent_run_id"]).info.status == "FAILED"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "params.gamma=1.5"],
+        ["--set", "params.nope=1"],
+        ["--set", "env.id=NoSuchEnv-v0"],
+        ["--set", "resources.num_cpus=64"],  # more than the embedded cluster has
+    ],
+)
+def test_invalid_input_exits_2_and_creates_nothing(
+    tmp_path: Path, args: list[str], monkeypatch: pytest.MonkeyPatch, ray_cluster: None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "fresh.db"
+    code, _, err = rlgen("run", FROZEN, "--tracking-uri", f"sqlite:///{db}", *args)
+    assert code == 2, err
+    assert "error:" in err
+    assert not db.exists()  # no store, so certainly no run
+
+
+def test_invalid_file_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: t\nalgorithm: value_iteration\nenv: {id: FrozenLake-v1}\nparams:\n  gamma: 2\n"
+    )
+    code, _, err = rlgen("run", str(bad), "--local", "--tracking-uri", f"sqlite:///{tmp_path}/x.db")
+    assert code == 2
+    assert f"{bad}:5: params.gamma: Input should be less than 1" in err.replace("\n", "")
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_schema_validate_and_algorithms_commands(tmp_path: Path) -> None:
+    code, out, _ = rlgen("schema")
+    assert code == 0 and json.loads(out)["title"] == "rlgen experiment spec"
+    code, out, _ = rlgen("algorithms", "--json")
+    listing = json.loads(out)
+    assert listing["value_iteration"]["params"]["gamma"]["default"] == 0.99
+    assert "Discount" in listing["value_iteration"]["params"]["gamma"]["description"]
+    code, out, _ = rlgen("algorithms")
+    assert code == 0 and "policy_iteration" in out
+    code, out, _ = rlgen("validate", FROZEN, "--set", "params.gamma=0.5")
+    assert code == 0 and "gamma: 0.5" in out and "max_iterations: 100000" in out
+
+
+# -- the real command, in its own process ---------------------------------------------------------
+def cli_process(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "run", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_embedded_ray_from_the_command_line(tmp_path: Path) -> None:
+    """What a new user runs: embedded Ray, ./mlflow.db, JSON on stdout, exit 0."""
+    proc = cli_process(tmp_path, FROZEN, "--json", *FAST)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert len(result["trials"]) == 2 and all(t["status"] == "FINISHED" for t in result["trials"])
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()
+
+
+def wait_for_running(uri: str, name: str, timeout: float = 120) -> str:
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            runs = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+            trials = [r for r in runs if "rlgen.seed" in r.data.tags]
+            if trials:
+                return str(trials[0].info.run_id)
+        time.sleep(0.5)
+    raise AssertionError("no trial started")
+
+
+@pytest.mark.parametrize("mode", ["--local", "--ray"])
+def test_ctrl_c_ends_runs_killed(tmp_path: Path, mode: str, experiment_name: str) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # 10^6 states: ~3 s to build, then tens of seconds of sweeps, so the interrupt lands mid-solve.
+    long_run = [
+        str(ROOT / "experiments" / "value_iteration_gridworld.yaml"),
+        "--tracking-uri",
+        uri,
+        "--set",
+        f"name={experiment_name}",
+        "--set",
+        "env.kwargs.size=1000",
+        "--set",
+        "params.tol=1e-300",
+        "--set",
+        "params.eval_episodes=1",
+        "--set",
+        "seeds=[0, 1]",
+        "--set",
+        "params.max_iterations=1000000",
+    ]
+    proc = cli_process(tmp_path, *long_run, *([mode] if mode == "--local" else []))
+    try:
+        run_id = wait_for_running(uri, experiment_name)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "KILLED"
+    exp = client.get_experiment_by_name(experiment_name)
+    assert exp is not None
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")

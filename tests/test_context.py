@@ -1,0 +1,101 @@
+"""The run context's plumbing: batching, the training clock, checkpoints, stop requests."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.context import InMemoryWriter, MetricLogger, RunContext
+
+
+def test_metrics_are_buffered_and_written_in_batches() -> None:
+    writer = InMemoryWriter()
+    logger = MetricLogger(writer, max_buffer=100, flush_interval_s=3600)
+    for step in range(250):
+        logger.log({"losses/a": step, "losses/b": torch.tensor(2.0 * step)}, step=step)
+    assert writer.batches == 5  # 500 points in batches of 100, not 500 writes
+    logger.flush()
+    assert writer.metrics["losses/a"][-1] == (249, 249.0)
+    assert writer.metrics["losses/b"][10] == (10, 20.0)
+    assert logger.last == {"losses/a": 249.0, "losses/b": 498.0}
+
+
+def test_metrics_flush_after_the_interval() -> None:
+    writer = InMemoryWriter()
+    logger = MetricLogger(writer, max_buffer=10_000, flush_interval_s=0.05)
+    logger.log({"x/y": 1}, step=0)
+    assert writer.batches == 0
+    time.sleep(0.06)
+    logger.log({"x/y": 2}, step=1)
+    assert writer.batches == 1 and len(writer.metrics["x/y"]) == 2
+
+
+def test_failed_writes_keep_the_buffer() -> None:
+    class Flaky(InMemoryWriter):
+        fail = True
+
+        def write_metrics(self, points):  # type: ignore[no-untyped-def]
+            if self.fail:
+                raise ConnectionError("tracking server down")
+            super().write_metrics(points)
+
+    writer = Flaky()
+    logger = MetricLogger(writer, max_buffer=1000)
+    logger.log({"a/b": 1}, step=0)
+    with pytest.raises(ConnectionError):
+        logger.flush()
+    logger.log({"a/b": 2}, step=1)
+    writer.fail = False
+    logger.flush()
+    assert writer.metrics["a/b"] == [(0, 1.0), (1, 2.0)]  # nothing lost, order kept
+
+
+def test_metric_names_are_checked() -> None:
+    logger = MetricLogger(InMemoryWriter())
+    with pytest.raises(ValueError):
+        logger.log({"bad\nname": 1}, step=0)
+
+
+def test_train_timer_excludes_paused_time(tmp_path: Path) -> None:
+    ctx = RunContext.in_memory(workdir=tmp_path)
+    ctx.timer.start()
+    time.sleep(0.05)
+    with ctx.timer.paused():
+        time.sleep(0.2)
+        with ctx.timer.paused():  # nesting does not double count
+            time.sleep(0.05)
+    ctx.timer.stop()
+    assert 0.04 < ctx.timer.elapsed() < 0.15
+
+
+def test_checkpoints_round_trip_and_rotate(tmp_path: Path) -> None:
+    ctx = RunContext.in_memory(workdir=tmp_path)
+    net = torch.nn.Linear(3, 2)
+    for step in (10, 20, 30):
+        ctx.checkpoints.save({"model": net.state_dict(), "step": step}, step=step)
+    state = ctx.checkpoints.latest()
+    assert state is not None and state["step"] == 30
+    torch.testing.assert_close(state["model"]["weight"], net.weight.detach())
+    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2  # keeps the newest two
+    assert [d for _, d in ctx.writer.artifacts] == ["checkpoints"] * 3
+
+
+def test_generators_are_seeded_per_run(tmp_path: Path) -> None:
+    a = RunContext.in_memory(seed=3, workdir=tmp_path)
+    b = RunContext.in_memory(seed=3, workdir=tmp_path)
+    c = RunContext.in_memory(seed=4, workdir=tmp_path)
+    assert a.np_rng.integers(1 << 30) == b.np_rng.integers(1 << 30)
+    assert torch.equal(torch.rand(4, generator=a.torch_rng), torch.rand(4, generator=b.torch_rng))
+    assert not torch.equal(
+        torch.rand(4, generator=a.torch_rng), torch.rand(4, generator=c.torch_rng)
+    )
+
+
+def test_stop_requests(tmp_path: Path) -> None:
+    ctx = RunContext.in_memory(workdir=tmp_path)
+    assert not ctx.should_stop()
+    ctx.request_stop()
+    assert ctx.should_stop()

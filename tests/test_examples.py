@@ -1,0 +1,55 @@
+"""Every example in experiments/ validates, and runs end to end with a tiny budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.execution import launch
+from service.spec import load_spec
+
+from .conftest import ROOT
+
+EXAMPLES = sorted((ROOT / "experiments").glob("*.yaml"))
+
+# Per algorithm, overrides that shrink the budget; the example's own structure stays as it is.
+TINY: dict[str, list[str]] = {
+    "value_iteration": ["params.eval_episodes=3", "params.max_iterations=200"],
+    "policy_iteration": ["params.eval_episodes=3", "params.max_iterations=20"],
+}
+
+
+def tiny_overrides(path: Path, algorithm: str) -> list[str]:
+    extra = ["env.kwargs.size=20"] if "gridworld" in path.name else []
+    return [*TINY[algorithm], *extra, "seeds=[0]"]
+
+
+def test_there_are_examples() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert {
+        "value_iteration_frozenlake.yaml",
+        "policy_iteration_taxi.yaml",
+        "value_iteration_gridworld.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_validates(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.name and spec.seeds
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs_with_a_tiny_budget(path: Path, tracking_uri: str, in_tmp: Path) -> None:
+    algorithm = load_spec(path).algorithm
+    assert algorithm in TINY, f"add tiny-budget overrides for {algorithm}"
+    spec = load_spec(
+        path, [*tiny_overrides(path, algorithm), f"name=example-{path.stem}-{in_tmp.name}"]
+    )
+    report = launch(spec, mode="local", tracking_uri=tracking_uri, spec_path=path)
+    assert report.ok, [t.error for t in report.trials]
+    (trial,) = report.trials
+    assert "time/train_s" in trial.metrics and "eval/return_mean" in trial.metrics
+    assert MlflowClient(tracking_uri).get_run(trial.run_id).info.status == "FINISHED"

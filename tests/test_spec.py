@@ -1,0 +1,200 @@
+"""Spec validation: every kind of bad input gets one clear line naming file, line and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.spec import SpecError, load_spec, spec_json_schema
+
+GOOD = """\
+name: t
+algorithm: value_iteration
+env:
+  id: FrozenLake-v1
+  kwargs: {is_slippery: true}
+params:
+  gamma: 0.9
+seeds: [0, 1]
+"""
+
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh", strict=True)
+)
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def problems(tmp_path: Path, text: str | bytes, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text), overrides)
+    return str(info.value)
+
+
+def test_good_spec_resolves_defaults(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.params.gamma == 0.9  # type: ignore[attr-defined]
+    assert spec.params.tol == 1e-6  # type: ignore[attr-defined]
+    assert spec.resources.num_cpus == 1 and spec.seeds == [0, 1]
+
+
+# (document, expected fragment: "file:line: field: ...")
+BAD = {
+    "unknown top-level key": (GOOD + "sede: 1\n", ":9: sede: unknown field 'sede'"),
+    "unknown nested key": (
+        GOOD.replace("gamma: 0.9", "gama: 0.9"),
+        ":7: params.gama: unknown field 'gama'; did you mean 'gamma'?",
+    ),
+    "unknown env key": (GOOD.replace("  id:", "  idd: x\n  id:"), ":4: env.idd: unknown field"),
+    "unknown resources key": (GOOD + "resources: {cpus: 2}\n", ":9: resources.cpus: unknown field"),
+    "wrong type": (
+        GOOD.replace("gamma: 0.9", "gamma: high"),
+        ":7: params.gamma: Input should be a valid number",
+    ),
+    "gamma = 1": (
+        GOOD.replace("gamma: 0.9", "gamma: 1.0"),
+        ":7: params.gamma: Input should be less than 1",
+    ),
+    "negative gamma": (
+        GOOD.replace("gamma: 0.9", "gamma: -0.1"),
+        ":7: params.gamma: Input should be greater than or equal to 0",
+    ),
+    "zero budget": (
+        GOOD.replace("gamma: 0.9", "max_iterations: 0"),
+        ":7: params.max_iterations: Input should be greater than 0",
+    ),
+    "negative budget": (
+        GOOD.replace("gamma: 0.9", "eval_episodes: -5"),
+        ":7: params.eval_episodes",
+    ),
+    "zero cpus": (GOOD + "resources: {num_cpus: 0}\n", ":9: resources.num_cpus"),
+    "duplicate seeds": (GOOD.replace("[0, 1]", "[1, 1]"), ":8: seeds: seeds must be distinct"),
+    "negative seed": (GOOD.replace("[0, 1]", "[0, -1]"), ":8: seeds"),
+    "no seeds": (GOOD.replace("[0, 1]", "[]"), ":8: seeds"),
+    "unknown algorithm": (
+        GOOD.replace("value_iteration", "value_iter"),
+        ":2: algorithm: unknown algorithm 'value_iter'; did you mean 'value_iteration'?",
+    ),
+    "missing algorithm": ("name: t\nenv: {id: FrozenLake-v1}\n", "algorithm: field required"),
+    "missing env": ("name: t\nalgorithm: value_iteration\n", "env: field required"),
+    "unknown env id": (
+        GOOD.replace("FrozenLake-v1", "FrozenLak-v1"),
+        ":4: env.id: unknown environment 'FrozenLak-v1'; did you mean 'FrozenLake-v1'?",
+    ),
+    "module:Class env id": (
+        GOOD.replace("FrozenLake-v1", "os:Evil-v0"),
+        ":4: env.id: 'os:Evil-v0' would make gymnasium import module 'os'",
+    ),
+    "env without a model": (
+        GOOD.replace("FrozenLake-v1", "CartPole-v1").replace("{is_slippery: true}", "{}"),
+        ":4: env.id: 'CartPole-v1' exposes no transition model",
+    ),
+    "bad env kwargs": (
+        GOOD.replace("is_slippery", "slippery"),
+        ":5: env: cannot create 'FrozenLake-v1'",
+    ),
+    "empty file": ("", "spec.yaml: empty file"),
+    "only a comment": ("# nothing\n", "spec.yaml: empty document"),
+    "yaml syntax error": ("name: t\nparams: {gamma: 0.9\n", "YAML error"),
+    "bad indentation": ("name: t\n  algorithm: x\n", "spec.yaml:2: YAML error"),
+    "list document": ("- 1\n- 2\n", "spec.yaml:1: the document must be a mapping, not a list"),
+    "scalar document": ("just text\n", "the document must be a mapping, not a str"),
+    "alias bomb": (BILLION_LAUGHS, "YAML alias bomb"),
+    "recursive alias": ("a: &a [*a]\n", "recursive YAML alias"),
+    "python tag": (
+        "name: !!python/object/apply:os.system [echo hi]\n",
+        "spec.yaml:1: YAML error: could not determine a constructor",
+    ),
+    "duplicate key": (GOOD + "name: u\n", ":9: name: duplicate key"),
+    "not utf-8": (
+        b"name: caf\xe9\nalgorithm: value_iteration\n",
+        "spec.yaml:1: file is not valid UTF-8",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_names_file_line_and_field(tmp_path: Path, case: str) -> None:
+    text, fragment = BAD[case]
+    message = problems(tmp_path, text)
+    assert fragment in message, message
+    assert message.startswith(str(tmp_path / "spec.yaml"))
+
+
+def test_syntax_error_names_its_line(tmp_path: Path) -> None:
+    message = problems(tmp_path, "name: t\nalgorithm: value_iteration\nparams: [1, 2\nseeds: [0]\n")
+    assert "spec.yaml:4: YAML error" in message or "spec.yaml:3: YAML error" in message
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    text = GOOD.replace("gamma: 0.9", "gamma: 2\n  tol: -1\n  what: 1")
+    lines = problems(tmp_path, text).splitlines()
+    assert len(lines) == 3
+    assert any(":7: params.gamma" in ln for ln in lines)
+    assert any(":8: params.tol" in ln for ln in lines)
+    assert any(":9: params.what" in ln for ln in lines)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="is a directory"):
+        load_spec(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("params.gama=0.5", "--set params.gama=0.5: params.gama: unknown field 'gama'"),
+        ("params.gamma=1.5", "--set params.gamma=1.5: params.gamma: Input should be less than 1"),
+        ("nope=1", "--set nope=1: nope: unknown field"),
+        ("params.gamma", "--set params.gamma: expected FIELD.PATH=VALUE"),
+        ("name.x=1", "--set name.x=1: name: is not a mapping"),
+    ],
+)
+def test_bad_overrides(tmp_path: Path, override: str, fragment: str) -> None:
+    assert fragment in problems(tmp_path, GOOD, (override,))
+
+
+def test_overrides_apply_with_yaml_values(tmp_path: Path) -> None:
+    spec = load_spec(
+        write(tmp_path, GOOD),
+        ["params.gamma=0.5", "seeds=[3, 4, 5]", "env.kwargs.map_name=8x8", "resources.num_cpus=2"],
+    )
+    assert spec.params.gamma == 0.5  # type: ignore[attr-defined]
+    assert spec.seeds == [3, 4, 5]
+    assert spec.env.kwargs == {"is_slippery": True, "map_name": "8x8"}  # type: ignore[attr-defined]
+    assert spec.resources.num_cpus == 2.0
+
+
+def test_allowed_env_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import get_settings
+
+    monkeypatch.setenv("RLGEN_ALLOWED_ENV_MODULES", '["gymnasium.envs.toy_text"]')
+    get_settings.cache_clear()
+    try:
+        spec = load_spec(
+            write(tmp_path, GOOD.replace("FrozenLake-v1", "gymnasium.envs.toy_text:FrozenLake-v1"))
+        )
+        assert spec.env.id.endswith(":FrozenLake-v1")  # type: ignore[attr-defined]
+        assert "would make gymnasium import module 'os'" in problems(
+            tmp_path, GOOD.replace("FrozenLake-v1", "os:Evil-v0")
+        )
+    finally:
+        get_settings.cache_clear()
+
+
+def test_json_schema_covers_every_algorithm() -> None:
+    from service.registry import ALGORITHMS
+
+    schema = spec_json_schema()
+    text = json.dumps(schema)
+    for name in ALGORITHMS:
+        assert f'"const": "{name}"' in text
+    assert "epsilon-optimal" in text  # field descriptions are carried into the schema
