@@ -156,12 +156,16 @@ class TorchMDP:
         R = torch.from_numpy(mdp.R.reshape(-1)).to(device=device, dtype=dtype)
         return cls(P=P, R=R, n_states=mdp.n_states, n_actions=mdp.n_actions)
 
-    def q_values(self, V: torch.Tensor, gamma: float) -> torch.Tensor:
+    def q_values(
+        self, V: torch.Tensor, gamma: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One Bellman backup: Q(s, a) = R(s, a) + gamma * sum_s' P(s'|s, a) V(s').
 
-        V: (S,) -> Q: (A, S). A single sparse matrix-vector product over all actions.
+        V: (S,) -> Q: (A, S). A single sparse matrix-vector product over all actions; `out` (A*S,)
+        reuses a buffer, which matters on small MDPs where allocation costs as much as the product.
         """
-        return torch.addmv(self.R, self.P, V, alpha=gamma).view(self.n_actions, self.n_states)
+        Q = torch.addmv(self.R, self.P, V, alpha=gamma, out=out)
+        return Q.view(self.n_actions, self.n_states)
 
 
 def epsilon_optimal_threshold(epsilon: float, gamma: float) -> float:

@@ -39,13 +39,15 @@ def solve(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Solution:
     threshold = epsilon_optimal_threshold(tol, gamma)
-    V = torch.zeros(model.n_states, dtype=model.R.dtype, device=model.R.device)  # (S,)
+    # Buffers reused by every sweep: V and V_next (S,) swap roles, Q is (A*S,).
+    V, V_next, diff = (torch.zeros_like(model.R[: model.n_states]) for _ in range(3))
+    Q = torch.empty_like(model.R)
     residuals: list[float] = []
     converged = False
     for it in range(1, max_iterations + 1):
-        V_next = model.q_values(V, gamma).amax(dim=0)  # (A, S) -> (S,)
-        residual = float((V_next - V).abs().max())
-        V = V_next
+        torch.amax(model.q_values(V, gamma, out=Q), dim=0, out=V_next)  # (A, S) -> (S,)
+        residual = float(torch.sub(V_next, V, out=diff).abs_().max())
+        V, V_next = V_next, V
         residuals.append(residual)
         on_sweep(it, residual)
         if residual < threshold:

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from service.context import RunContext
+from service.metric_writer import ProcessWriter
 from service.registry import ALGORITHMS
 from service.spec import SpecBase, flatten, spec_model
 from service.tracking import (
@@ -27,7 +28,6 @@ from service.tracking import (
     TAG_LAUNCH,
     TAG_PARENT,
     TAG_SEED,
-    MlflowWriter,
     client_for,
     params_batch,
     with_retries,
@@ -104,6 +104,7 @@ def run_trial(
     )
     run_id = run.info.run_id
     workdir = Path(tempfile.mkdtemp(prefix=f"rlgen-{run_id[:8]}-"))
+    writer = ProcessWriter(client, request.tracking_uri, run_id)  # starts while we set up
     status, error = "FAILED", None
     ctx: RunContext | None = None
     try:
@@ -118,7 +119,6 @@ def run_trial(
         )
         spec_file = workdir / "spec.yaml"
         spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        writer = MlflowWriter(client, run_id)
         writer.write_artifact(spec_file, "")
 
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
@@ -151,6 +151,7 @@ def run_trial(
                 ctx.close()
             except Exception as e:  # metrics could not be written even after retries
                 status, error = "FAILED", error or f"metrics were not written: {e}"
+        writer.close()
         if error:
             _best_effort(lambda: client.set_tag(run_id, TAG_ERROR, error[:5000]))
         _best_effort(lambda: client.set_terminated(run_id, status))

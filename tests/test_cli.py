@@ -25,6 +25,11 @@ FROZEN = str(ROOT / "experiments" / "value_iteration_frozenlake.yaml")
 FAST = ["--set", "params.eval_episodes=20"]
 
 
+def common(tracking_uri: str, experiment_name: str) -> list[str]:
+    """The options every test run shares: its store, its own experiment, a small evaluation."""
+    return [*common(tracking_uri, experiment_name), *FAST]
+
+
 def rlgen(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, list(args))
     if result.exception and not isinstance(result.exception, SystemExit):
@@ -82,7 +87,6 @@ def test_from_run_reproduces_a_trial(tracking_uri: str, experiment_name: str, in
         f"name={experiment_name}",
         "--set",
         "seeds=[5]",
-        *FAST,
     )
     assert first["parent_run_id"] is None  # one trial: no parent run
     run_id = first["trials"][0]["run_id"]
@@ -100,13 +104,9 @@ def test_ray_run_on_the_shared_cluster(
 ) -> None:
     out = run_json(
         str(ROOT / "experiments" / "policy_iteration_taxi.yaml"),
-        "--tracking-uri",
-        tracking_uri,
-        "--set",
-        f"name={experiment_name}",
+        *common(tracking_uri, experiment_name),
         "--set",
         "seeds=[0, 1]",
-        *FAST,
     )
     assert [t["status"] for t in out["trials"]] == ["FINISHED", "FINISHED"]
     assert all(t["metrics"]["eval/return_mean"] > 5 for t in out["trials"])  # optimal Taxi: ~7.9
@@ -131,13 +131,9 @@ def test_failing_trial_is_failed_with_reason_and_others_go_on(
         FROZEN,
         "--local",
         "--json",
-        "--tracking-uri",
-        tracking_uri,
-        "--set",
-        f"name={experiment_name}",
+        *common(tracking_uri, experiment_name),
         "--set",
         "seeds=[0, 1, 2]",
-        *FAST,
     )
     assert code == 1
     result = json.loads(out)
@@ -158,13 +154,9 @@ def test_failure_inside_a_ray_worker(
         "run",
         FROZEN,
         "--json",
-        "--tracking-uri",
-        tracking_uri,
-        "--set",
-        f"name={experiment_name}",
+        *common(tracking_uri, experiment_name),
         "--set",
         "resources.device=cuda",
-        *FAST,
     )
     assert code == 1
     result = json.loads(out)

@@ -13,7 +13,7 @@ from service.context import InMemoryWriter, MetricLogger, RunContext
 
 def test_metrics_are_buffered_and_written_in_batches() -> None:
     writer = InMemoryWriter()
-    logger = MetricLogger(writer, max_buffer=100, flush_interval_s=3600)
+    logger = MetricLogger(writer, max_buffer=100, flush_interval_s=3600, background=False)
     for step in range(250):
         logger.log({"losses/a": step, "losses/b": torch.tensor(2.0 * step)}, step=step)
     assert writer.batches == 5  # 500 points in batches of 100, not 500 writes
@@ -25,7 +25,7 @@ def test_metrics_are_buffered_and_written_in_batches() -> None:
 
 def test_metrics_flush_after_the_interval() -> None:
     writer = InMemoryWriter()
-    logger = MetricLogger(writer, max_buffer=10_000, flush_interval_s=0.05)
+    logger = MetricLogger(writer, max_buffer=10_000, flush_interval_s=0.05, background=False)
     logger.log({"x/y": 1}, step=0)
     assert writer.batches == 0
     time.sleep(0.06)
@@ -43,7 +43,7 @@ def test_failed_writes_keep_the_buffer() -> None:
             super().write_metrics(points)
 
     writer = Flaky()
-    logger = MetricLogger(writer, max_buffer=1000)
+    logger = MetricLogger(writer, max_buffer=1000, background=False)
     logger.log({"a/b": 1}, step=0)
     with pytest.raises(ConnectionError):
         logger.flush()
@@ -51,6 +51,32 @@ def test_failed_writes_keep_the_buffer() -> None:
     writer.fail = False
     logger.flush()
     assert writer.metrics["a/b"] == [(0, 1.0), (1, 2.0)]  # nothing lost, order kept
+
+
+def test_background_writer_keeps_training_thread_free_and_loses_nothing() -> None:
+    import threading
+
+    class Slow(InMemoryWriter):
+        threads: set[str] = set()  # noqa: RUF012
+        fail_first = True
+
+        def write_metrics(self, points):  # type: ignore[no-untyped-def]
+            self.threads.add(threading.current_thread().name)
+            time.sleep(0.05)  # a slow tracking server
+            if self.fail_first:
+                self.fail_first = False
+                raise ConnectionError("server restarting")
+            super().write_metrics(points)
+
+    writer = Slow()
+    logger = MetricLogger(writer, max_buffer=50, flush_interval_s=3600)
+    t = time.perf_counter()
+    for step in range(1000):
+        logger.log({"a/b": step}, step=step)
+    assert time.perf_counter() - t < 0.5  # 20 batches x 50 ms were not paid by the caller
+    logger.close()
+    assert "rlgen-metrics" in writer.threads  # batches were written by the background thread
+    assert [s for s, _ in writer.metrics["a/b"]] == list(range(1000))  # all, in order, once
 
 
 def test_metric_names_are_checked() -> None:

@@ -1,0 +1,153 @@
+"""A helper process that writes one run's metrics to MLflow, off the training process.
+
+MLflow's `log_batch` spends ~0.1 ms a metric in SQLAlchemy ORM code that holds the GIL; in the
+training process that time competes with the training loop, threads or not. `ProcessWriter` hands
+batches to this helper over a pipe instead (pickling costs ~1 us a point) and waits for each
+acknowledgement with the GIL released, so errors still come back to the caller, whose
+`MetricLogger` keeps the batch and retries.
+
+The helper imports MLflow (~2 s of CPU) at a lower priority, so it uses idle cores rather than
+the trials' own; it is spawned once a trial has run `spawn_after_s` (the shortest trials never
+start one), and until it is ready batches are written in-process. Should the helper die, its unacknowledged batch and everything after it
+are written in-process: nothing is dropped.
+
+Protocol on stdin/stdout: the helper writes b"R" once ready; then each request is a 4-byte
+big-endian length and a pickled list of MetricPoint tuples, each answered the same way with the
+pickled error text, or None for success.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from service.context import MetricPoint
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+_LEN = struct.Struct(">I")
+
+
+def _send(stream: IO[bytes], obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LEN.pack(len(data)) + data)
+    stream.flush()
+
+
+def _recv(stream: IO[bytes]) -> Any:
+    header = stream.read(_LEN.size)
+    if len(header) < _LEN.size:
+        raise EOFError("metric writer pipe closed")
+    (size,) = _LEN.unpack(header)
+    return pickle.loads(stream.read(size))
+
+
+class ProcessWriter:
+    """`service.context.Writer` whose metric writes move to a helper process in long trials."""
+
+    def __init__(
+        self, client: MlflowClient, tracking_uri: str, run_id: str, spawn_after_s: float = 0.5
+    ):
+        from service.tracking import MlflowWriter
+
+        self.inline = MlflowWriter(client, run_id)
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.spawn_at = time.monotonic() + spawn_after_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready = False
+        self.gave_up = False
+
+    def _helper(self) -> subprocess.Popen[bytes] | None:
+        """The helper, once it is ready to take batches; None until then (or after it failed)."""
+        if self.gave_up:
+            return None
+        if self.proc is None:
+            if time.monotonic() >= self.spawn_at:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "service.metric_writer", self.tracking_uri, self.run_id],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            return None
+        if not self.ready:
+            assert self.proc.stdout is not None
+            if select.select([self.proc.stdout], [], [], 0)[0]:
+                self.ready = self.proc.stdout.read(1) == b"R"
+                if not self.ready:
+                    self._give_up("metric writer failed to start")
+        return self.proc if self.ready else None
+
+    def _give_up(self, why: str) -> None:
+        log.warning("%s; writing metrics in-process", why)
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc, self.ready, self.gave_up = None, False, True
+
+    def write_metrics(self, points: Sequence[MetricPoint]) -> None:
+        helper = self._helper()
+        if helper is None:
+            self.inline.write_metrics(points)
+            return
+        assert helper.stdin is not None and helper.stdout is not None
+        try:
+            _send(helper.stdin, [tuple(p) for p in points])
+            error = _recv(helper.stdout)  # waits with the GIL released
+        except (OSError, EOFError) as e:  # the helper died: the batch was not acknowledged
+            self._give_up(f"metric writer died ({e})")
+            self.inline.write_metrics(points)
+            return
+        if error is not None:
+            raise RuntimeError(error)  # the logger keeps the batch and retries
+
+    def write_artifact(self, local_path: Path, artifact_dir: str) -> None:
+        self.inline.write_artifact(local_path, artifact_dir)  # rare, large: file copies anyway
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.stdin:
+            self.proc.stdin.close()  # EOF: the helper exits
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.proc = None
+
+
+def main(argv: Sequence[str]) -> int:
+    from service.tracking import MlflowWriter, client_for
+
+    uri, run_id = argv
+    os.nice(5)  # idle cores first: never slow the trials this process serves
+    out = os.fdopen(os.dup(1), "wb")  # the protocol's channel...
+    os.dup2(2, 1)  # ...and anything a library prints goes to stderr instead
+    requests = sys.stdin.buffer
+    writer = MlflowWriter(client_for(uri), run_id)
+    out.write(b"R")
+    out.flush()
+    while True:
+        try:
+            batch = _recv(requests)
+        except EOFError:
+            return 0
+        try:
+            writer.write_metrics([MetricPoint(*p) for p in batch])
+            _send(out, None)
+        except Exception as e:
+            _send(out, f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,76 @@
+"""The MLflow side: batched writes, the writer process, retries."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.context import MetricPoint
+from service.metric_writer import ProcessWriter
+from service.tracking import MlflowWriter, ensure_experiment, resolve_tracking_uri, with_retries
+
+
+def points(start: int, n: int) -> list[MetricPoint]:
+    return [
+        MetricPoint("losses/x", float(i), i, 1_700_000_000_000 + i) for i in range(start, start + n)
+    ]
+
+
+def new_run(uri: str, name: str) -> tuple[MlflowClient, str]:
+    client = MlflowClient(uri)
+    return client, client.create_run(ensure_experiment(client, name, uri)).info.run_id
+
+
+def test_mlflow_writer_batches_over_the_limit(tracking_uri: str, experiment_name: str) -> None:
+    client, run_id = new_run(tracking_uri, experiment_name)
+    MlflowWriter(client, run_id).write_metrics(points(0, 2500))  # more than one log_batch allows
+    history = client.get_metric_history(run_id, "losses/x")
+    assert sorted(m.step for m in history) == list(range(2500))
+
+
+def test_writer_process_writes_and_survives_the_helper_dying(
+    tracking_uri: str, experiment_name: str
+) -> None:
+    client, run_id = new_run(tracking_uri, experiment_name)
+    writer = ProcessWriter(client, tracking_uri, run_id, spawn_after_s=0.0)
+    writer.write_metrics(points(0, 10))  # spawns the helper; written in-process meanwhile
+    deadline = time.monotonic() + 60
+    while writer._helper() is None:
+        assert time.monotonic() < deadline, "helper never became ready"
+        time.sleep(0.1)
+    writer.write_metrics(points(10, 10))  # through the helper
+    assert writer.proc is not None
+    writer.proc.kill()
+    writer.proc.wait()
+    writer.write_metrics(points(20, 10))  # the helper is dead: written in-process, not lost
+    writer.close()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "losses/x")) == list(range(30))
+
+
+def test_retries_with_backoff_then_gives_up() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return "ok"
+
+    assert with_retries(flaky, "x", first_wait_s=0.01) == "ok"
+    assert len(calls) == 3
+    with pytest.raises(ConnectionError):
+        with_retries(
+            lambda: (_ for _ in ()).throw(ConnectionError("down")),
+            "x",
+            attempts=2,
+            first_wait_s=0.01,
+        )
+
+
+def test_relative_sqlite_uri_is_made_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
