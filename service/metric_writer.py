@@ -8,8 +8,8 @@ acknowledgement with the GIL released, so errors still come back to the caller, 
 
 The helper imports MLflow (~2 s of CPU) at a lower priority, so it uses idle cores rather than
 the trials' own; it is spawned once a trial has run `spawn_after_s` (the shortest trials never
-start one), and until it is ready batches are written in-process. Should the helper die, its unacknowledged batch and everything after it
-are written in-process: nothing is dropped.
+start one), and until it is ready batches are written in-process. Should the helper die, its
+unacknowledged batch and everything after it are written in-process: nothing is dropped.
 
 Protocol on stdin/stdout: the helper writes b"R" once ready; then each request is a 4-byte
 big-endian length and a pickled list of MetricPoint tuples, each answered the same way with the

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from agents import policy_iteration, value_iteration
+from generative import rbm
 from service.context import RunContext
 
 
@@ -40,6 +41,13 @@ ALGORITHMS: dict[str, Algorithm] = {
             policy_iteration.Config,
             policy_iteration.train,
             tabular=True,
+        ),
+        Algorithm(
+            "rbm",
+            "generative",
+            "Restricted Boltzmann machine trained by CD-k or persistent CD.",
+            rbm.Config,
+            rbm.train,
         ),
     ]
 }

@@ -36,6 +36,8 @@ from pydantic import (
     field_validator,
 )
 
+from generative import data
+from generative.data import DatasetSpec, DigitsDataset
 from service.context import EnvSpec
 from service.registry import ALGORITHMS, Algorithm
 from service.settings import get_settings
@@ -106,11 +108,17 @@ class RLSpecBase(SpecBase):
     env: EnvSpec = Field(description="The gymnasium environment.")
 
 
+class GenerativeSpecBase(SpecBase):
+    dataset: DatasetSpec = Field(
+        default_factory=DigitsDataset, description="The data (default: scikit-learn digits)."
+    )
+
+
 @cache
 def spec_model(algorithm: str) -> type[SpecBase]:
     """The spec model of one algorithm: the shared envelope plus `params: <its Config>`."""
     algo = ALGORITHMS[algorithm]
-    base = RLSpecBase if algo.family == "rl" else SpecBase
+    base = RLSpecBase if algo.family == "rl" else GenerativeSpecBase
     model = create_model(
         f"{''.join(p.title() for p in algorithm.split('_'))}Spec",
         __base__=base,
@@ -318,6 +326,17 @@ def _problems(
                 if hint
                 else (f"; expected one of: {', '.join(known)}" if known else "")
             )
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            # Point at the discriminator field itself (dataset.name), not at the union.
+            tag_field = str(e.get("ctx", {}).get("discriminator", "")).strip("'")
+            loc = (*loc, tag_field) if tag_field else loc
+            expected = str(e.get("ctx", {}).get("expected_tags", ""))
+            found = e.get("ctx", {}).get("tag")
+            msg = (
+                f"unknown value {found!r}; one of: {expected}"
+                if found is not None
+                else "field required"
+            )
         elif e["type"] == "missing":
             msg = "field required"
         else:
@@ -353,10 +372,17 @@ def validate(source: Source) -> SpecBase:
 
 
 def check_world(spec: SpecBase, source: Source) -> None:
-    """Checks that look outside the document: env ids and their models."""
+    """Checks that look outside the document: env ids and their models, data files."""
     env = getattr(spec, "env", None)
     if env is not None:
         check_env(env, ALGORITHMS[spec.algorithm], source)
+    dataset = getattr(spec, "dataset", None)
+    if dataset is not None:
+        try:
+            data.check(dataset)
+        except data.DatasetError as e:
+            loc = ("dataset", e.field)
+            raise SpecError([Problem(source.where(loc), _dotted(loc), str(e))]) from None
 
 
 def check_env(env: EnvSpec, algo: Algorithm, source: Source) -> None:

@@ -27,7 +27,7 @@ FAST = ["--set", "params.eval_episodes=20"]
 
 def common(tracking_uri: str, experiment_name: str) -> list[str]:
     """The options every test run shares: its store, its own experiment, a small evaluation."""
-    return [*common(tracking_uri, experiment_name), *FAST]
+    return ["--tracking-uri", tracking_uri, "--set", f"name={experiment_name}", *FAST]
 
 
 def rlgen(*args: str) -> tuple[int, str, str]:

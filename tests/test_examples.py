@@ -18,6 +18,13 @@ EXAMPLES = sorted((ROOT / "experiments").glob("*.yaml"))
 TINY: dict[str, list[str]] = {
     "value_iteration": ["params.eval_episodes=3", "params.max_iterations=200"],
     "policy_iteration": ["params.eval_episodes=3", "params.max_iterations=20"],
+    "rbm": [
+        "params.epochs=1",
+        "params.ais.temperatures=100",
+        "params.ais.runs=5",
+        "params.sample_steps=5",
+        "dataset.limit=300",
+    ],
 }
 
 
@@ -51,5 +58,6 @@ def test_example_runs_with_a_tiny_budget(path: Path, tracking_uri: str, in_tmp: 
     report = launch(spec, mode="local", tracking_uri=tracking_uri, spec_path=path)
     assert report.ok, [t.error for t in report.trials]
     (trial,) = report.trials
-    assert "time/train_s" in trial.metrics and "eval/return_mean" in trial.metrics
+    assert "time/train_s" in trial.metrics
+    assert any(key.startswith("eval/") for key in trial.metrics)
     assert MlflowClient(tracking_uri).get_run(trial.run_id).info.status == "FINISHED"

@@ -190,6 +190,33 @@ def test_allowed_env_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         get_settings.cache_clear()
 
 
+RBM = """\
+name: t
+algorithm: rbm
+dataset:
+  name: idx
+  images: IMAGES
+params: {epochs: 1}
+"""
+
+
+def test_dataset_path_that_does_not_exist(tmp_path: Path) -> None:
+    message = problems(tmp_path, RBM.replace("IMAGES", str(tmp_path / "nope.gz")))
+    assert "spec.yaml:5: dataset.images: no such file" in message
+
+
+def test_dataset_file_that_is_not_idx(tmp_path: Path) -> None:
+    (tmp_path / "junk.gz").write_bytes(b"not idx at all")
+    message = problems(tmp_path, RBM.replace("IMAGES", str(tmp_path / "junk.gz")))
+    assert "spec.yaml:5: dataset.images:" in message and "bad header" in message
+
+
+def test_unknown_dataset_and_default(tmp_path: Path) -> None:
+    assert "dataset.name" in problems(tmp_path, "name: t\nalgorithm: rbm\ndataset: {name: cifar}\n")
+    spec = load_spec(write(tmp_path, "name: t\nalgorithm: rbm\n"))
+    assert spec.dataset.name == "digits"  # type: ignore[attr-defined]
+
+
 def test_json_schema_covers_every_algorithm() -> None:
     from service.registry import ALGORITHMS
 

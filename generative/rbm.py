@@ -1,0 +1,327 @@
+"""Restricted Boltzmann machine trained with contrastive divergence (Hinton 2002) or persistent CD
+(Tieleman 2008), following Hinton's "A Practical Guide to Training RBMs" (2010).
+
+Energy with visible v (D,), hidden h (H,), weights W (D, H), biases b (D,), c (H,):
+    Bernoulli visibles:  E(v, h) = -b.v - c.h - v.W.h
+    Gaussian visibles:   E(v, h) = |v - b|^2 / 2 - c.h - v.W.h          (unit variance)
+Free energy, summing the hidden units out:
+    F(v) = -b.v - sum_j softplus(c_j + v.W_j)     (Bernoulli; Gaussian: |v - b|^2 / 2 - ...)
+The log-likelihood gradient is <v h>_data - <v h>_model; CD-k estimates the model term with k
+Gibbs steps from the data, PCD with chains that persist across updates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from generative import data
+from generative.plots import image_grid
+from service.context import RunContext
+
+
+class AISConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Estimate held-out log-likelihood by AIS.")
+    temperatures: int = Field(
+        10_000, gt=1, description="Intermediate distributions (Salakhutdinov & Murray use 14,500)."
+    )
+    runs: int = Field(100, gt=1, description="Independent AIS chains.")
+    examples: int = Field(1000, gt=0, description="Held-out examples scored.")
+    every: int = Field(0, ge=0, description="Also every N epochs (0: at the end only).")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_hidden: int = Field(256, gt=0, description="Hidden units.")
+    visible: Literal["bernoulli", "gaussian"] = Field(
+        "bernoulli",
+        description="Visible units: Bernoulli (data in [0, 1]) or unit-variance "
+        "Gaussian (the data are standardised per pixel first).",
+    )
+    epochs: int = Field(10, gt=0, description="Passes over the training split.")
+    batch_size: int = Field(64, gt=0, description="Examples per update.")
+    learning_rate: float = Field(0.05, gt=0, description="Step size (Hinton's guide: 0.01-0.1).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate decay to zero over the run, or none."
+    )
+    k: int = Field(1, gt=0, description="Gibbs steps per update (CD-k / PCD-k).")
+    persistent: bool = Field(False, description="Persistent CD: chains carry over updates.")
+    momentum: float = Field(0.5, ge=0, lt=1, description="Momentum for the first epochs.")
+    final_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum after `momentum_epochs`.")
+    momentum_epochs: int = Field(5, ge=0, description="Epochs at the initial momentum.")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 penalty on W (Hinton: 1e-4).")
+    sparsity_target: float | None = Field(
+        None, gt=0, lt=1, description="Target mean hidden activation (None: no penalty)."
+    )
+    sparsity_cost: float = Field(0.1, ge=0, description="Weight of the sparsity penalty.")
+    init_std: float = Field(0.01, gt=0, description="Std of the initial weights.")
+    ais: AISConfig = Field(default_factory=AISConfig, description="Annealed importance sampling.")
+    probe: bool = Field(True, description="Score logistic regression on hidden activations.")
+    sample_chains: int = Field(16, ge=0, description="Gibbs chains drawn for the samples figure.")
+    sample_steps: int = Field(1000, gt=0, description="Gibbs steps per sample chain.")
+    figures: bool = Field(True, description="Log filters and samples figures.")
+
+
+class RBM(torch.nn.Module):
+    def __init__(
+        self,
+        n_visible: int,
+        n_hidden: int,
+        visible: str,
+        init_std: float,
+        generator: torch.Generator,
+    ):
+        super().__init__()
+        self.gaussian = visible == "gaussian"
+        self.W = torch.nn.Parameter(
+            torch.randn(n_visible, n_hidden, generator=generator) * init_std, requires_grad=False
+        )
+        self.b = torch.nn.Parameter(torch.zeros(n_visible), requires_grad=False)
+        self.c = torch.nn.Parameter(torch.zeros(n_hidden), requires_grad=False)
+
+    def p_h(self, v: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+        """p(h_j = 1 | v) = sigmoid(beta (c_j + v.W_j)): (B, D) -> (B, H)."""
+        return torch.sigmoid(beta * torch.addmm(self.c, v, self.W))
+
+    def mean_v(self, h: torch.Tensor) -> torch.Tensor:
+        """E[v | h]: sigmoid(b + W h) (Bernoulli) or b + W h (Gaussian): (B, H) -> (B, D)."""
+        a = torch.addmm(self.b, h, self.W.T)
+        return a if self.gaussian else torch.sigmoid(a)
+
+    def sample_v(self, h: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        mean = self.mean_v(h)
+        if self.gaussian:
+            return mean + torch.randn(mean.shape, generator=g, device=mean.device)
+        return bernoulli(mean, g)
+
+    def free_energy(self, v: torch.Tensor) -> torch.Tensor:
+        """F(v), (B, D) -> (B,)."""
+        hidden = F.softplus(torch.addmm(self.c, v, self.W)).sum(1)
+        if self.gaussian:
+            return 0.5 * ((v - self.b) ** 2).sum(1) - hidden
+        return -(v @ self.b) - hidden
+
+
+def bernoulli(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return (torch.rand(p.shape, generator=g, device=p.device) < p).to(p.dtype)
+
+
+def gibbs(model: RBM, v: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
+    for _ in range(steps):
+        v = model.sample_v(bernoulli(model.p_h(v), g), g)
+    return v
+
+
+def cd_gradients(
+    model: RBM, v0: torch.Tensor, ph0: torch.Tensor, vk: torch.Tensor, weight_decay: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Log-likelihood gradient estimate: <v h>_data - <v h>_model, the model term from samples vk.
+
+    Hidden units enter through their probabilities (Rao-Blackwellised), as in Hinton's guide.
+    v0: (B, D) data, ph0 = p(h | v0): (B, H), vk: (B', D) negative samples.
+    """
+    phk = model.p_h(vk)
+    return {
+        "W": v0.T @ ph0 / len(v0) - vk.T @ phk / len(vk) - weight_decay * model.W,
+        "b": v0.mean(0) - vk.mean(0),
+        "c": ph0.mean(0) - phk.mean(0),
+    }
+
+
+def pseudo_loglik(model: RBM, v: torch.Tensor, g: torch.Generator) -> float:
+    """Stochastic pseudo-log-likelihood per example, as scikit-learn's BernoulliRBM scores it:
+    D * log sigmoid(F(v~) - F(v)), with v~ the example with one random pixel flipped."""
+    idx = torch.randint(v.shape[1], (v.shape[0],), generator=g, device=v.device)
+    flipped = v.clone()
+    rows = torch.arange(v.shape[0], device=v.device)
+    flipped[rows, idx] = 1 - flipped[rows, idx]
+    return float(
+        (v.shape[1] * F.logsigmoid(model.free_energy(flipped) - model.free_energy(v))).mean()
+    )
+
+
+def ais_log_z(
+    model: RBM, base_b: torch.Tensor, temperatures: int, runs: int, g: torch.Generator
+) -> tuple[float, float]:
+    """log Z of a Bernoulli RBM by annealed importance sampling (Salakhutdinov & Murray 2008).
+
+    The base model has the data's visible biases `base_b` and no weights, so
+    log Z_A = sum_i softplus(base_b_i) + H log 2 and it is sampled exactly. Distribution k mixes
+    the two:
+        log p*_k(v) = (1 - beta_k) base_b.v + beta_k b.v + sum_j softplus(beta_k (c_j + v.W_j)).
+    Returns (log Z estimate, its standard error by the delta method).
+    """
+    betas = torch.linspace(0, 1, temperatures, dtype=torch.float64).tolist()
+    H = model.c.numel()
+
+    def log_p_star(v: torch.Tensor, beta: float) -> torch.Tensor:
+        return (
+            (1 - beta) * (v @ base_b)
+            + beta * (v @ model.b)
+            + F.softplus(beta * torch.addmm(model.c, v, model.W)).sum(1)
+        )
+
+    v = bernoulli(torch.sigmoid(base_b).expand(runs, -1).contiguous(), g)  # exact draws from p_A
+    log_w = torch.zeros(runs, dtype=torch.float64, device=v.device)
+    for prev, beta in itertools.pairwise(betas):
+        log_w += (log_p_star(v, beta) - log_p_star(v, prev)).double()
+        # One Gibbs transition that leaves p_k invariant.
+        h = bernoulli(model.p_h(v, beta), g)
+        v = bernoulli(
+            torch.sigmoid((1 - beta) * base_b + beta * torch.addmm(model.b, h, model.W.T)), g
+        )
+    log_z_a = float(F.softplus(base_b).sum()) + H * math.log(2)
+    log_mean_w = float(torch.logsumexp(log_w, 0)) - math.log(runs)
+    w = torch.exp(log_w - log_w.max())
+    stderr = float(w.std() / (math.sqrt(runs) * w.mean()))  # se of log(mean w)
+    return log_z_a + log_mean_w, stderr
+
+
+def exact_log_z(model: RBM) -> float:
+    """log Z by summing over every hidden configuration: for tests, H <= ~20 (Bernoulli)."""
+    H = model.c.numel()
+    h = ((torch.arange(2**H)[:, None] >> torch.arange(H)) & 1).to(model.W.dtype)  # (2^H, H)
+    log_terms = h @ model.c + F.softplus(torch.addmm(model.b, h, model.W.T)).sum(1)
+    return float(torch.logsumexp(log_terms.double(), 0))
+
+
+def probe_accuracy(model: RBM, ds: data.Dataset) -> float | None:
+    """Logistic regression on p(h | v): fitted on the train split, scored on held-out."""
+    if ds.y_train is None or ds.y_test is None:
+        return None
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    with torch.no_grad():
+        f_train, f_test = (model.p_h(x).cpu().numpy() for x in (ds.x_train, ds.x_test))
+    # Standardised features: the probe measures what the features encode, not their scale.
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=1.0))
+    clf.fit(f_train, ds.y_train.numpy())
+    return float(clf.score(f_test, ds.y_test.numpy()))
+
+
+def learning_rate(config: Config, progress: float) -> float:
+    """The step size after a fraction `progress` in [0, 1) of all updates."""
+    if config.lr_schedule == "linear":
+        return config.learning_rate * (1 - progress)
+    if config.lr_schedule == "cosine":
+        return config.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.learning_rate
+
+
+def train(config: Config, ctx: RunContext) -> None:
+    ds = data.load(ctx.dataset or data.DigitsDataset(), ctx.seed)
+    dev, g = ctx.device, ctx.torch_rng
+    x_train, x_test = ds.x_train.to(dev), ds.x_test.to(dev)
+    if config.visible == "gaussian":  # unit-variance visibles: standardise with train statistics
+        mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-3)
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    n, D = x_train.shape
+    model = RBM(D, config.n_hidden, config.visible, config.init_std, g).to(dev)
+    # Visible biases log(p / (1 - p)) from the pixel marginals (Hinton's guide, section 8).
+    p = x_train.mean(0).clamp(1e-3, 1 - 1e-3)
+    base_b = torch.log(p / (1 - p)) if config.visible == "bernoulli" else torch.zeros(D, device=dev)
+    model.b.copy_(base_b if config.visible == "bernoulli" else x_train.mean(0))
+    velocity = {name: torch.zeros_like(t) for name, t in model.named_parameters()}
+    chains = bernoulli(torch.full((config.batch_size, config.n_hidden), 0.5, device=dev), g)
+    chains = model.sample_v(chains, g)  # persistent fantasy particles (PCD)
+    q = torch.full((config.n_hidden,), config.sparsity_target or 0.0, device=dev)
+    start_epoch = 0
+    if (state := ctx.checkpoints.latest()) is not None:  # resume where the last run stopped
+        model.load_state_dict(state["model"])
+        velocity, chains, q = state["velocity"], state["chains"].to(dev), state["q"].to(dev)
+        start_epoch = int(state["epoch"])
+
+    batches_per_epoch = math.ceil(n / config.batch_size)
+    total_updates = config.epochs * batches_per_epoch
+    subset = x_train[: len(x_test)]  # for the free-energy gap
+    for epoch in range(start_epoch, config.epochs):
+        t0, samples = ctx.timer.elapsed(), 0
+        momentum = config.momentum if epoch < config.momentum_epochs else config.final_momentum
+        order = torch.randperm(n, generator=g, device=dev)
+        recon = 0.0
+        for i in range(batches_per_epoch):
+            update = epoch * batches_per_epoch + i
+            lr = learning_rate(config, update / total_updates)
+            v0 = x_train[order[i * config.batch_size : (i + 1) * config.batch_size]]  # (B, D)
+            ph0 = model.p_h(v0)  # (B, H): positive phase
+            h0 = bernoulli(ph0, g)
+            recon += float(((v0 - model.mean_v(h0)) ** 2).mean())
+            # Negative phase: k Gibbs steps from the data (CD) or from the persistent chains (PCD).
+            vk = gibbs(model, chains if config.persistent else v0, config.k, g)
+            if config.persistent:
+                chains = vk
+            grads = cd_gradients(model, v0, ph0, vk, config.weight_decay)
+            if config.sparsity_target is not None:
+                # Running mean activation q; the penalty pulls hidden biases towards the target.
+                q = 0.9 * q + 0.1 * ph0.mean(0)
+                grads["c"] -= config.sparsity_cost * (q - config.sparsity_target)
+            for name, param in model.named_parameters():
+                velocity[name].mul_(momentum).add_(grads[name], alpha=lr)
+                param.add_(velocity[name])
+            samples += len(v0)
+        if not torch.isfinite(model.W).all():
+            raise FloatingPointError(f"RBM weights diverged in epoch {epoch}; lower learning_rate")
+        seconds = ctx.timer.elapsed() - t0
+        metrics = {
+            "train/recon_error": recon / batches_per_epoch,
+            "time/samples_per_s": samples / max(seconds, 1e-9),
+        }
+        with ctx.timer.paused(), torch.no_grad():
+            metrics["eval/free_energy_gap"] = float(
+                model.free_energy(subset).mean() - model.free_energy(x_test).mean()
+            )
+            if config.visible == "bernoulli":
+                metrics["eval/pseudo_loglik"] = pseudo_loglik(model, x_test, g)
+            last = epoch == config.epochs - 1
+            if (
+                config.ais.enabled
+                and config.visible == "bernoulli"
+                and (last or (config.ais.every and (epoch + 1) % config.ais.every == 0))
+            ):
+                log_z, stderr = ais_log_z(
+                    model, base_b, config.ais.temperatures, config.ais.runs, g
+                )
+                scored = x_test[: config.ais.examples]
+                metrics["eval/ais_loglik"] = float(-model.free_energy(scored).mean()) - log_z
+                metrics["eval/ais_loglik_std"] = stderr
+            if last and config.probe and (acc := probe_accuracy(model, ds)) is not None:
+                metrics["eval/probe_accuracy"] = acc
+            if config.figures and config.sample_chains and config.visible == "bernoulli":
+                start = bernoulli(torch.full((config.sample_chains, D), 0.5, device=dev), g)
+                fantasies = model.mean_v(model.p_h(gibbs(model, start, config.sample_steps, g)))
+                ctx.log_figure(
+                    image_grid(fantasies, ds.image_shape, f"Gibbs samples, epoch {epoch + 1}"),
+                    "samples",
+                    step=epoch + 1,
+                )
+        ctx.log_metrics(metrics, step=epoch + 1)
+        ctx.checkpoints.save(
+            {
+                "model": model.state_dict(),
+                "velocity": velocity,
+                "chains": chains,
+                "q": q,
+                "epoch": epoch + 1,
+            },
+            step=epoch + 1,
+        )
+        if ctx.should_stop():
+            return
+    if config.figures:
+        filters = model.W.T[: min(100, config.n_hidden)]  # (<=100, D): one image per hidden unit
+        ctx.log_figure(
+            image_grid(filters, ds.image_shape, "Filters (W columns)", normalise=True), "filters"
+        )
+
+
+__all__ = ["RBM", "Config", "ais_log_z", "exact_log_z", "train"]
