@@ -145,6 +145,12 @@ def check(spec: DatasetSpec) -> None:
             ) from None
 
 
+def has_labels(spec: DatasetSpec) -> bool:
+    return not isinstance(spec, BarsAndStripesDataset) and not (
+        isinstance(spec, IdxDataset) and spec.labels is None
+    )
+
+
 def _check_idx(field: str, path: Path, magic: int) -> tuple[int, ...]:
     if not path.is_file():
         raise DatasetError(field, f"no such file: {path}")

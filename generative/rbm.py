@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from generative import data
 from generative.plots import image_grid
+from generative.probe import probe_accuracy
 from service.context import RunContext
 
 
@@ -193,22 +195,6 @@ def exact_log_z(model: RBM) -> float:
     return float(torch.logsumexp(log_terms.double(), 0))
 
 
-def probe_accuracy(model: RBM, ds: data.Dataset) -> float | None:
-    """Logistic regression on p(h | v): fitted on the train split, scored on held-out."""
-    if ds.y_train is None or ds.y_test is None:
-        return None
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    with torch.no_grad():
-        f_train, f_test = (model.p_h(x).cpu().numpy() for x in (ds.x_train, ds.x_test))
-    # Standardised features: the probe measures what the features encode, not their scale.
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=1.0))
-    clf.fit(f_train, ds.y_train.numpy())
-    return float(clf.score(f_test, ds.y_test.numpy()))
-
-
 def learning_rate(config: Config, progress: float) -> float:
     """The step size after a fraction `progress` in [0, 1) of all updates."""
     if config.lr_schedule == "linear":
@@ -220,11 +206,33 @@ def learning_rate(config: Config, progress: float) -> float:
 
 def train(config: Config, ctx: RunContext) -> None:
     ds = data.load(ctx.dataset or data.DigitsDataset(), ctx.seed)
+    model, _ = fit(config, ds, ctx)
+    if config.figures:
+        with ctx.timer.paused():
+            filters = model.W.T[: min(100, config.n_hidden)]  # (<=100, D): an image per unit
+            ctx.log_figure(
+                image_grid(filters, ds.image_shape, "Filters (W columns)", normalise=True),
+                "filters",
+            )
+
+
+def fit(
+    config: Config, ds: data.Dataset, ctx: RunContext, prefix: str = "", checkpoints: bool = True
+) -> tuple[RBM, Callable[[torch.Tensor], torch.Tensor]]:
+    """Train an RBM on `ds.x_train`, logging `{prefix}train/...` and `{prefix}eval/...` per epoch.
+
+    Returns the model and the input transform it was trained on (identity, or the per-pixel
+    standardisation of Gaussian visibles), so callers can compute features of new data.
+    """
     dev, g = ctx.device, ctx.torch_rng
     x_train, x_test = ds.x_train.to(dev), ds.x_test.to(dev)
-    if config.visible == "gaussian":  # unit-variance visibles: standardise with train statistics
-        mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-3)
-        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-3)
+
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        # Gaussian visibles have unit variance: standardise with the train statistics.
+        return (x.to(dev) - mean) / std if config.visible == "gaussian" else x.to(dev)
+
+    x_train, x_test = standardise(x_train), standardise(x_test)
     n, D = x_train.shape
     model = RBM(D, config.n_hidden, config.visible, config.init_std, g).to(dev)
     # Visible biases log(p / (1 - p)) from the pixel marginals (Hinton's guide, section 8).
@@ -236,7 +244,7 @@ def train(config: Config, ctx: RunContext) -> None:
     chains = model.sample_v(chains, g)  # persistent fantasy particles (PCD)
     q = torch.full((config.n_hidden,), config.sparsity_target or 0.0, device=dev)
     start_epoch = 0
-    if (state := ctx.checkpoints.latest()) is not None:  # resume where the last run stopped
+    if checkpoints and (state := ctx.checkpoints.latest()) is not None:  # resume a restarted run
         model.load_state_dict(state["model"])
         velocity, chains, q = state["velocity"], state["chains"].to(dev), state["q"].to(dev)
         start_epoch = int(state["epoch"])
@@ -250,12 +258,10 @@ def train(config: Config, ctx: RunContext) -> None:
         order = torch.randperm(n, generator=g, device=dev)
         recon = 0.0
         for i in range(batches_per_epoch):
-            update = epoch * batches_per_epoch + i
-            lr = learning_rate(config, update / total_updates)
+            lr = learning_rate(config, (epoch * batches_per_epoch + i) / total_updates)
             v0 = x_train[order[i * config.batch_size : (i + 1) * config.batch_size]]  # (B, D)
             ph0 = model.p_h(v0)  # (B, H): positive phase
-            h0 = bernoulli(ph0, g)
-            recon += float(((v0 - model.mean_v(h0)) ** 2).mean())
+            recon += float(((v0 - model.mean_v(bernoulli(ph0, g))) ** 2).mean())
             # Negative phase: k Gibbs steps from the data (CD) or from the persistent chains (PCD).
             vk = gibbs(model, chains if config.persistent else v0, config.k, g)
             if config.persistent:
@@ -277,51 +283,63 @@ def train(config: Config, ctx: RunContext) -> None:
             "time/samples_per_s": samples / max(seconds, 1e-9),
         }
         with ctx.timer.paused(), torch.no_grad():
-            metrics["eval/free_energy_gap"] = float(
-                model.free_energy(subset).mean() - model.free_energy(x_test).mean()
-            )
-            if config.visible == "bernoulli":
-                metrics["eval/pseudo_loglik"] = pseudo_loglik(model, x_test, g)
-            last = epoch == config.epochs - 1
-            if (
-                config.ais.enabled
-                and config.visible == "bernoulli"
-                and (last or (config.ais.every and (epoch + 1) % config.ais.every == 0))
-            ):
-                log_z, stderr = ais_log_z(
-                    model, base_b, config.ais.temperatures, config.ais.runs, g
-                )
-                scored = x_test[: config.ais.examples]
-                metrics["eval/ais_loglik"] = float(-model.free_energy(scored).mean()) - log_z
-                metrics["eval/ais_loglik_std"] = stderr
-            if last and config.probe and (acc := probe_accuracy(model, ds)) is not None:
-                metrics["eval/probe_accuracy"] = acc
-            if config.figures and config.sample_chains and config.visible == "bernoulli":
-                start = bernoulli(torch.full((config.sample_chains, D), 0.5, device=dev), g)
-                fantasies = model.mean_v(model.p_h(gibbs(model, start, config.sample_steps, g)))
-                ctx.log_figure(
-                    image_grid(fantasies, ds.image_shape, f"Gibbs samples, epoch {epoch + 1}"),
-                    "samples",
-                    step=epoch + 1,
-                )
-        ctx.log_metrics(metrics, step=epoch + 1)
-        ctx.checkpoints.save(
-            {
+            metrics |= evaluate(config, model, ds, x_test, subset, base_b, epoch, standardise, ctx)
+        ctx.log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=epoch + 1)
+        if checkpoints:
+            state = {
                 "model": model.state_dict(),
                 "velocity": velocity,
                 "chains": chains,
                 "q": q,
                 "epoch": epoch + 1,
-            },
-            step=epoch + 1,
-        )
+            }
+            ctx.checkpoints.save(state, step=epoch + 1)
         if ctx.should_stop():
-            return
-    if config.figures:
-        filters = model.W.T[: min(100, config.n_hidden)]  # (<=100, D): one image per hidden unit
-        ctx.log_figure(
-            image_grid(filters, ds.image_shape, "Filters (W columns)", normalise=True), "filters"
+            break
+    return model, standardise
+
+
+def evaluate(
+    config: Config,
+    model: RBM,
+    ds: data.Dataset,
+    x_test: torch.Tensor,
+    subset: torch.Tensor,
+    base_b: torch.Tensor,
+    epoch: int,
+    standardise: Callable[[torch.Tensor], torch.Tensor],
+    ctx: RunContext,
+) -> dict[str, float]:
+    """Per-epoch held-out metrics, figures on the last epoch of each `ais.every` cycle."""
+    g = ctx.torch_rng
+    metrics = {
+        # Train subset minus held-out: it drifts negative as the model overfits.
+        "eval/free_energy_gap": float(
+            model.free_energy(subset).mean() - model.free_energy(x_test).mean()
         )
+    }
+    bernoulli_v = config.visible == "bernoulli"
+    if bernoulli_v:
+        metrics["eval/pseudo_loglik"] = pseudo_loglik(model, x_test, g)
+    last = epoch == config.epochs - 1
+    every = config.ais.every and (epoch + 1) % config.ais.every == 0
+    if config.ais.enabled and bernoulli_v and (last or every):
+        log_z, stderr = ais_log_z(model, base_b, config.ais.temperatures, config.ais.runs, g)
+        scored = x_test[: config.ais.examples]
+        metrics["eval/ais_loglik"] = float(-model.free_energy(scored).mean()) - log_z
+        metrics["eval/ais_loglik_std"] = stderr
+    if last and config.probe:
+        acc = probe_accuracy(lambda x: model.p_h(standardise(x)), ds)
+        if acc is not None:
+            metrics["eval/probe_accuracy"] = acc
+    if config.figures and config.sample_chains and bernoulli_v:
+        start = bernoulli(
+            torch.full((config.sample_chains, x_test.shape[1]), 0.5, device=x_test.device), g
+        )
+        fantasies = model.mean_v(model.p_h(gibbs(model, start, config.sample_steps, g)))
+        title = f"Gibbs samples, epoch {epoch + 1}"
+        ctx.log_figure(image_grid(fantasies, ds.image_shape, title), "samples", step=epoch + 1)
+    return metrics
 
 
-__all__ = ["RBM", "Config", "ais_log_z", "exact_log_z", "train"]
+__all__ = ["RBM", "Config", "ais_log_z", "exact_log_z", "fit", "train"]

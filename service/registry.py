@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from agents import policy_iteration, value_iteration
-from generative import rbm
+from generative import autoencoder, dbn, rbm
 from service.context import RunContext
 
 
@@ -21,6 +21,7 @@ class Algorithm:
     config: type[BaseModel]
     train: Callable[[Any, RunContext], None]
     tabular: bool = False  # needs an env with a transition model (unwrapped.P)
+    needs_labels: bool = False  # needs a labelled data set
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -48,6 +49,21 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Restricted Boltzmann machine trained by CD-k or persistent CD.",
             rbm.Config,
             rbm.train,
+        ),
+        Algorithm(
+            "dbn",
+            "generative",
+            "Deep belief net: greedy RBM pretraining, then supervised fine-tuning.",
+            dbn.Config,
+            dbn.train,
+            needs_labels=True,
+        ),
+        Algorithm(
+            "autoencoder",
+            "generative",
+            "Deep autoencoder: plain, sparse, denoising or contractive.",
+            autoencoder.Config,
+            autoencoder.train,
         ),
     ]
 }

@@ -380,6 +380,8 @@ def check_world(spec: SpecBase, source: Source) -> None:
     if dataset is not None:
         try:
             data.check(dataset)
+            if ALGORITHMS[spec.algorithm].needs_labels and not data.has_labels(dataset):
+                raise data.DatasetError("name", f"{spec.algorithm} needs a labelled data set")
         except data.DatasetError as e:
             loc = ("dataset", e.field)
             raise SpecError([Problem(source.where(loc), _dotted(loc), str(e))]) from None

@@ -1,0 +1,91 @@
+"""RBM on MNIST: rlgen against scikit-learn's BernoulliRBM, same units, batch and epochs, CD-1.
+
+    pip install -e ".[bench]"
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/rbm.py
+
+Reports training throughput (samples per second, evaluation excluded), held-out pseudo-likelihood
+(scikit-learn's stochastic estimator for both) and probe accuracy (the same standardised logistic
+regression on each model's hidden probabilities; raw pixels for reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import mnist
+import numpy as np
+import torch
+
+from generative import rbm
+from generative.probe import probe_accuracy
+from service.context import RunContext
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mnist.add_argument(parser)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    ds = mnist.load(args.data)
+
+    # rlgen: the algorithm as the service runs it, in-process.
+    config = rbm.Config(
+        n_hidden=args.hidden,
+        batch_size=args.batch,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        k=1,
+        figures=False,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        ctx = RunContext.in_memory(workdir=d, seed=args.seed)
+        ctx.timer.start()
+        rbm.fit(config, ds, ctx, checkpoints=False)
+        ctx.close()
+    rl = {k: v[-1][1] for k, v in ctx.writer.metrics.items()}
+    rl_sps = float(np.mean([v for _, v in ctx.writer.metrics["time/samples_per_s"]]))
+
+    # scikit-learn: same units, batch, epochs and learning rate (no momentum or weight decay there).
+    from sklearn.neural_network import BernoulliRBM
+
+    sk = BernoulliRBM(
+        n_components=args.hidden,
+        batch_size=args.batch,
+        n_iter=args.epochs,
+        learning_rate=args.lr,
+        random_state=args.seed,
+    )
+    x_train = ds.x_train.numpy().astype(np.float64)
+    t = time.perf_counter()
+    sk.fit(x_train)
+    sk_seconds = time.perf_counter() - t
+    sk_sps = len(x_train) * args.epochs / sk_seconds
+    sk_pl = float(sk.score_samples(ds.x_test.numpy().astype(np.float64)).mean())
+    sk_probe = probe_accuracy(
+        lambda x: torch.from_numpy(sk.transform(x.numpy().astype(np.float64))), ds
+    )
+    raw_probe = probe_accuracy(lambda x: x, ds)
+
+    print(
+        f"MNIST 8,000 train / 2,000 held out; {args.hidden} hidden, batch {args.batch}, "
+        f"{args.epochs} epochs, CD-1, lr {args.lr}; torch threads {torch.get_num_threads()}; "
+        f"BLAS: {mnist.blas()}\n"
+    )
+    print("| model | samples / s | vs scikit-learn | held-out pseudo-loglik | probe accuracy |")
+    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| rlgen `rbm` | {rl_sps:,.0f} | {rl_sps / sk_sps:.1f}x | {rl['eval/pseudo_loglik']:.1f} | "
+        f"{rl['eval/probe_accuracy']:.3f} |"
+    )
+    print(f"| scikit-learn BernoulliRBM | {sk_sps:,.0f} | 1.0x | {sk_pl:.1f} | {sk_probe:.3f} |")
+    print(f"| raw pixels | | | | {raw_probe:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

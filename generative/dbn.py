@@ -1,0 +1,184 @@
+"""Deep belief network (Hinton, Osindero & Teh 2006): greedy layer-wise RBM pretraining, then
+supervised fine-tuning of the unrolled network by backpropagation (Hinton & Salakhutdinov 2006).
+
+Layer i is an RBM trained by contrastive divergence on p(h | v) of the layer below; its weights
+W_i (D_i, D_{i+1}) and hidden biases c_i then initialise a sigmoid layer
+h_{i+1} = sigmoid(h_i W_i + c_i) of a feed-forward net, topped by a softmax classifier and
+fine-tuned with cross-entropy. `pretrain: false` trains the same net from a random start, so the
+benefit of pretraining is one sweep away.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from generative import data, rbm
+from service.context import RunContext
+
+
+class PretrainConfig(BaseModel):
+    """Contrastive-divergence settings of one layer's RBM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, gt=0, description="Passes over the data for this layer.")
+    learning_rate: float = Field(0.05, gt=0, description="CD step size.")
+    batch_size: int = Field(64, gt=0, description="Examples per CD update.")
+    k: int = Field(1, gt=0, description="Gibbs steps per update.")
+    persistent: bool = Field(False, description="Persistent CD.")
+    weight_decay: float = Field(2e-4, ge=0, description="L2 penalty on W (Hinton 2006: 2e-4).")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] = Field(
+        default_factory=lambda: [500, 500, 2000],
+        min_length=1,
+        description="Hidden layer widths (Hinton 2006: 500-500-2000 for MNIST).",
+    )
+    pretrain: bool = Field(True, description="Greedy RBM pretraining (false: random start).")
+    pretraining: PretrainConfig | list[PretrainConfig] = Field(
+        default_factory=PretrainConfig,
+        description="One config for every layer, or a list with one per layer.",
+    )
+    finetune_epochs: int = Field(30, gt=0, description="Epochs of supervised fine-tuning.")
+    finetune_lr: float = Field(0.1, gt=0, description="SGD step size for fine-tuning.")
+    finetune_momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    finetune_batch_size: int = Field(64, gt=0, description="Examples per fine-tuning step.")
+    finetune_weight_decay: float = Field(0.0, ge=0, description="L2 penalty while fine-tuning.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="Fine-tuning learning-rate schedule."
+    )
+
+    @model_validator(mode="after")
+    def _per_layer(self) -> Config:
+        if isinstance(self.pretraining, list) and len(self.pretraining) != len(self.layers):
+            raise ValueError(
+                f"pretraining lists {len(self.pretraining)} configs for {len(self.layers)} layers"
+            )
+        return self
+
+    def layer_config(self, i: int) -> PretrainConfig:
+        return self.pretraining[i] if isinstance(self.pretraining, list) else self.pretraining
+
+
+def build_network(sizes: list[int], n_classes: int, g: torch.Generator) -> torch.nn.Sequential:
+    """Sigmoid layers sizes[0] -> ... -> sizes[-1], then a linear softmax head."""
+    layers: list[torch.nn.Module] = []
+    for d_in, d_out in itertools.pairwise(sizes):
+        linear = torch.nn.Linear(d_in, d_out)
+        torch.nn.init.xavier_uniform_(linear.weight, gain=4.0, generator=g)  # 4: sigmoid's slope
+        torch.nn.init.zeros_(linear.bias)
+        layers += [linear, torch.nn.Sigmoid()]
+    head = torch.nn.Linear(sizes[-1], n_classes)
+    torch.nn.init.normal_(head.weight, std=0.01, generator=g)
+    torch.nn.init.zeros_(head.bias)
+    return torch.nn.Sequential(*layers, head)
+
+
+def pretrain(config: Config, ds: data.Dataset, net: torch.nn.Sequential, ctx: RunContext) -> None:
+    """Train one RBM per layer on the codes of the layer below; copy it into `net`."""
+    x = ds
+    linears = [m for m in net if isinstance(m, torch.nn.Linear)][:-1]
+    for i, (width, linear) in enumerate(zip(config.layers, linears, strict=True)):
+        layer = config.layer_config(i)
+        rbm_config = rbm.Config(
+            n_hidden=width,
+            epochs=layer.epochs,
+            learning_rate=layer.learning_rate,
+            batch_size=layer.batch_size,
+            k=layer.k,
+            persistent=layer.persistent,
+            weight_decay=layer.weight_decay,
+            probe=False,
+            figures=False,
+        )
+        model, _ = rbm.fit(rbm_config, x, ctx, prefix=f"pretrain/layer{i}/", checkpoints=False)
+        with torch.no_grad():
+            linear.weight.copy_(model.W.T)  # (D_out, D_in)
+            linear.bias.copy_(model.c)
+            # The next RBM sees this layer's mean-field activations p(h | v).
+            x = data.Dataset(
+                model.p_h(x.x_train.to(ctx.device)),
+                model.p_h(x.x_test.to(ctx.device)),
+                x.y_train,
+                x.y_test,
+                x.image_shape,
+            )
+        if ctx.should_stop():
+            return
+
+
+def train(config: Config, ctx: RunContext) -> None:
+    fit(config, data.load(ctx.dataset or data.DigitsDataset(), ctx.seed), ctx)
+
+
+def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> torch.nn.Sequential:
+    """Pretrain (optionally) and fine-tune on `ds`; returns the fine-tuned network."""
+    if ds.y_train is None or ds.y_test is None:
+        raise ValueError("dbn fine-tuning needs a labelled data set")
+    dev, g = ctx.device, ctx.torch_rng
+    n_classes = int(max(ds.y_train.max(), ds.y_test.max())) + 1
+    net = build_network(
+        [ds.dim, *config.layers], n_classes, torch.Generator().manual_seed(ctx.seed)
+    )
+    net = net.to(dev)
+    if config.pretrain:
+        pretrain(config, ds, net, ctx)
+
+    x_train, y_train = ds.x_train.to(dev), ds.y_train.to(dev)
+    x_test, y_test = ds.x_test.to(dev), ds.y_test.to(dev)
+    opt = torch.optim.SGD(
+        net.parameters(),
+        lr=config.finetune_lr,
+        momentum=config.finetune_momentum,
+        weight_decay=config.finetune_weight_decay,
+    )
+    n = len(x_train)
+    steps = config.finetune_epochs * math.ceil(n / config.finetune_batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda t: (
+            1.0 if config.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * t / steps))
+        ),
+    )
+    for epoch in range(config.finetune_epochs):
+        net.train()
+        order = torch.randperm(n, generator=g, device=dev)
+        total_loss, correct = 0.0, 0
+        for i in range(0, n, config.finetune_batch_size):
+            idx = order[i : i + config.finetune_batch_size]
+            logits = net(x_train[idx])  # (B, classes)
+            loss = F.cross_entropy(logits, y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y_train[idx]).sum())
+        if not math.isfinite(total_loss):
+            raise FloatingPointError(f"fine-tuning loss diverged in epoch {epoch}")
+        with ctx.timer.paused(), torch.no_grad():
+            net.eval()
+            logits = net(x_test)
+            metrics = {
+                "finetune/loss": total_loss / n,
+                "finetune/train_accuracy": correct / n,
+                "eval/loss": float(F.cross_entropy(logits, y_test)),
+                "eval/accuracy": float((logits.argmax(1) == y_test).float().mean()),
+            }
+        ctx.log_metrics(metrics, step=epoch + 1)
+        if ctx.should_stop():
+            break
+    ctx.checkpoints.save(
+        {"network": net.state_dict(), "layers": torch.tensor(config.layers)},
+        step=config.finetune_epochs,
+    )
+    return net
