@@ -18,6 +18,8 @@ EXAMPLES = sorted((ROOT / "experiments").glob("*.yaml"))
 TINY: dict[str, list[str]] = {
     "value_iteration": ["params.eval_episodes=3", "params.max_iterations=200"],
     "policy_iteration": ["params.eval_episodes=3", "params.max_iterations=20"],
+    "dbn": ["params.pretraining.epochs=1", "params.finetune_epochs=1", "dataset.limit=300"],
+    "autoencoder": ["params.pretrain_epochs=1", "params.epochs=1", "dataset.limit=300"],
     "rbm": [
         "params.epochs=1",
         "params.ais.temperatures=100",
