@@ -40,6 +40,9 @@ class NullWriter:
     def write_artifact(self, local_path: Path, artifact_dir: str) -> None:
         pass
 
+    def write_image(self, local_path: Path, key: str, step: int) -> None:
+        pass
+
 
 def timed(workload: Callable[[RunContext], None], writer: Any, workdir: Path) -> float:
     ctx = RunContext(seed=0, writer=writer, workdir=workdir, env=GRID)

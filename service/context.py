@@ -67,6 +67,10 @@ class Writer(Protocol):
 
     def write_artifact(self, local_path: Path, artifact_dir: str) -> None: ...
 
+    def write_image(self, local_path: Path, key: str, step: int) -> None:
+        """One image of a series `key` at `step` (the MLflow UI pages through steps)."""
+        ...
+
 
 @dataclass
 class InMemoryWriter:
@@ -83,6 +87,9 @@ class InMemoryWriter:
 
     def write_artifact(self, local_path: Path, artifact_dir: str) -> None:
         self.artifacts.append((local_path, artifact_dir))
+
+    def write_image(self, local_path: Path, key: str, step: int) -> None:
+        self.artifacts.append((local_path, f"images/{key}"))
 
 
 class MetricLogger:
@@ -306,9 +313,10 @@ class RunContext:
         self.metrics.log(metrics, step)
 
     def log_figure(self, fig: Figure, name: str, step: int | None = None) -> Path:
-        """Save a matplotlib figure as a PNG artifact under `figures/` (off the training clock).
+        """Save a matplotlib figure as a PNG (off the training clock).
 
-        With a step the file name carries it, so per-epoch figures page in order in the UI.
+        Without a step it is the artifact `figures/{name}.png`; with one it joins the image
+        series `name`, which the MLflow UI pages through by step (per-epoch samples).
         """
         with self.timer.paused():
             out_dir = self.workdir / "figures"
@@ -316,7 +324,10 @@ class RunContext:
             stem = name if step is None else f"{name}_step{step:08d}"
             path = out_dir / f"{stem}.png"
             fig.savefig(path, dpi=100, bbox_inches="tight")
-            self.writer.write_artifact(path, "figures")
+            if step is None:
+                self.writer.write_artifact(path, "figures")
+            else:
+                self.writer.write_image(path, name, step)
         return path
 
     def log_artifact(self, path: Path, artifact_dir: str = "") -> None:

@@ -114,6 +114,9 @@ class ProcessWriter:
     def write_artifact(self, local_path: Path, artifact_dir: str) -> None:
         self.inline.write_artifact(local_path, artifact_dir)  # rare, large: file copies anyway
 
+    def write_image(self, local_path: Path, key: str, step: int) -> None:
+        self.inline.write_image(local_path, key, step)
+
     def close(self) -> None:
         if self.proc is None:
             return

@@ -97,6 +97,19 @@ class MlflowWriter:
             f"upload of {local_path.name}",
         )
 
+    def write_image(self, local_path: Path, key: str, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(local_path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        with_retries(
+            lambda: self.client.log_image(
+                self.run_id, pixels, key=key, step=step, synchronous=True
+            ),
+            f"image {key} step {step}",
+        )
+
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     """Id of the experiment `name`, created (or restored) as needed.

@@ -74,3 +74,40 @@ def test_relative_sqlite_uri_is_made_absolute(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
     assert resolve_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_stepped_figures_become_an_mlflow_image_series(
+    tracking_uri: str, experiment_name: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from matplotlib.figure import Figure
+
+    from service.context import RunContext
+
+    client, run_id = new_run(tracking_uri, experiment_name)
+    ctx = RunContext(seed=0, writer=MlflowWriter(client, run_id), workdir=tmp_path)
+    for step in (1, 2):
+        fig = Figure(figsize=(1, 1))
+        fig.add_subplot().plot([0, step])
+        ctx.log_figure(fig, "samples", step=step)
+    fig = Figure(figsize=(1, 1))
+    ctx.log_figure(fig, "filters")
+    ctx.close()
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert len(images) >= 2 and all("samples" in p for p in images)
+    assert [a.path for a in client.list_artifacts(run_id, "figures")] == ["figures/filters.png"]
+
+
+def test_ui_command_opens_mlflow_ui_on_the_store(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from service import cli
+
+    calls = []
+    monkeypatch.setattr(cli.os, "execvp", lambda prog, args: calls.append(args))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(cli.app, ["ui", "--port", "5055"])
+    assert result.exit_code == 0
+    (args,) = calls
+    assert args[:3] == ["mlflow", "ui", "--backend-store-uri"]
+    assert args[3] == f"sqlite:///{tmp_path}/mlflow.db" and args[-1] == "5055"
