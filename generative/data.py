@@ -8,8 +8,9 @@
   columns, are all on or all off; uniform over its 2^(n+1) - 2 distinct patterns, small enough for
   exact likelihoods.
 
-Every set is returned as float32 rows in [0, 1] (N, H*W), split into train and held-out parts by a
-seeded permutation. Paths are checked (existence and IDX headers) before any trial starts.
+Every set is returned as float32 rows (N, H*W), in [0, 1] or standardised (`scale`), split into
+train and held-out parts by a seeded permutation. Paths are checked (existence and IDX headers)
+before any trial starts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class _DatasetBase(BaseModel):
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Cut-off for binarize=threshold.")
     limit: int | None = Field(
         None, gt=0, description="Use only the first `limit` examples (quick experiments)."
+    )
+    scale: Literal["unit", "standardize"] = Field(
+        "unit",
+        description="Pixels in [0, 1], or standardised per pixel with the train split's "
+        "mean and std (for Gaussian models; Bernoulli models need `unit`).",
     )
 
 
@@ -211,6 +217,10 @@ def load(spec: DatasetSpec, seed: int) -> Dataset:
     order = rng.permutation(n)
     n_test = max(1, round(spec.holdout * n))
     test, train = order[:n_test], order[n_test:]
+
+    if spec.scale == "standardize":  # statistics of the train split only: no leak from held-out
+        mean, std = x[train].mean(0), x[train].std(0)
+        x = (x - mean) / np.maximum(std, 1e-3)
 
     def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)

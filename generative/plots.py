@@ -12,9 +12,14 @@ if TYPE_CHECKING:
 
 
 def image_grid(
-    images: torch.Tensor, shape: tuple[int, int], title: str, normalise: bool = False
+    images: torch.Tensor,
+    shape: tuple[int, int],
+    title: str,
+    normalise: bool = False,
+    cols: int | None = None,
 ) -> Figure:
-    """Rows of `images` (N, H*W) drawn as an N-image grid; `normalise` scales each to [0, 1]."""
+    """Rows of `images` (N, H*W) drawn as a grid (`cols` wide, default square-ish);
+    `normalise` scales each image to [0, 1]."""
     from matplotlib.figure import Figure
 
     x = images.detach().float().cpu().reshape(-1, *shape)
@@ -23,7 +28,7 @@ def image_grid(
         hi = x.amax(dim=(1, 2), keepdim=True)
         x = (x - lo) / (hi - lo).clamp_min(1e-8)
     n = x.shape[0]
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     h, w = shape
     canvas = torch.ones(rows * (h + 1) + 1, cols * (w + 1) + 1)  # 1-pixel white gutters

@@ -96,12 +96,13 @@ class RBM(torch.nn.Module):
 
     def p_h(self, v: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """p(h_j = 1 | v) = sigmoid(beta (c_j + v.W_j)): (B, D) -> (B, H)."""
-        return torch.sigmoid(beta * torch.addmm(self.c, v, self.W))
+        a = torch.addmm(self.c, v, self.W)
+        return (a if beta == 1.0 else a.mul_(beta)).sigmoid_()  # in place: no temporaries
 
     def mean_v(self, h: torch.Tensor) -> torch.Tensor:
         """E[v | h]: sigmoid(b + W h) (Bernoulli) or b + W h (Gaussian): (B, H) -> (B, D)."""
         a = torch.addmm(self.b, h, self.W.T)
-        return a if self.gaussian else torch.sigmoid(a)
+        return a if self.gaussian else a.sigmoid_()
 
     def sample_v(self, h: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return self.sample_from_mean(self.mean_v(h), g)
@@ -121,7 +122,8 @@ class RBM(torch.nn.Module):
 
 
 def bernoulli(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return (torch.rand(p.shape, generator=g, device=p.device) < p).to(p.dtype)
+    """Binary samples with probabilities p; u < p computed in place in u's buffer (one pass)."""
+    return torch.rand(p.shape, generator=g, device=p.device, dtype=p.dtype).lt_(p)
 
 
 def gibbs(model: RBM, v: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:

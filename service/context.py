@@ -18,11 +18,13 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from service.points import MetricPoint
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -51,13 +53,6 @@ class EnvSpec(BaseModel):
         import agents  # noqa: F401  (registers rlgen/* environments)
 
         return gym.make(self.id, **{**self.kwargs, **overrides})
-
-
-class MetricPoint(NamedTuple):
-    key: str
-    value: float
-    step: int
-    timestamp_ms: int
 
 
 class Writer(Protocol):

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from service.context import MetricPoint
+from service.points import MetricPoint
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from agents import policy_iteration, value_iteration
-from generative import autoencoder, dbn, rbm
+from generative import autoencoder, dbn, rbm, vae
 from service.context import RunContext
 
 
@@ -64,6 +64,13 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Deep autoencoder: plain, sparse, denoising or contractive.",
             autoencoder.Config,
             autoencoder.train,
+        ),
+        Algorithm(
+            "vae",
+            "generative",
+            "Variational autoencoder (MLP or conv), with the IWAE likelihood bound.",
+            vae.Config,
+            vae.train,
         ),
     ]
 }

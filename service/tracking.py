@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from service.context import MetricPoint
+from service.points import MetricPoint
 from service.settings import DEFAULT_TRACKING_URI
 
 if TYPE_CHECKING:

@@ -83,3 +83,10 @@ def test_split_is_seeded_and_binarisation() -> None:
     assert set(t.x_train.unique().tolist()) <= {0.0, 1.0}
     s = data.load(data.DigitsDataset(binarize="stochastic", limit=100), seed=0)
     assert set(s.x_train.unique().tolist()) <= {0.0, 1.0} and len(s.x_train) + len(s.x_test) == 100
+
+
+def test_standardize_uses_train_statistics_only() -> None:
+    ds = data.load(data.DigitsDataset(scale="standardize"), seed=0)
+    mean = ds.x_train.mean(0)
+    assert float(mean.abs().max()) < 1e-4  # zero mean on train...
+    assert float(ds.x_test.mean(0).abs().max()) > 1e-3  # ...not forced on held-out

@@ -20,6 +20,7 @@ TINY: dict[str, list[str]] = {
     "policy_iteration": ["params.eval_episodes=3", "params.max_iterations=20"],
     "dbn": ["params.pretraining.epochs=1", "params.finetune_epochs=1", "dataset.limit=300"],
     "autoencoder": ["params.pretrain_epochs=1", "params.epochs=1", "dataset.limit=300"],
+    "vae": ["params.epochs=1", "params.iwae_k=2", "params.iwae_examples=20", "dataset.limit=300"],
     "rbm": [
         "params.epochs=1",
         "params.ais.temperatures=100",

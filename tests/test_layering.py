@@ -42,3 +42,10 @@ def test_registry_is_a_closed_table_of_importable_entries() -> None:
         assert algo.config.model_config.get("extra") == "forbid"
         for field, info in algo.config.model_fields.items():
             assert info.description, f"{name}.{field} has no description"
+
+
+def test_metric_writer_helper_starts_without_torch() -> None:
+    # The helper process starts for every trial longer than 0.5 s: torch would add ~0.8 s to it.
+    code = "import sys, service.metric_writer; sys.exit('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, "service.metric_writer imports torch"

@@ -7,8 +7,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.context import MetricPoint
 from service.metric_writer import ProcessWriter
+from service.points import MetricPoint
 from service.tracking import MlflowWriter, ensure_experiment, resolve_tracking_uri, with_retries
 
 
