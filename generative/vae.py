@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from generative import data
+from generative import data, fid
+from generative.fid import FIDConfig
 from generative.plots import image_grid
 from service.context import RunContext
 
@@ -53,6 +54,7 @@ class Config(BaseModel):
     iwae_k: int = Field(50, gt=0, description="Importance samples for eval/nll_iwae.")
     iwae_examples: int = Field(1000, gt=0, description="Held-out examples scored by IWAE.")
     iwae_every: int = Field(0, ge=0, description="Also every N epochs (0: at the end only).")
+    fid: FIDConfig = Field(default_factory=FIDConfig, description="Sample quality.")
     figures: bool = Field(True, description="Per-epoch samples and reconstructions.")
 
 
@@ -179,11 +181,17 @@ def nll_iwae(model: VAE, x: torch.Tensor, k: int, g: torch.Generator, chunk: int
 
 
 def train(config: Config, ctx: RunContext) -> None:
-    fit(config, data.load(ctx.dataset or data.DigitsDataset(), ctx.seed), ctx)
+    spec = ctx.dataset or data.DigitsDataset()
+    fit(config, data.load(spec, ctx.seed), ctx, spec)
 
 
-def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> VAE:
+def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel | None = None) -> VAE:
+    """Train on `ds`; with the data set's `spec` (its cache key) samples are also scored by FID."""
     dev, g = ctx.device, ctx.torch_rng
+    score = None
+    if spec is not None:
+        with ctx.timer.paused():
+            score = fid.setup(config.fid, ds, spec, ctx)
     x_train, x_test = ds.x_train.to(dev), ds.x_test.to(dev)
     model = VAE(config, ds.image_shape, torch.Generator().manual_seed(ctx.seed)).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -191,7 +199,7 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> VAE:
     fixed_z = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(ctx.seed))
     for epoch in range(config.epochs):
         model.train()
-        total = 0.0
+        total, t0 = 0.0, ctx.timer.elapsed()
         for i, idx in enumerate(
             torch.randperm(len(x_train), generator=g, device=dev).split(config.batch_size)
         ):
@@ -207,11 +215,13 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> VAE:
             total += float(loss.detach()) * len(idx)
         if not math.isfinite(total):
             raise FloatingPointError(f"VAE loss diverged in epoch {epoch}")
+        epoch_s = ctx.timer.elapsed() - t0
         last = epoch == config.epochs - 1
         with ctx.timer.paused(), torch.no_grad():
             model.eval()
             recon, kl = elbo_terms(model, x_test, g)
             metrics = {
+                "time/epoch_s": epoch_s,
                 "train/loss": total / len(x_train),
                 "eval/neg_elbo": float((recon + kl).mean()),
                 "eval/recon": float(recon.mean()),
@@ -221,6 +231,14 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> VAE:
                 metrics["eval/nll_iwae"] = nll_iwae(
                     model, x_test[: config.iwae_examples], config.iwae_k, g
                 )
+            if score is not None and config.fid.due(epoch, config.epochs):
+                samples = model.mean_image(
+                    model.decode(
+                        torch.randn(config.fid.samples, config.latent_dim, generator=g, device=dev)
+                    )
+                )
+                metrics["eval/fid"] = score.fid(samples)
+                metrics["eval/classifier_score"] = score.classifier_score(samples)
             if config.figures:
                 log_figures(model, x_test, fixed_z.to(dev), ds.image_shape, epoch + 1, ctx)
         ctx.log_metrics(metrics, step=epoch + 1)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from agents import policy_iteration, value_iteration
-from generative import autoencoder, dbn, rbm, vae
+from generative import autoencoder, dbn, gan, rbm, vae
 from service.context import RunContext
 
 
@@ -71,6 +71,14 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Variational autoencoder (MLP or conv), with the IWAE likelihood bound.",
             vae.Config,
             vae.train,
+        ),
+        Algorithm(
+            "gan",
+            "generative",
+            "GAN, MLP or DCGAN, non-saturating or WGAN-GP; classifier-feature FID.",
+            gan.Config,
+            gan.train,
+            needs_labels=True,  # the FID feature classifier is trained on the labels
         ),
     ]
 }

@@ -96,3 +96,23 @@ def test_two_dimensional_latent_draws_the_manifold(tmp_path: Path) -> None:
 def test_conv_needs_divisible_image_sizes() -> None:
     with pytest.raises(ValueError, match="divisible by 8"):
         vae.VAE(vae.Config(architecture="conv", channels=[8, 8, 8]), (28, 28), torch.Generator())
+
+
+def test_vae_samples_get_the_same_fid_as_gans(tmp_path: Path) -> None:
+    from generative import fid
+
+    spec = data.DigitsDataset()
+    config = vae.Config(
+        epochs=3,
+        hidden=[64],
+        latent_dim=4,
+        figures=False,
+        iwae_k=2,
+        fid=fid.FIDConfig(every=1, samples=200, cache=str(tmp_path / "cache")),
+    )
+    ctx = RunContext.in_memory(workdir=tmp_path, seed=0)
+    ctx.timer.start()
+    vae.fit(config, data.load(spec, 0), ctx, spec)
+    ctx.close()
+    fids = [v for _, v in ctx.writer.metrics["eval/fid"]]
+    assert len(fids) == 3 and all(f > ctx.writer.metrics["eval/fid_floor"][0][1] for f in fids)

@@ -1,0 +1,220 @@
+"""Generative adversarial networks (Goodfellow et al. 2014): MLP or DCGAN (Radford et al. 2016)
+networks, the non-saturating loss or WGAN-GP (Gulrajani et al. 2017).
+
+Each step has two phases:
+  (1) discriminator: real images against a detached fake batch, so no gradient reaches G;
+      non-saturating: -log D(x) - log(1 - D(G(z)));  WGAN-GP: D(G(z)) - D(x) + lambda * GP;
+  (2) generator: non-saturating -log D(G(z)) (strong gradients early, section 3 of the paper);
+      WGAN-GP: -D(G(z)), once every `n_critic` critic steps.
+Fixed noise gives sample grids comparable across epochs. NaN or exploding losses end the trial
+with a FloatingPointError (the service marks it FAILED with that reason).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from generative import data, fid
+from generative.fid import FIDConfig
+from generative.plots import image_grid
+from service.context import RunContext
+
+EXPLODED = 1e6  # |loss| beyond this is divergence, not training
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: Literal["mlp", "dcgan"] = Field("mlp", description="Generator/discriminator.")
+    latent_dim: int = Field(64, gt=0, description="Dimensions of the noise z ~ N(0, I).")
+    hidden: list[int] = Field(
+        default_factory=lambda: [256, 256], min_length=1, description="mlp: hidden widths."
+    )
+    channels: int = Field(64, gt=0, description="dcgan: channels of the widest conv layer.")
+    loss: Literal["non_saturating", "wgan_gp"] = Field(
+        "non_saturating", description="GAN objective."
+    )
+    gp_weight: float = Field(10.0, ge=0, description="wgan_gp: gradient-penalty lambda.")
+    n_critic: int = Field(5, gt=0, description="wgan_gp: critic steps per generator step.")
+    epochs: int = Field(50, gt=0, description="Passes over the training split.")
+    batch_size: int = Field(64, gt=0, description="Images per step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Adam step size (DCGAN: 2e-4).")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (DCGAN: 0.5).")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    fid: FIDConfig = Field(default_factory=FIDConfig, description="Sample quality.")
+    figures: bool = Field(True, description="Per-epoch sample grids from fixed noise.")
+
+
+def _init(module: torch.nn.Module, g: torch.Generator) -> None:
+    """N(0, 0.02) weights, BatchNorm scale N(1, 0.02), zero biases (DCGAN, section 4)."""
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            torch.nn.init.normal_(m.weight, 0.0, 0.02, generator=g)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.normal_(m.weight, 1.0, 0.02, generator=g)
+            torch.nn.init.zeros_(m.bias)
+
+
+def build(
+    config: Config, shape: tuple[int, int], g: torch.Generator
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Generator z (B, Z) -> images (B, H*W) in [0, 1]; discriminator images -> logits (B,)."""
+    h, w = shape
+    D, Z = h * w, config.latent_dim
+    if config.architecture == "mlp":
+        gen_layers: list[torch.nn.Module] = []
+        widths = [Z, *config.hidden]
+        for a, b in itertools.pairwise(widths):
+            gen_layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        gen = torch.nn.Sequential(*gen_layers, torch.nn.Linear(widths[-1], D), torch.nn.Sigmoid())
+        disc_layers: list[torch.nn.Module] = []
+        widths = [D, *reversed(config.hidden)]
+        for a, b in itertools.pairwise(widths):
+            disc_layers += [torch.nn.Linear(a, b), torch.nn.LeakyReLU(0.2)]
+        disc = torch.nn.Sequential(*disc_layers, torch.nn.Linear(widths[-1], 1))
+    else:
+        if h % 4 or w % 4:
+            raise ValueError(f"dcgan: image {h}x{w} must be divisible by 4; use mlp")
+        c = config.channels
+        # The critic of WGAN-GP penalises per-example gradients: no BatchNorm there (section 4).
+        norm = torch.nn.Identity() if config.loss == "wgan_gp" else torch.nn.BatchNorm2d(c)
+        gen = torch.nn.Sequential(
+            torch.nn.Linear(Z, c * (h // 4) * (w // 4)),
+            torch.nn.ReLU(),
+            torch.nn.Unflatten(1, (c, h // 4, w // 4)),  # (B, c, h/4, w/4)
+            torch.nn.ConvTranspose2d(c, c // 2, 4, 2, 1),
+            torch.nn.BatchNorm2d(c // 2),
+            torch.nn.ReLU(),  # (B, c/2, h/2, w/2)
+            torch.nn.ConvTranspose2d(c // 2, 1, 4, 2, 1),
+            torch.nn.Sigmoid(),  # (B, 1, h, w)
+            torch.nn.Flatten(),
+        )
+        disc = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (1, h, w)),
+            torch.nn.Conv2d(1, c // 2, 4, 2, 1),
+            torch.nn.LeakyReLU(0.2),  # (B, c/2, h/2, w/2)
+            torch.nn.Conv2d(c // 2, c, 4, 2, 1),
+            norm,
+            torch.nn.LeakyReLU(0.2),  # (B, c, h/4, w/4)
+            torch.nn.Flatten(),
+            torch.nn.Linear(c * (h // 4) * (w // 4), 1),
+        )
+    _init(gen, g)
+    _init(disc, g)
+    return gen, disc
+
+
+def gradient_penalty(
+    disc: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor, g: torch.Generator
+) -> torch.Tensor:
+    """E[(||grad_x D(x_hat)||_2 - 1)^2] at random interpolates x_hat of real and fake."""
+    eps = torch.rand(len(real), 1, generator=g, device=real.device)
+    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(disc(x_hat).sum(), x_hat, create_graph=True)
+    return ((grad.norm(2, dim=1) - 1) ** 2).mean()
+
+
+def train(config: Config, ctx: RunContext) -> None:
+    spec = ctx.dataset or data.DigitsDataset()
+    ds = data.load(spec, ctx.seed)
+    dev, g = ctx.device, ctx.torch_rng
+    with ctx.timer.paused():  # the FID classifier is evaluation machinery, not GAN training
+        score = fid.setup(config.fid, ds, spec, ctx)
+    gen, disc = build(config, ds.image_shape, torch.Generator().manual_seed(ctx.seed))
+    gen, disc = gen.to(dev), disc.to(dev)
+    betas = (config.beta1, config.beta2)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=config.learning_rate, betas=betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=config.learning_rate, betas=betas)
+    x_train = ds.x_train.to(dev)
+    fixed_z = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(ctx.seed))
+    wgan = config.loss == "wgan_gp"
+    step = 0
+    for epoch in range(config.epochs):
+        sums = {"losses/d": 0.0, "losses/g": 0.0, "charts/d_real": 0.0, "charts/d_fake": 0.0}
+        batches = g_steps = 0
+        for idx in torch.randperm(len(x_train), generator=g, device=dev).split(config.batch_size):
+            real = x_train[idx]
+            z = torch.randn(len(real), config.latent_dim, generator=g, device=dev)
+            # (1) Discriminator / critic: the fake batch is detached, G gets no gradient here.
+            fake = gen(z).detach()
+            d_real, d_fake = disc(real).squeeze(1), disc(fake).squeeze(1)
+            if wgan:
+                d_loss = d_fake.mean() - d_real.mean()
+                d_loss = d_loss + config.gp_weight * gradient_penalty(disc, real, fake, g)
+            else:
+                d_loss = F.binary_cross_entropy_with_logits(
+                    d_real, torch.ones_like(d_real)
+                ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+            opt_d.zero_grad()
+            d_loss.backward()
+            opt_d.step()
+            step += 1
+            # (2) Generator, on a fresh batch of noise.
+            if not wgan or step % config.n_critic == 0:
+                z = torch.randn(len(real), config.latent_dim, generator=g, device=dev)
+                out = disc(gen(z)).squeeze(1)
+                g_loss = (
+                    -out.mean()
+                    if wgan
+                    else F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+                )  # non-saturating: maximise log D(G(z))
+                opt_g.zero_grad()
+                g_loss.backward()
+                opt_g.step()
+                sums["losses/g"] += float(g_loss.detach())
+                g_steps += 1
+            batches += 1
+            sums["losses/d"] += float(d_loss.detach())
+            # D's outputs: probabilities for the non-saturating loss, raw critic values for WGAN.
+            to_chart = (lambda t: t.mean()) if wgan else (lambda t: torch.sigmoid(t).mean())
+            sums["charts/d_real"] += float(to_chart(d_real.detach()))
+            sums["charts/d_fake"] += float(to_chart(d_fake.detach()))
+        metrics = {
+            k: v / (g_steps if k == "losses/g" else batches)
+            for k, v in sums.items()
+            if k != "losses/g" or g_steps
+        }
+        bad = [
+            k
+            for k in ("losses/d", "losses/g")
+            if k in metrics and (not math.isfinite(metrics[k]) or abs(metrics[k]) > EXPLODED)
+        ]
+        if bad:
+            raise FloatingPointError(
+                f"GAN diverged in epoch {epoch + 1}: {bad[0]} = "
+                f"{metrics[bad[0]]:.3g}; lower learning_rate or try wgan_gp"
+            )
+        with ctx.timer.paused(), torch.no_grad():
+            gen.eval()
+            if score is not None and config.fid.due(epoch, config.epochs):
+                samples = generate(gen, config.fid.samples, config.latent_dim, g, dev)
+                metrics["eval/fid"] = score.fid(samples)
+                metrics["eval/classifier_score"] = score.classifier_score(samples)
+            if config.figures:
+                grid = image_grid(
+                    gen(fixed_z.to(dev)), ds.image_shape, f"Samples, epoch {epoch + 1}"
+                )
+                ctx.log_figure(grid, "samples", step=epoch + 1)
+            gen.train()
+        ctx.log_metrics(metrics, step=epoch + 1)
+        if ctx.should_stop():
+            break
+    ctx.checkpoints.save(
+        {"generator": gen.state_dict(), "discriminator": disc.state_dict(), "epoch": epoch + 1},
+        step=epoch + 1,
+    )
+
+
+def generate(
+    gen: torch.nn.Module, n: int, latent_dim: int, g: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    z = torch.randn(n, latent_dim, generator=g, device=device)
+    return torch.cat([gen(chunk) for chunk in z.split(500)])

@@ -1,0 +1,115 @@
+"""FID maths, the feature classifier, the GAN's losses and a short learning run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from generative import data, fid, gan
+from service.context import RunContext
+
+
+def test_fid_of_a_set_with_itself_is_zero() -> None:
+    f = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    mu, cov = fid.feature_stats(f)
+    assert abs(fid.frechet_distance(mu, cov, mu, cov)) < 1e-6
+
+
+def test_fid_between_gaussians_matches_the_closed_form() -> None:
+    g = torch.Generator().manual_seed(0)
+    mu1, mu2 = (
+        torch.randn(6, generator=g, dtype=torch.float64),
+        torch.randn(6, generator=g, dtype=torch.float64),
+    )
+    s1 = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    s2 = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    # Diagonal covariances: FID = |mu1 - mu2|^2 + sum (sigma1 - sigma2)^2
+    expected = float((mu1 - mu2).pow(2).sum() + (s1.sqrt() - s2.sqrt()).pow(2).sum())
+    assert fid.frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2)) == pytest.approx(
+        expected, rel=1e-9
+    )
+    # A full covariance: compare with scipy's matrix square root.
+    from scipy import linalg
+
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    c1, c2 = (
+        a @ a.T + torch.eye(6, dtype=torch.float64),
+        b @ b.T + torch.eye(6, dtype=torch.float64),
+    )
+    covmean = linalg.sqrtm(c1.numpy() @ c2.numpy()).real
+    ref = float((mu1 - mu2).pow(2).sum()) + float(c1.trace() + c2.trace()) - 2 * covmean.trace()
+    assert fid.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(ref, rel=1e-7)
+
+
+def test_classifier_is_sane_cached_and_floor_is_small(tmp_path: Path) -> None:
+    ds = data.load(data.DigitsDataset(), 0)
+    score = fid.scorer(ds, 0, tmp_path, "digits", epochs=5)
+    assert score.accuracy > 0.9
+    assert score.path.exists()
+    again = fid.scorer(ds, 0, tmp_path, "digits", epochs=5)  # loaded from the cache
+    assert again.accuracy == score.accuracy and again.floor == pytest.approx(score.floor)
+    assert score.floor < 10
+    noise = torch.rand(500, 64, generator=torch.Generator().manual_seed(0))
+    assert score.fid(noise) > 10 * score.floor  # uniform noise is far from digits
+    assert score.fid(ds.x_test) < 1e-6
+    assert score.classifier_score(ds.x_test) > 5  # confident and diverse: near 10 classes
+    assert score.classifier_score(ds.x_test[ds.y_test == 3]) < 2  # one class only
+
+
+def test_gradient_penalty_is_zero_for_a_unit_slope_critic() -> None:
+    w = torch.randn(10, 1, generator=torch.Generator().manual_seed(0))
+    critic = torch.nn.Linear(10, 1, bias=False)
+    critic.weight.data = (w / w.norm()).T  # ||grad_x D|| = 1 everywhere
+    real, fake = torch.rand(8, 10), torch.rand(8, 10)
+    assert float(gan.gradient_penalty(critic, real, fake, torch.Generator())) < 1e-10
+    critic.weight.data *= 3  # slope 3: penalty (3 - 1)^2 = 4
+    assert float(gan.gradient_penalty(critic, real, fake, torch.Generator())) == pytest.approx(4.0)
+
+
+def run_gan(tmp_path: Path, **overrides: object) -> RunContext:
+    fid_config = fid.FIDConfig(every=12, samples=500, cache=str(tmp_path / "cache"))
+    config = gan.Config(**{"epochs": 25, "fid": fid_config, **overrides})  # type: ignore[arg-type]
+    ctx = RunContext.in_memory(workdir=tmp_path / "run", dataset=data.DigitsDataset(), seed=0)
+    ctx.timer.start()
+    gan.train(config, ctx)
+    ctx.close()
+    return ctx
+
+
+def test_dcgan_learns_digits(tmp_path: Path) -> None:
+    ctx = run_gan(tmp_path, architecture="dcgan")
+    m = ctx.writer.metrics
+    fids = [v for _, v in m["eval/fid"]]
+    assert fids[-1] < 0.5 * fids[0]
+    assert m["eval/fid_floor"][0][1] < fids[-1]
+    assert {
+        "losses/d",
+        "losses/g",
+        "charts/d_real",
+        "charts/d_fake",
+        "eval/classifier_score",
+    } <= set(m)
+    assert any(d == "images/samples" for _, d in ctx.writer.artifacts)
+    assert any(d == "fid_classifier" for _, d in ctx.writer.artifacts)
+
+
+def test_wgan_gp_runs_with_a_critic_without_batchnorm(tmp_path: Path) -> None:
+    _, disc = gan.build(gan.Config(architecture="dcgan", loss="wgan_gp"), (8, 8), torch.Generator())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules())
+    ctx = run_gan(tmp_path, architecture="mlp", loss="wgan_gp", epochs=2)
+    assert all(math.isfinite(v) for _, v in ctx.writer.metrics["losses/d"])
+
+
+def test_divergence_ends_the_trial_with_a_clear_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_bce = gan.F.binary_cross_entropy_with_logits
+    monkeypatch.setattr(
+        gan.F, "binary_cross_entropy_with_logits", lambda *a, **k: real_bce(*a, **k) * float("nan")
+    )
+    with pytest.raises(FloatingPointError, match="GAN diverged in epoch 1: losses/d = nan"):
+        run_gan(tmp_path, epochs=3)
