@@ -58,7 +58,7 @@ def _init(module: torch.nn.Module, g: torch.Generator) -> None:
             torch.nn.init.normal_(m.weight, 0.0, 0.02, generator=g)
             if m.bias is not None:
                 torch.nn.init.zeros_(m.bias)
-        elif isinstance(m, torch.nn.BatchNorm2d):
+        elif isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             torch.nn.init.normal_(m.weight, 1.0, 0.02, generator=g)
             torch.nn.init.zeros_(m.bias)
 
@@ -73,7 +73,8 @@ def build(
         gen_layers: list[torch.nn.Module] = []
         widths = [Z, *config.hidden]
         for a, b in itertools.pairwise(widths):
-            gen_layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+            # BatchNorm and LeakyReLU in G: without them the MLP GAN collapses to one mode here.
+            gen_layers += [torch.nn.Linear(a, b), torch.nn.BatchNorm1d(b), torch.nn.LeakyReLU(0.2)]
         gen = torch.nn.Sequential(*gen_layers, torch.nn.Linear(widths[-1], D), torch.nn.Sigmoid())
         disc_layers: list[torch.nn.Module] = []
         widths = [D, *reversed(config.hidden)]
@@ -124,7 +125,11 @@ def gradient_penalty(
 
 def train(config: Config, ctx: RunContext) -> None:
     spec = ctx.dataset or data.DigitsDataset()
-    ds = data.load(spec, ctx.seed)
+    fit(config, data.load(spec, ctx.seed), ctx, spec)
+
+
+def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> torch.nn.Module:
+    """Train on `ds` (`spec` identifies the data set for the FID classifier's cache)."""
     dev, g = ctx.device, ctx.torch_rng
     with ctx.timer.paused():  # the FID classifier is evaluation machinery, not GAN training
         score = fid.setup(config.fid, ds, spec, ctx)
@@ -138,6 +143,7 @@ def train(config: Config, ctx: RunContext) -> None:
     wgan = config.loss == "wgan_gp"
     step = 0
     for epoch in range(config.epochs):
+        t0 = ctx.timer.elapsed()
         sums = {"losses/d": 0.0, "losses/g": 0.0, "charts/d_real": 0.0, "charts/d_fake": 0.0}
         batches = g_steps = 0
         for idx in torch.randperm(len(x_train), generator=g, device=dev).split(config.batch_size):
@@ -182,6 +188,7 @@ def train(config: Config, ctx: RunContext) -> None:
             for k, v in sums.items()
             if k != "losses/g" or g_steps
         }
+        metrics["time/epoch_s"] = ctx.timer.elapsed() - t0
         bad = [
             k
             for k in ("losses/d", "losses/g")
@@ -211,6 +218,7 @@ def train(config: Config, ctx: RunContext) -> None:
         {"generator": gen.state_dict(), "discriminator": disc.state_dict(), "epoch": epoch + 1},
         step=epoch + 1,
     )
+    return gen
 
 
 def generate(

@@ -80,12 +80,14 @@ def run_gan(tmp_path: Path, **overrides: object) -> RunContext:
     return ctx
 
 
-def test_dcgan_learns_digits(tmp_path: Path) -> None:
-    ctx = run_gan(tmp_path, architecture="dcgan")
+@pytest.mark.parametrize("architecture", ["mlp", "dcgan"])
+def test_gan_learns_digits(tmp_path: Path, architecture: str) -> None:
+    ctx = run_gan(tmp_path, architecture=architecture)
     m = ctx.writer.metrics
     fids = [v for _, v in m["eval/fid"]]
     assert fids[-1] < 0.5 * fids[0]
     assert m["eval/fid_floor"][0][1] < fids[-1]
+    assert m["eval/classifier_score"][-1][1] > 3  # several digit classes, not one collapsed mode
     assert {
         "losses/d",
         "losses/g",
