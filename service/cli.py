@@ -37,6 +37,16 @@ STYLE = {
     "FAILED": "red",
     "KILLED": "yellow",
 }
+# The headline result of a trial, the first of these it logged, shown in the progress table.
+HEADLINE = (
+    "eval/return_mean",
+    "eval/accuracy",
+    "eval/fid",
+    "eval/neg_elbo",
+    "eval/ais_loglik",
+    "eval/probe_accuracy",
+    "eval/recon_loss",
+)
 
 TrackingOpt = Annotated[
     str | None,
@@ -94,7 +104,8 @@ class ProgressTable:
     def __init__(self, seeds: list[int], title: str):
         self.title = title
         self.rows: dict[int, dict[str, Any]] = {
-            s: {"status": "PENDING", "run_id": "", "t0": None, "t1": None} for s in seeds
+            s: {"status": "PENDING", "run_id": "", "t0": None, "t1": None, "result": ""}
+            for s in seeds
         }
         self.live = Live(
             self.render(),
@@ -104,8 +115,13 @@ class ProgressTable:
             transient=False,
         )
 
-    def update(self, seed: int, status: str, run_id: str | None) -> None:
+    def update(
+        self, seed: int, status: str, run_id: str | None, metrics: dict[str, float] | None = None
+    ) -> None:
         row = self.rows[seed]
+        key = next((k for k in HEADLINE if k in (metrics or {})), None)
+        if key is not None and metrics is not None:
+            row["result"] = f"{key} = {metrics[key]:.4g}"
         now = time.monotonic()
         if status == "RUNNING" and row["t0"] is None:
             row["t0"] = now
@@ -117,7 +133,7 @@ class ProgressTable:
 
     def render(self) -> Table:
         table = Table(title=self.title, title_justify="left")
-        for col in ("seed", "status", "MLflow run", "time"):
+        for col in ("seed", "status", "MLflow run", "time", "result"):
             table.add_column(col)
         for seed, row in self.rows.items():
             elapsed = (
@@ -128,6 +144,7 @@ class ProgressTable:
                 f"[{STYLE.get(row['status'], '')}]{row['status']}",
                 row["run_id"],
                 elapsed,
+                row["result"],
             )
         return table
 
@@ -180,7 +197,7 @@ def run(
                 progress=table.update,
             )
             for trial in report.trials:
-                table.update(trial.seed, trial.status, trial.run_id)
+                table.update(trial.seed, trial.status, trial.run_id, trial.metrics)
     except SpecError as e:
         raise _invalid(str(e)) from None
     except KeyboardInterrupt:
@@ -270,7 +287,10 @@ def ui(
 
     uri = resolve_tracking_uri(tracking_uri)
     args = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    err.print(f"MLflow UI on http://{host}:{port} ({uri})")
+    # MLflow 3's UI starts in its GenAI mode; this link opens the runs tables.
+    err.print(
+        f"MLflow UI on http://{host}:{port}/#/experiments?workflowType=machine_learning ({uri})"
+    )
     os.execvp(args[0], args)
 
 

@@ -32,6 +32,8 @@ TAG_SEED = "rlgen.seed"
 TAG_ERROR = "rlgen.error"
 TAG_PARENT = "mlflow.parentRunId"
 ACTIVE = ("RUNNING", "SCHEDULED")
+# MLflow 3's UI opens an experiment on its GenAI overview unless told it holds training runs.
+TAG_KIND, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -122,13 +124,19 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if TAG_KIND not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, TAG_KIND, KIND_TRAINING)
         return str(exp.experiment_id)
     location = None
     if tracking_uri.startswith("sqlite:///"):
         root = Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts"
         location = root.as_uri()
     try:
-        return str(client.create_experiment(name, artifact_location=location))
+        return str(
+            client.create_experiment(
+                name, artifact_location=location, tags={TAG_KIND: KIND_TRAINING}
+            )
+        )
     except MlflowException:  # created concurrently by another launch
         exp = client.get_experiment_by_name(name)
         if exp is None:

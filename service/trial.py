@@ -77,8 +77,14 @@ def trial_spec(request: TrialRequest) -> SpecBase:
 
 
 def run_name(spec: SpecBase, seed: int) -> str:
-    env = getattr(spec, "env", None)
-    subject = env.id.split("/")[-1] if env is not None else getattr(spec, "dataset", spec.name)
+    """`algorithm-subject-sSEED`: value_iteration-FrozenLake-v1-s0, gan-digits-s0."""
+    env, dataset = getattr(spec, "env", None), getattr(spec, "dataset", None)
+    if env is not None:
+        subject = env.id.split("/")[-1]
+    elif dataset is not None:
+        subject = dataset.name
+    else:
+        subject = spec.name
     return f"{spec.algorithm}-{subject}-s{seed}"
 
 

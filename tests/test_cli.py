@@ -144,6 +144,7 @@ def test_failing_trial_is_failed_with_reason_and_others_go_on(
     assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
     assert client.get_run(result["parent_run_id"]).info.status == "FAILED"
     assert "boom on seed 1" in err
+    assert "eval/return_mean" in err  # the progress table's result column
 
 
 def test_failure_inside_a_ray_worker(

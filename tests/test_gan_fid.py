@@ -67,7 +67,9 @@ def test_gradient_penalty_is_zero_for_a_unit_slope_critic() -> None:
     real, fake = torch.rand(8, 10), torch.rand(8, 10)
     assert float(gan.gradient_penalty(critic, real, fake, torch.Generator()).detach()) < 1e-10
     critic.weight.data *= 3  # slope 3: penalty (3 - 1)^2 = 4
-    assert float(gan.gradient_penalty(critic, real, fake, torch.Generator()).detach()) == pytest.approx(4.0)
+    assert float(
+        gan.gradient_penalty(critic, real, fake, torch.Generator()).detach()
+    ) == pytest.approx(4.0)
 
 
 def run_gan(tmp_path: Path, **overrides: object) -> RunContext:

@@ -49,3 +49,15 @@ def test_metric_writer_helper_starts_without_torch() -> None:
     code = "import sys, service.metric_writer; sys.exit('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, "service.metric_writer imports torch"
+
+
+def test_run_names_name_the_subject() -> None:
+    from service.spec import spec_model
+    from service.trial import run_name
+
+    rl = spec_model("value_iteration").model_validate(
+        {"name": "x", "algorithm": "value_iteration", "env": {"id": "rlgen/GridWorld-v0"}}
+    )
+    gen = spec_model("gan").model_validate({"name": "x", "algorithm": "gan"})
+    assert run_name(rl, 3) == "value_iteration-GridWorld-v0-s3"
+    assert run_name(gen, 0) == "gan-digits-s0"

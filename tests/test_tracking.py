@@ -111,3 +111,12 @@ def test_ui_command_opens_mlflow_ui_on_the_store(monkeypatch: pytest.MonkeyPatch
     (args,) = calls
     assert args[:3] == ["mlflow", "ui", "--backend-store-uri"]
     assert args[3] == f"sqlite:///{tmp_path}/mlflow.db" and args[-1] == "5055"
+
+
+def test_experiments_open_on_the_runs_view(tracking_uri: str, experiment_name: str) -> None:
+    client = MlflowClient(tracking_uri)
+    exp_id = ensure_experiment(client, experiment_name, tracking_uri)
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (
+        ensure_experiment(client, experiment_name, tracking_uri) == exp_id
+    )  # found, not duplicated
