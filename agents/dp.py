@@ -4,9 +4,11 @@ and the report (greedy rollouts in the real env, figures, final metrics)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,6 +49,23 @@ class Solution:
     converged: bool
 
 
+def check_env(env: Any) -> str | None:
+    """Why dynamic programming cannot run on `env` (it needs the transition model), or None."""
+    base = env.unwrapped
+    if hasattr(base, "transition_model") or hasattr(base, "P"):
+        return None
+    return (
+        "exposes no transition model; dynamic programming needs a tabular env "
+        "(FrozenLake-v1, Taxi-v4, CliffWalking-v1, rlgen/GridWorld-v0)"
+    )
+
+
+def load_policy(config: Any, state: dict[str, Any], env: Any) -> Callable[[Any], Any]:
+    """The solved policy of a checkpoint, for `rlgen evaluate`: states (N,) -> actions (N,)."""
+    policy = state["policy"].numpy()
+    return lambda obs: policy[np.asarray(obs, dtype=np.int64)]
+
+
 def load_mdp(ctx: RunContext, dtype: str) -> tuple[TabularMDP, TorchMDP]:
     env = ctx.make_env()
     try:
@@ -80,6 +99,10 @@ def report(
     if ctx.should_stop():  # interrupted: record how far the solver got, skip the rollouts
         ctx.log_metrics(metrics, step=iterations)
         return
+    # The policy and values, for `rlgen evaluate` and for reuse.
+    ctx.checkpoints.save(
+        {"policy": solution.policy.cpu(), "V": solution.V.cpu(), "step": iterations}, iterations
+    )
     with ctx.timer.paused():
         env = ctx.make_env()
         try:

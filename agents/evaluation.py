@@ -13,7 +13,11 @@ DEFAULT_MAX_STEPS = 100_000
 
 
 def evaluate_policy(
-    env: gym.Env, act: Callable[[Any], Any], episodes: int, seed: int
+    env: gym.Env,
+    act: Callable[[Any], Any],
+    episodes: int,
+    seed: int,
+    max_steps: int = DEFAULT_MAX_STEPS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Roll `act` out for `episodes` episodes; returns (returns, lengths), each (episodes,).
 
@@ -21,7 +25,7 @@ def evaluate_policy(
     reproducible and independent of the training env's random stream.
     """
     limit = env.spec.max_episode_steps if env.spec and env.spec.max_episode_steps else None
-    limit = limit or DEFAULT_MAX_STEPS
+    limit = limit or max_steps
     returns = np.zeros(episodes)
     lengths = np.zeros(episodes, dtype=np.int64)
     for ep in range(episodes):
@@ -33,4 +37,31 @@ def evaluate_policy(
             steps += 1
             done = terminated or truncated
         returns[ep], lengths[ep] = total, steps
+    return returns, lengths
+
+
+def evaluate_vector(
+    envs: gym.vector.VectorEnv, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One episode in each of `envs.num_envs == episodes` envs, stepped as a batch.
+
+    `act` maps observations (N, ...) to actions (N,). Every call with the same seed replays the
+    same start states, so successive evaluations differ only by the policy. Each env's first
+    episode counts (never "the first `episodes` to finish", which would favour short episodes);
+    an env that is done keeps being stepped by the vector env, but its rewards are ignored.
+    """
+    if envs.num_envs != episodes:
+        raise ValueError(f"need one env per episode: {envs.num_envs} envs, {episodes} episodes")
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(episodes)
+    lengths = np.zeros(episodes, dtype=np.int64)
+    running = np.ones(episodes, dtype=bool)
+    limit = envs.spec.max_episode_steps if envs.spec and envs.spec.max_episode_steps else None
+    for _ in range(limit or DEFAULT_MAX_STEPS):
+        obs, reward, terminated, truncated, _ = envs.step(act(obs))
+        returns += reward * running
+        lengths += running
+        running &= ~(terminated | truncated)
+        if not running.any():
+            break
     return returns, lengths

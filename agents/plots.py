@@ -74,3 +74,29 @@ def residual_curve(residuals: Sequence[float], threshold: float, title: str) -> 
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     return fig
+
+
+def learning_curve(
+    episodes: Sequence[tuple[int, float]],
+    evals: Sequence[tuple[int, float, float]],
+    target: float | None,
+    title: str,
+) -> Figure:
+    """Training episode returns (dots, with a running mean) and evaluation mean +- std."""
+    fig = _figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    if episodes:
+        steps, returns = np.asarray(episodes, dtype=float).T
+        ax.plot(steps, returns, ".", ms=2, alpha=0.3, color="C0", label="training episodes")
+        window = max(1, len(returns) // 50)
+        smooth = np.convolve(returns, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color="C0", label=f"running mean ({window})")
+    if evals:
+        steps, mean, std = np.asarray(evals, dtype=float).T
+        ax.fill_between(steps, mean - std, mean + std, color="C1", alpha=0.2)
+        ax.plot(steps, mean, "o-", color="C1", label="evaluation (greedy)")
+    if target is not None:
+        ax.axhline(target, color="0.5", ls="--", lw=1, label="stop_at_return")
+    ax.set(xlabel="timestep", ylabel="episode return", title=title)
+    ax.legend(loc="best", fontsize=8)
+    return fig

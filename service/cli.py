@@ -218,6 +218,49 @@ def run(
 
 
 @app.command()
+def evaluate(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="An MLflow run of an RL trial.")],
+    episodes: Annotated[int, typer.Option("--episodes", min=1, help="Greedy episodes.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the first reset.")] = 0,
+    render: Annotated[
+        str | None,
+        typer.Option("--render", help="Record the first episode: 'gif' (logged to the run)."),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Roll out the policy a run logged; log `evaluate/*` metrics (and the GIF) to that run."""
+    if render not in (None, "gif"):
+        raise _invalid(f"--render: unknown format {render!r}; the one supported is 'gif'")
+    from service.evaluate import EvaluateError, evaluate_run
+    from service.tracking import resolve_tracking_uri
+
+    try:
+        result = evaluate_run(
+            run_id, resolve_tracking_uri(tracking_uri), episodes=episodes, seed=seed, render=render
+        )
+    except EvaluateError as e:
+        raise _invalid(str(e)) from None
+    summary = {
+        "run_id": run_id,
+        "episodes": episodes,
+        "return_mean": float(result.returns.mean()),
+        "return_std": float(result.returns.std()),
+        "length_mean": float(result.lengths.mean()),
+        "gif": str(result.gif) if result.gif else None,
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return
+    sys.stdout.write(
+        f"{run_id}: return {summary['return_mean']:.2f} +- {summary['return_std']:.2f}, "
+        f"length {summary['length_mean']:.1f} over {episodes} episodes"
+        + (f"; logged {result.gif}" if result.gif else "")
+        + "\n"
+    )
+
+
+@app.command()
 def validate(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC")],
     overrides: SetOpt = None,

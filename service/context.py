@@ -54,6 +54,15 @@ class EnvSpec(BaseModel):
 
         return gym.make(self.id, **{**self.kwargs, **overrides})
 
+    def make_vec(self, num_envs: int, **overrides: Any) -> gym.vector.VectorEnv:
+        """`num_envs` copies as one vector env: the env's own batched implementation where
+        gymnasium ships one (classic control), else a `SyncVectorEnv` of `gym.make` copies."""
+        import gymnasium as gym
+
+        import agents  # noqa: F401
+
+        return gym.make_vec(self.id, num_envs=num_envs, **{**self.kwargs, **overrides})
+
 
 class Writer(Protocol):
     """Where a run's records end up (MLflow in the service, memory in tests)."""
@@ -333,6 +342,11 @@ class RunContext:
         if self.env is None:
             raise RuntimeError("this run has no `env` in its spec")
         return self.env.make(**overrides)
+
+    def make_vec_env(self, num_envs: int, **overrides: Any) -> gym.vector.VectorEnv:
+        if self.env is None:
+            raise RuntimeError("this run has no `env` in its spec")
+        return self.env.make_vec(num_envs, **overrides)
 
     # -- cooperative cancellation -------------------------------------------------------------
     def should_stop(self) -> bool:

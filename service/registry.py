@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from agents import policy_iteration, value_iteration
+from agents import dp, dqn, policy_iteration, q_learning, value_iteration
 from generative import autoencoder, dbn, gan, rbm, vae
 from service.context import RunContext
 
@@ -20,7 +20,10 @@ class Algorithm:
     summary: str
     config: type[BaseModel]
     train: Callable[[Any, RunContext], None]
-    tabular: bool = False  # needs an env with a transition model (unwrapped.P)
+    # RL: why the algorithm cannot run on an env (its spaces, no model...), or None if it can.
+    check_env: Callable[[Any], str | None] | None = None
+    # RL: (config, checkpoint, env) -> greedy policy, obs batch -> actions; for `rlgen evaluate`.
+    load_policy: Callable[[Any, dict[str, Any], Any], Callable[[Any], Any]] | None = None
     needs_labels: bool = False  # needs a labelled data set
 
 
@@ -33,7 +36,8 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Value iteration with the Bellman optimality backup.",
             value_iteration.Config,
             value_iteration.train,
-            tabular=True,
+            check_env=dp.check_env,
+            load_policy=dp.load_policy,
         ),
         Algorithm(
             "policy_iteration",
@@ -41,7 +45,26 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Policy iteration, exact or iterative evaluation.",
             policy_iteration.Config,
             policy_iteration.train,
-            tabular=True,
+            check_env=dp.check_env,
+            load_policy=dp.load_policy,
+        ),
+        Algorithm(
+            "q_learning",
+            "rl",
+            "Tabular Q-learning, SARSA or Expected SARSA with decaying step size and epsilon.",
+            q_learning.Config,
+            q_learning.train,
+            check_env=q_learning.check_env,
+            load_policy=q_learning.load_policy,
+        ),
+        Algorithm(
+            "dqn",
+            "rl",
+            "DQN with Double, Dueling, n-step and prioritized replay options; vector envs.",
+            dqn.Config,
+            dqn.train,
+            check_env=dqn.check_env,
+            load_policy=dqn.load_policy,
         ),
         Algorithm(
             "rbm",

@@ -411,30 +411,20 @@ def check_env(env: EnvSpec, algo: Algorithm, source: Source) -> None:
         hint = difflib.get_close_matches(env.id, list(gym.registry), n=1, cutoff=0.6)
         msg = f"unknown environment '{env.id}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
         raise SpecError([Problem(where, "env.id", msg)])
-    if algo.tabular:
-        # Build the env once: catches bad kwargs and envs without a transition model up front.
-        try:
-            instance = env.make()
-        except Exception as e:  # gymnasium raises many types for bad ids and kwargs
-            raise SpecError(
-                [Problem(source.where(("env", "kwargs")), "env", f"cannot create '{env.id}': {e}")]
-            ) from None
-        try:
-            base = instance.unwrapped
-            if not (hasattr(base, "transition_model") or hasattr(base, "P")):
-                raise SpecError(
-                    [
-                        Problem(
-                            where,
-                            "env.id",
-                            f"'{env.id}' exposes no transition "
-                            f"model; {algo.name} needs a tabular env "
-                            "(FrozenLake-v1, Taxi-v4, CliffWalking-v1, rlgen/GridWorld-v0)",
-                        )
-                    ]
-                )
-        finally:
-            instance.close()
+    if algo.check_env is None:
+        return
+    # Build the env once: catches bad kwargs and envs the algorithm cannot run on, up front.
+    try:
+        instance = env.make()
+    except Exception as e:  # gymnasium raises many types for bad ids and kwargs
+        raise SpecError(
+            [Problem(source.where(("env", "kwargs")), "env", f"cannot create '{env.id}': {e}")]
+        ) from None
+    try:
+        if (reason := algo.check_env(instance)) is not None:
+            raise SpecError([Problem(where, "env.id", f"'{env.id}': {reason}")])
+    finally:
+        instance.close()
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SpecBase:

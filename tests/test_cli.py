@@ -284,3 +284,84 @@ def test_ctrl_c_ends_runs_killed(tmp_path: Path, mode: str, experiment_name: str
     exp = client.get_experiment_by_name(experiment_name)
     assert exp is not None
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+
+def test_evaluate_rolls_out_a_logged_policy_and_logs_a_gif(
+    tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    spec = str(ROOT / "experiments" / "dqn_cartpole.yaml")
+    tiny = [
+        "--set",
+        "params.total_timesteps=600",
+        "--set",
+        "params.learning_starts=100",
+        "--set",
+        "params.eval_every=300",
+        "--set",
+        "params.eval_episodes=2",
+        "--set",
+        "seeds=[0]",
+    ]
+    out = run_json(
+        spec, "--local", "--tracking-uri", tracking_uri, "--set", f"name={experiment_name}", *tiny
+    )
+    run_id = out["trials"][0]["run_id"]
+    code, stdout, stderr = rlgen(
+        "evaluate",
+        run_id,
+        "--episodes",
+        "3",
+        "--render",
+        "gif",
+        "--tracking-uri",
+        tracking_uri,
+        "--json",
+    )
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["episodes"] == 3 and result["gif"] == "videos/evaluate.gif"
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.metrics["evaluate/return_mean"] == pytest.approx(result["return_mean"])
+    assert run.info.status == "FINISHED"  # evaluating does not reopen the run
+    gif = Path(client.download_artifacts(run_id, "videos/evaluate.gif", str(in_tmp)))
+    from PIL import Image
+
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.n_frames >= 2  # a frame per step of episode 1
+
+    # A tabular run's policy evaluates too (the solver logs it); the same run twice is stable.
+    vi = run_json(FROZEN, "--local", *common(tracking_uri, experiment_name), "--set", "seeds=[0]")
+    vi_id = vi["trials"][0]["run_id"]
+    code, stdout, stderr = rlgen(
+        "evaluate", vi_id, "--episodes", "50", "--tracking-uri", tracking_uri
+    )
+    assert code == 0, stderr
+    assert "over 50 episodes" in stdout
+
+
+def test_evaluate_refuses_what_it_cannot_evaluate(
+    tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    code, _, stderr = rlgen("evaluate", "0" * 32, "--tracking-uri", tracking_uri)
+    assert code == 2 and "cannot read its spec.yaml" in stderr
+    code, _, stderr = rlgen("evaluate", "x", "--render", "mp4", "--tracking-uri", tracking_uri)
+    assert code == 2 and "--render" in stderr
+    spec = str(ROOT / "experiments" / "rbm_digits.yaml")
+    tiny = [
+        "--set",
+        "params.epochs=1",
+        "--set",
+        "dataset.limit=200",
+        "--set",
+        "seeds=[0]",
+        "--set",
+        "params.ais.runs=2",
+        "--set",
+        "params.ais.temperatures=20",
+    ]
+    out = run_json(
+        spec, "--local", "--tracking-uri", tracking_uri, "--set", f"name={experiment_name}", *tiny
+    )
+    code, _, stderr = rlgen("evaluate", out["trials"][0]["run_id"], "--tracking-uri", tracking_uri)
+    assert code == 2 and "has no policy" in stderr

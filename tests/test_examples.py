@@ -17,6 +17,20 @@ EXAMPLES = sorted((ROOT / "experiments").glob("*.yaml"))
 # Per algorithm, overrides that shrink the budget; the example's own structure stays as it is.
 TINY: dict[str, list[str]] = {
     "value_iteration": ["params.eval_episodes=3", "params.max_iterations=200"],
+    "q_learning": [
+        "params.total_timesteps=2000",
+        "params.eval_every=1000",
+        "params.eval_episodes=5",
+    ],
+    "dqn": [
+        "params.total_timesteps=600",
+        "params.learning_starts=100",
+        "params.train_freq=100",
+        "params.gradient_steps=5",
+        "params.eval_every=300",
+        "params.eval_episodes=2",
+        "params.buffer_size=1000",
+    ],
     "policy_iteration": ["params.eval_episodes=3", "params.max_iterations=20"],
     "dbn": ["params.pretraining.epochs=1", "params.finetune_epochs=1", "dataset.limit=300"],
     "autoencoder": ["params.pretrain_epochs=1", "params.epochs=1", "dataset.limit=300"],

@@ -93,7 +93,27 @@ BAD = {
     ),
     "env without a model": (
         GOOD.replace("FrozenLake-v1", "CartPole-v1").replace("{is_slippery: true}", "{}"),
-        ":4: env.id: 'CartPole-v1' exposes no transition model",
+        ":4: env.id: 'CartPole-v1': exposes no transition model",
+    ),
+    "dqn on a continuous-action env": (
+        GOOD.replace("value_iteration", "dqn")
+        .replace("FrozenLake-v1", "Pendulum-v1")
+        .replace("{is_slippery: true}", "{}")
+        .replace("gamma: 0.9", "gamma: 0.99"),
+        ":4: env.id: 'Pendulum-v1': DQN needs a discrete action space",
+    ),
+    "q_learning on a continuous-state env": (
+        GOOD.replace("value_iteration", "q_learning")
+        .replace("FrozenLake-v1", "CartPole-v1")
+        .replace("{is_slippery: true}", "{}"),
+        ":4: env.id: 'CartPole-v1': tabular Q-learning needs discrete observation",
+    ),
+    "dqn field out of range": (
+        GOOD.replace("value_iteration", "dqn")
+        .replace("FrozenLake-v1", "CartPole-v1")
+        .replace("{is_slippery: true}", "{}")
+        .replace("gamma: 0.9", "n_step: 0"),
+        ":7: params.n_step: Input should be greater than or equal to 1",
     ),
     "bad env kwargs": (
         GOOD.replace("is_slippery", "slippery"),

@@ -1,0 +1,204 @@
+"""Tabular Q-learning (Watkins 1989), SARSA and Expected SARSA (Sutton & Barto 2018, ch. 6).
+
+    Q(s, a) <- Q(s, a) + alpha_t [ y - Q(s, a) ]
+    y = r + gamma * max_a' Q(s', a')                 Q-learning (off-policy)
+    y = r + gamma * Q(s', a'),  a' ~ eps-greedy      SARSA (on-policy)
+    y = r + gamma * sum_a' pi(a' | s') Q(s', a')     Expected SARSA
+
+with y = r at a termination; a time-limit truncation bootstraps. Step size and exploration decay
+linearly. For convergence in stochastic envs the step size must decay (Robbins-Monro), hence the
+default final step size well below the initial one.
+
+When the env exposes its model (FrozenLake, Taxi, CliffWalking, rlgen/GridWorld), each evaluation
+also logs `eval/value_gap`: E_{s0}[V*(s0) - V^pi(s0)], the expected discounted return lost from the
+start by the greedy policy pi against the value-iteration optimum, both computed exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from agents.dqn import linear_schedule
+from agents.evaluation import evaluate_policy
+from agents.mdp import TabularMDP
+from agents.plots import learning_curve
+from agents.policy_iteration import evaluate_exact
+from agents.value_iteration import solve
+from service.context import RunContext
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    total_timesteps: int = Field(200_000, gt=0, description="Env steps to learn from.")
+    update: Literal["q_learning", "sarsa", "expected_sarsa"] = Field(
+        "q_learning", description="The TD target (see the module docstring)."
+    )
+    gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
+    learning_rate: float = Field(0.5, gt=0, le=1, description="Initial step size alpha.")
+    final_learning_rate: float = Field(
+        0.01, gt=0, le=1, description="Step size reached at the end (linear decay)."
+    )
+    exploration_initial_eps: float = Field(1.0, ge=0, le=1, description="Initial epsilon.")
+    exploration_final_eps: float = Field(0.05, ge=0, le=1, description="Final epsilon.")
+    exploration_fraction: float = Field(
+        0.5, ge=0, le=1, description="Fraction of total_timesteps over which epsilon decays."
+    )
+    initial_q: float = Field(0.0, description="Initial Q values (optimistic when high).")
+    eval_every: int = Field(10_000, gt=0, description="Timesteps between evaluations.")
+    eval_episodes: int = Field(100, ge=1, description="Greedy episodes per evaluation.")
+    eval_max_steps: int = Field(
+        1_000,
+        gt=0,
+        description="Cap on an evaluation episode in envs without a time limit (CliffWalking), "
+        "where a greedy policy that loops would never end.",
+    )
+    stop_at_return: float | None = Field(
+        None, description="Stop once an evaluation's mean return reaches this."
+    )
+
+
+def check_env(env: gym.Env) -> str | None:
+    if not isinstance(env.observation_space, gym.spaces.Discrete) or not isinstance(
+        env.action_space, gym.spaces.Discrete
+    ):
+        return (
+            "tabular Q-learning needs discrete observation and action spaces, "
+            f"not {env.observation_space} and {env.action_space}"
+        )
+    return None
+
+
+class ValueGap:
+    """E_{s0 ~ rho}[V*(s0) - V^pi(s0)] on the env's exact model (None when it has none)."""
+
+    def __init__(self, env: gym.Env, gamma: float):
+        self.mdp = TabularMDP.from_env(env)
+        self.gamma = gamma
+        base: Any = env.unwrapped
+        self.rho = np.asarray(base.initial_state_distrib, dtype=np.float64)
+        model = self.mdp.to_torch(torch.device("cpu"), torch.float64)
+        self.v_star = solve(model, gamma, 1e-8, 1_000_000).V.numpy()
+
+    @classmethod
+    def of(cls, env: gym.Env, gamma: float) -> ValueGap | None:
+        base: Any = env.unwrapped
+        has_model = hasattr(base, "transition_model") or hasattr(base, "P")
+        if gamma >= 1.0 or not has_model or not hasattr(base, "initial_state_distrib"):
+            return None  # undiscounted values of a policy that never ends are infinite
+        return cls(env, gamma)
+
+    def __call__(self, policy: np.ndarray) -> float:
+        v_pi = evaluate_exact(self.mdp, policy, self.gamma)
+        return float(self.rho @ (self.v_star - v_pi))
+
+
+def train(config: Config, ctx: RunContext) -> None:
+    env, eval_env = ctx.make_env(), ctx.make_env()
+    n_states, n_actions = int(env.observation_space.n), int(env.action_space.n)  # type: ignore[attr-defined]
+    Q = np.full((n_states, n_actions), config.initial_q, dtype=np.float64)
+    gap = ValueGap.of(env, config.gamma)
+    rng, gamma = ctx.np_rng, config.gamma
+    explore_steps = config.exploration_fraction * config.total_timesteps
+    evals: list[tuple[int, float, float]] = []
+    history: list[tuple[int, float]] = []
+
+    def eps_greedy(s: int, eps: float) -> int:
+        if rng.random() < eps:
+            return int(rng.integers(n_actions))
+        row = Q[s]  # ties broken at random, so an all-zero row does not always pick action 0
+        return int(rng.choice(np.flatnonzero(row == row.max())))
+
+    def evaluate(step: int) -> float:
+        with ctx.timer.paused():
+            policy = Q.argmax(axis=1)
+            returns, lengths = evaluate_policy(
+                eval_env,
+                lambda s: int(policy[int(s)]),
+                config.eval_episodes,
+                ctx.seed + 10_000,
+                max_steps=config.eval_max_steps,
+            )
+            metrics = {
+                "eval/return_mean": returns.mean(),
+                "eval/return_std": returns.std(),
+                "eval/length_mean": lengths.mean(),
+                "time/train_s": ctx.timer.elapsed(),
+            }
+            if gap is not None:
+                metrics["eval/value_gap"] = gap(policy)
+            ctx.log_metrics(metrics, step=step)
+            evals.append((step, float(returns.mean()), float(returns.std())))
+        return float(returns.mean())
+
+    s, _ = env.reset(seed=ctx.seed)
+    eps = config.exploration_initial_eps
+    a = eps_greedy(int(s), eps)
+    ep_return, ep_length, episodes = 0.0, 0, 0
+    step = 0
+    while step < config.total_timesteps and not ctx.should_stop():
+        s2, r, terminated, truncated, _ = env.step(a)
+        s2, r = int(s2), float(r)
+        step += 1
+        eps = linear_schedule(
+            config.exploration_initial_eps, config.exploration_final_eps, explore_steps, step
+        )
+        alpha = linear_schedule(
+            config.learning_rate, config.final_learning_rate, config.total_timesteps, step
+        )
+        a2 = eps_greedy(s2, eps)  # the next action (SARSA's target uses it; it is taken next)
+        if terminated:
+            y = r
+        elif config.update == "q_learning":
+            y = r + gamma * Q[s2].max()
+        elif config.update == "sarsa":
+            y = r + gamma * Q[s2, a2]
+        else:  # expected SARSA under the eps-greedy policy (greedy mass split over ties)
+            row = Q[s2]
+            best = row == row.max()
+            probs = eps / n_actions + (1 - eps) * best / best.sum()
+            y = r + gamma * float(probs @ row)
+        Q[s, a] += alpha * (y - Q[s, a])
+        s, a = s2, a2
+        ep_return += r
+        ep_length += 1
+        if terminated or truncated:
+            episodes += 1
+            history.append((step, ep_return))
+            ctx.log_metrics(
+                {
+                    "charts/episodic_return": ep_return,
+                    "charts/episodic_length": ep_length,
+                    "charts/epsilon": eps,
+                    "charts/learning_rate": alpha,
+                },
+                step=step,
+            )
+            s, _ = env.reset()
+            s = int(s)
+            a = eps_greedy(s, eps)
+            ep_return, ep_length = 0.0, 0
+        if step % config.eval_every == 0:
+            mean = evaluate(step)
+            if config.stop_at_return is not None and mean >= config.stop_at_return:
+                break
+    ctx.timer.stop()
+    if not evals or evals[-1][0] != step:
+        evaluate(step)
+    ctx.log_metrics({"charts/episodes": episodes}, step=step)
+    ctx.checkpoints.save({"q_table": torch.from_numpy(Q), "step": step}, step=step)
+    title = f"{config.update} on {ctx.env.id if ctx.env else 'env'}, seed {ctx.seed}"
+    ctx.log_figure(learning_curve(history, evals, config.stop_at_return, title), "learning_curve")
+    env.close()
+    eval_env.close()
+
+
+def load_policy(config: Config, state: dict[str, Any], env: gym.Env) -> Any:
+    """Greedy policy of a logged Q table, for `rlgen evaluate`: obs (N,) -> actions (N,)."""
+    policy = state["q_table"].numpy().argmax(axis=1)
+    return lambda obs: policy[np.asarray(obs, dtype=np.int64)]

@@ -1,0 +1,405 @@
+"""DQN: the maths on hand-built cases, the replay buffers, episode handling, checkpoints, learning."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from agents import dqn
+from agents.replay import NStep, PrioritizedReplayBuffer, ReplayBuffer, SumTree, Transitions
+from service.context import EnvSpec, RunContext
+
+GAMMA = 0.9
+
+
+def obs(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(len(values), 1)
+
+
+# -- n-step returns ---------------------------------------------------------------------------
+def push_episode(nstep: NStep, rewards: list[float], terminated_at_end: bool) -> list[Transitions]:
+    """One env; states 0, 1, 2, ... with the given rewards; the last step ends the episode."""
+    out = []
+    T = len(rewards)
+    for t, r in enumerate(rewards):
+        last = t == T - 1
+        out.append(
+            nstep.push(
+                obs(t),
+                np.array([t % 2]),
+                np.array([r]),
+                obs(t + 1),
+                np.array([last and terminated_at_end]),
+                np.array([last]),
+                np.array([True]),
+            )
+        )
+    return out
+
+
+def collect(parts: list[Transitions]) -> Transitions:
+    return Transitions(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in Transitions.__dataclass_fields__)
+    )
+
+
+def test_n_step_targets_on_a_hand_built_trajectory() -> None:
+    rewards = [1.0, 2.0, 3.0, 4.0, 5.0]
+    t = collect(push_episode(NStep(3, 1, GAMMA), rewards, terminated_at_end=True))
+    # Starts 0, 1, 2 have full 3-step windows; 3 and 4 are flushed at the termination.
+    assert t.obs[:, 0].tolist() == [0, 1, 2, 3, 4]
+    expected_returns = [
+        1 + GAMMA * 2 + GAMMA**2 * 3,
+        2 + GAMMA * 3 + GAMMA**2 * 4,
+        3 + GAMMA * 4 + GAMMA**2 * 5,
+        4 + GAMMA * 5,
+        5.0,
+    ]
+    np.testing.assert_allclose(t.returns, expected_returns, rtol=1e-6)
+    # Bootstrap from the state n steps later, discounted gamma^n; nothing after the termination.
+    assert t.next_obs[:, 0].tolist() == [3, 4, 5, 5, 5]
+    np.testing.assert_allclose(t.discounts, [GAMMA**3, GAMMA**3, 0.0, 0.0, 0.0], rtol=1e-6)
+    assert t.actions.tolist() == [0, 1, 0, 1, 0]
+
+
+def test_truncation_bootstraps_and_termination_does_not() -> None:
+    for n in (1, 3):
+        truncated = collect(push_episode(NStep(n, 1, GAMMA), [1.0, 1.0, 1.0], False))
+        terminated = collect(push_episode(NStep(n, 1, GAMMA), [1.0, 1.0, 1.0], True))
+        np.testing.assert_allclose(truncated.returns, terminated.returns)
+        # The last transition: truncated keeps gamma^k on Q(s_T), terminated zeroes it.
+        assert truncated.discounts[-1] == pytest.approx(GAMMA)
+        assert terminated.discounts[-1] == 0.0
+        assert (truncated.discounts > 0).all()
+
+
+def test_n_step_skips_invalid_steps_and_keeps_envs_apart() -> None:
+    nstep = NStep(2, 2, GAMMA)
+    a = np.array([0, 1])
+    t1 = nstep.push(
+        obs(0, 10),
+        a,
+        np.array([1.0, 10.0]),
+        obs(1, 11),
+        np.zeros(2, bool),
+        np.zeros(2, bool),
+        np.array([True, True]),
+    )
+    assert len(t1) == 0  # windows not full yet
+    # Env 1's step is a reset step (invalid): it must not enter its window.
+    t2 = nstep.push(
+        obs(1, 99),
+        a,
+        np.array([2.0, 99.0]),
+        obs(2, 12),
+        np.zeros(2, bool),
+        np.zeros(2, bool),
+        np.array([True, False]),
+    )
+    assert t2.obs[:, 0].tolist() == [0]
+    assert t2.returns.tolist() == pytest.approx([1 + GAMMA * 2])
+    t3 = nstep.push(
+        obs(2, 12),
+        a,
+        np.array([3.0, 20.0]),
+        obs(3, 13),
+        np.zeros(2, bool),
+        np.zeros(2, bool),
+        np.array([True, True]),
+    )
+    assert sorted(t3.obs[:, 0].tolist()) == [1, 10]
+    assert sorted(t3.returns.tolist()) == pytest.approx(sorted([2 + GAMMA * 3, 10 + GAMMA * 20]))
+
+
+def test_one_step_fast_path_matches_the_general_definition() -> None:
+    t = collect(push_episode(NStep(1, 1, GAMMA), [1.0, 2.0, 3.0], True))
+    assert t.returns.tolist() == [1.0, 2.0, 3.0]
+    np.testing.assert_allclose(t.discounts, [GAMMA, GAMMA, 0.0], rtol=1e-6)
+    assert t.next_obs[:, 0].tolist() == [1, 2, 3]
+
+
+# -- targets and network heads ------------------------------------------------------------------
+def test_double_dqn_picks_the_online_argmax_and_evaluates_it_with_the_target() -> None:
+    returns = torch.tensor([1.0, 0.0])
+    discounts = torch.tensor([0.5, 0.0])
+    next_q_target = torch.tensor([[10.0, 2.0, 4.0], [7.0, 8.0, 9.0]])
+    next_q_online = torch.tensor([[0.0, 5.0, 1.0], [1.0, 0.0, 0.0]])
+    double = dqn.td_targets(returns, discounts, next_q_target, next_q_online)
+    plain = dqn.td_targets(returns, discounts, next_q_target, None)
+    # Online argmax of row 0 is action 1, worth 2 to the target net; plain DQN takes max = 10.
+    assert double.tolist() == [1.0 + 0.5 * 2.0, 0.0]
+    assert plain.tolist() == [1.0 + 0.5 * 10.0, 0.0]
+
+
+def test_dueling_aggregation() -> None:
+    net = dqn.QNetwork(3, 4, [5], dueling=True, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    h = torch.relu(net.hidden[0](x))
+    value, adv = net.value(h), net.head(h)  # type: ignore[misc]
+    q = net(x)
+    torch.testing.assert_close(q, value + adv - adv.mean(dim=1, keepdim=True))
+    # Identifiable: the mean over actions of Q is the value stream.
+    torch.testing.assert_close(q.mean(dim=1, keepdim=True), value)
+
+
+def test_network_init_is_seeded_and_matches_the_default_scale() -> None:
+    a = dqn.QNetwork(4, 2, [64, 64], False, torch.Generator().manual_seed(3))
+    b = dqn.QNetwork(4, 2, [64, 64], False, torch.Generator().manual_seed(3))
+    c = dqn.QNetwork(4, 2, [64, 64], False, torch.Generator().manual_seed(4))
+    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    w = a.hidden[1].weight  # type: ignore[union-attr]
+    assert w.abs().max() <= 1 / math.sqrt(64) + 1e-6  # kaiming_uniform(a=sqrt 5) bound
+
+
+def test_polyak_and_hard_target_updates() -> None:
+    online = torch.nn.Linear(2, 2)
+    target = torch.nn.Linear(2, 2)
+    before = target.weight.detach().clone()
+    dqn.update_target(target, online, 0.25)
+    torch.testing.assert_close(target.weight, 0.75 * before + 0.25 * online.weight.detach())
+    dqn.update_target(target, online, 1.0)
+    assert torch.equal(target.weight, online.weight)
+
+
+# -- replay buffers -----------------------------------------------------------------------------
+def transitions(start: int, k: int) -> Transitions:
+    ids = np.arange(start, start + k, dtype=np.float32)
+    return Transitions(
+        ids[:, None], np.arange(k) % 2, ids, ids[:, None] + 0.5, np.full(k, 0.9, np.float32)
+    )
+
+
+def test_replay_buffer_wraps_around() -> None:
+    buf = ReplayBuffer(
+        5, (1,), torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0)
+    )
+    rows = buf.add(transitions(0, 3))
+    assert rows.tolist() == [0, 1, 2] and buf.size == 3 and buf.pos == 3
+    rows = buf.add(transitions(3, 4))  # 3, 4 fill the end; 5, 6 overwrite rows 0, 1
+    assert rows.tolist() == [3, 4, 0, 1]
+    assert buf.size == 5 and buf.pos == 2
+    assert buf.returns.tolist() == [5, 6, 2, 3, 4]
+    assert buf.next_obs[:, 0].tolist() == [5.5, 6.5, 2.5, 3.5, 4.5]
+    buf.add(transitions(100, 12))  # more than the capacity: the newest five survive
+    assert sorted(buf.returns.tolist()) == [107, 108, 109, 110, 111]
+    batch = buf.sample(64)
+    assert set(batch.returns.tolist()) <= {107.0, 108.0, 109.0, 110.0, 111.0}
+    torch.testing.assert_close(batch.obs[:, 0], batch.returns)  # rows stay aligned
+
+
+def test_replay_sampling_is_reproducible_from_the_generator() -> None:
+    def draw(seed: int) -> list[float]:
+        buf = ReplayBuffer(
+            50, (1,), torch.float32, torch.device("cpu"), torch.Generator().manual_seed(seed)
+        )
+        buf.add(transitions(0, 50))
+        return buf.sample(16).returns.tolist()
+
+    assert draw(1) == draw(1) and draw(1) != draw(2)
+
+
+def test_replay_state_round_trip() -> None:
+    buf = ReplayBuffer(8, (1,), torch.float32, torch.device("cpu"), torch.Generator())
+    buf.add(transitions(0, 11))
+    other = ReplayBuffer(8, (1,), torch.float32, torch.device("cpu"), torch.Generator())
+    other.load_state_dict(buf.state_dict())
+    assert other.pos == buf.pos and other.size == buf.size
+    assert torch.equal(other.returns, buf.returns) and torch.equal(other.obs, buf.obs)
+
+
+def test_sum_tree_prefix_search_and_min() -> None:
+    tree = SumTree(5, "sum")  # padded to 8 leaves
+    mins = SumTree(5, "min")
+    values = np.array([1.0, 0.0, 3.0, 2.0, 4.0])
+    tree.update(np.arange(5), values)
+    mins.update(np.arange(5), values)
+    assert tree.root == 10.0 and mins.root == 0.0
+    # Leaf i covers [sum(<i), sum(<=i)): 0:[0,1) 1:empty 2:[1,4) 3:[4,6) 4:[6,10)
+    mass = np.array([0.0, 0.999, 1.0, 3.99, 4.0, 5.5, 6.0, 9.99])
+    assert tree.find(mass).tolist() == [0, 0, 2, 2, 3, 3, 4, 4]
+    tree.update(np.array([4, 4]), np.array([9.0, 1.0]))  # last write wins, parents follow
+    assert tree.root == 7.0
+
+
+def test_prioritized_sampling_probabilities_and_weights() -> None:
+    alpha, beta = 0.5, 0.7
+    buf = PrioritizedReplayBuffer(
+        4,
+        (1,),
+        torch.float32,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(0),
+        alpha=alpha,
+        eps=0.0,
+    )
+    buf.add(transitions(0, 4))
+    td = torch.tensor([1.0, 4.0, 9.0, 16.0])
+    buf.update_priorities(torch.arange(4), td)
+    buf.beta = beta
+    p = td.double().numpy() ** alpha  # 1, 2, 3, 4
+    P = p / p.sum()
+    counts = np.zeros(4)
+    for _ in range(500):
+        batch = buf.sample(32)
+        counts += np.bincount(batch.indices.numpy(), minlength=4)
+        # w_i = (N P(i))^-beta / max_j (N P(j))^-beta, the max belonging to the rarest item.
+        expected = (4 * P[batch.indices.numpy()]) ** -beta / (4 * P.min()) ** -beta
+        np.testing.assert_allclose(batch.weights.numpy(), expected, rtol=1e-5)  # type: ignore[union-attr]
+    np.testing.assert_allclose(counts / counts.sum(), P, atol=0.01)
+    # New transitions enter with the largest priority so far.
+    buf.add(transitions(10, 1))
+    assert buf.sums.nodes[buf.sums.capacity + 0] == pytest.approx(p.max())
+
+
+# -- whole runs -----------------------------------------------------------------------------------
+def small_config(**overrides: object) -> dqn.Config:
+    base: dict[str, object] = {
+        "total_timesteps": 1_200,
+        "learning_starts": 200,
+        "train_freq": 50,
+        "gradient_steps": 10,
+        "hidden_sizes": [16],
+        "batch_size": 32,
+        "buffer_size": 1_000,
+        "eval_every": 500,
+        "eval_episodes": 3,
+        "checkpoint_every": 600,
+        "log_every": 10,
+    }
+    return dqn.Config(**{**base, **overrides})
+
+
+def run(config: dqn.Config, tmp: Path, seed: int = 0, env: str = "CartPole-v1") -> RunContext:
+    ctx = RunContext.in_memory(seed=seed, workdir=tmp, env=EnvSpec(id=env))
+    dqn.train(config, ctx)
+    ctx.close()
+    return ctx
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {
+            "double_dqn": True,
+            "dueling": True,
+            "n_step": 3,
+            "prioritized_replay": True,
+            "num_envs": 3,
+        },
+        {"tau": 0.05, "target_update_interval": 1, "loss": "mse", "max_grad_norm": None},
+    ],
+    ids=["plain", "rainbowish", "polyak-mse"],
+)
+def test_runs_log_the_named_metrics(options: dict[str, object], tmp_path: Path) -> None:
+    ctx = run(small_config(**options), tmp_path)
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    for key in (
+        "charts/episodic_return",
+        "charts/episodic_length",
+        "charts/epsilon",
+        "losses/td_loss",
+        "losses/q_values",
+        "time/sps",
+        "eval/return_mean",
+        "eval/return_std",
+    ):
+        assert m[key], key
+    assert [s for s, _ in m["eval/return_mean"]] == [500, 1000, 1200]
+    # CartPole pays 1 a step: episodic returns equal lengths.
+    assert [v for _, v in m["charts/episodic_return"]] == [
+        v for _, v in m["charts/episodic_length"]
+    ]
+    assert all(math.isfinite(v) for _, v in m["losses/td_loss"])
+    names = {p.name for p, _ in ctx.writer.artifacts}  # type: ignore[attr-defined]
+    assert "learning_curve.png" in names and any(n.startswith("step_") for n in names)
+
+
+def test_same_seed_same_run(tmp_path: Path) -> None:
+    a = run(small_config(), tmp_path / "a").writer.metrics  # type: ignore[attr-defined]
+    b = run(small_config(), tmp_path / "b").writer.metrics  # type: ignore[attr-defined]
+    c = run(small_config(), tmp_path / "c", seed=1).writer.metrics  # type: ignore[attr-defined]
+    assert a["losses/td_loss"] == b["losses/td_loss"]
+    assert a["losses/td_loss"] != c["losses/td_loss"]
+
+
+def test_timesteps_count_transitions_not_reset_steps(tmp_path: Path) -> None:
+    """Next-step autoreset spends one env.step per episode on the reset; it is not a timestep."""
+    config = small_config(num_envs=2, total_timesteps=600, learning_starts=10_000, eval_every=600)
+    ctx = run(config, tmp_path)
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    lengths = sum(v for _, v in m["charts/episodic_length"])
+    last = m["eval/return_mean"][-1][0]
+    assert 600 <= last <= 601  # two envs: the budget is met to within one batch
+    assert lengths <= last  # every counted timestep belongs to an episode; no reset steps
+
+
+def test_stop_at_return_ends_early(tmp_path: Path) -> None:
+    ctx = run(small_config(stop_at_return=-1.0, total_timesteps=5_000), tmp_path)
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    assert [s for s, _ in m["eval/return_mean"]] == [500]
+
+
+def test_resume_from_checkpoint_continues_where_it_stopped(tmp_path: Path) -> None:
+    config = small_config(total_timesteps=1_200, checkpoint_every=600, checkpoint_buffer=True)
+    ctx = RunContext.in_memory(seed=0, workdir=tmp_path, env=EnvSpec(id="CartPole-v1"))
+    original_save = ctx.checkpoints.save
+
+    def save_then_stop(state: dict[str, object], step: int) -> Path:
+        path = original_save(state, step)
+        if step >= 600:
+            ctx.request_stop()
+        return path
+
+    ctx.checkpoints.save = save_then_stop  # type: ignore[method-assign]
+    dqn.train(config, ctx)
+    ctx.close()
+    first = ctx.writer.metrics  # type: ignore[attr-defined]
+    stopped_at = max(s for s, _ in first["losses/td_loss"])
+    assert stopped_at < 1_200
+    saved = ctx.checkpoints.latest()
+    assert saved is not None and saved["step"] >= 600 and "buffer" in saved
+
+    resumed = RunContext.in_memory(seed=0, workdir=tmp_path, env=EnvSpec(id="CartPole-v1"))
+    dqn.train(config, resumed)
+    resumed.close()
+    second = resumed.writer.metrics  # type: ignore[attr-defined]
+    steps = [s for s, _ in second["losses/td_loss"]]
+    assert min(steps) > saved["step"]  # no step logged twice
+    assert max(s for s, _ in second["eval/return_mean"]) == 1_200
+    final = resumed.checkpoints.latest()
+    assert final is not None and final["updates"] > saved["updates"]
+
+
+def test_refuses_envs_it_cannot_run_on() -> None:
+    assert dqn.check_env(gym.make("CartPole-v1")) is None
+    assert "discrete action" in (dqn.check_env(gym.make("Pendulum-v1")) or "")
+    assert "Box observation" in (dqn.check_env(gym.make("FrozenLake-v1")) or "")
+
+
+def test_config_rejects_inconsistent_fields() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        dqn.Config(batch_size=128, buffer_size=64)
+    with pytest.raises(ValueError, match="exploration_final_eps"):
+        dqn.Config(exploration_initial_eps=0.1, exploration_final_eps=0.5)
+
+
+def test_cartpole_is_solved_within_budget(tmp_path: Path) -> None:
+    """The example's settings solve CartPole (evaluation mean >= 475) on seed 0, in ~5-10 s."""
+    from service.spec import load_spec
+
+    from .conftest import ROOT
+
+    spec = load_spec(ROOT / "experiments" / "dqn_cartpole.yaml")
+    ctx = RunContext.in_memory(seed=0, workdir=tmp_path, env=spec.env)  # type: ignore[attr-defined]
+    dqn.train(spec.params, ctx)  # type: ignore[attr-defined]
+    ctx.close()
+    evals = ctx.writer.metrics["eval/return_mean"]  # type: ignore[attr-defined]
+    assert max(v for _, v in evals) >= 475
+    assert evals[-1][0] <= 50_000

@@ -1,0 +1,96 @@
+"""Tabular Q-learning, SARSA and Expected SARSA against value iteration's optimum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from agents import q_learning
+from agents.dp import greedy
+from agents.mdp import TabularMDP
+from agents.policy_iteration import evaluate_exact
+from service.context import EnvSpec, RunContext
+
+
+def run(config: q_learning.Config, tmp: Path, env: EnvSpec, seed: int = 0) -> RunContext:
+    ctx = RunContext.in_memory(seed=seed, workdir=tmp, env=env)
+    q_learning.train(config, ctx)
+    ctx.close()
+    return ctx
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_frozenlake_approaches_the_value_iteration_policy(seed: int, tmp_path: Path) -> None:
+    env = EnvSpec(id="FrozenLake-v1", kwargs={"is_slippery": True})
+    ctx = run(q_learning.Config(total_timesteps=150_000, eval_every=25_000), tmp_path, env, seed)
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    gaps = [v for _, v in m["eval/value_gap"]]
+    # From the start, the learned greedy policy loses < 0.02 of the optimal discounted value
+    # (V*(s0) ~ 0.54 at gamma 0.99).
+    assert gaps[-1] < 0.02
+    q_table = ctx.checkpoints.latest()["q_table"].numpy()  # type: ignore[index]
+    mdp = TabularMDP.from_env(gym.make("FrozenLake-v1", is_slippery=True))
+    v = evaluate_exact(mdp, q_table.argmax(axis=1), 0.99)
+    assert v[0] > 0.52
+    assert m["eval/return_mean"][-1][1] > 0.6  # success rate of greedy rollouts
+
+
+def test_value_gap_is_zero_for_the_optimal_policy_and_positive_otherwise() -> None:
+    env = gym.make("FrozenLake-v1", is_slippery=True)
+    gap = q_learning.ValueGap.of(env, 0.99)
+    assert gap is not None
+    model = TabularMDP.from_env(env).to_torch(torch.device("cpu"), torch.float64)
+    optimal = greedy(model.q_values(torch.from_numpy(gap.v_star), 0.99)).numpy()
+    assert abs(gap(optimal)) < 1e-6
+    assert gap(np.zeros(16, dtype=np.int64)) > 0.1  # always "left"
+
+
+def test_cliffwalking_q_learning_takes_the_edge_and_sarsa_the_safe_path(tmp_path: Path) -> None:
+    """Sutton & Barto's example 6.6: the on-policy method learns the safer, longer path."""
+    env = EnvSpec(id="CliffWalking-v1")
+    config = dict(
+        total_timesteps=60_000,
+        eval_every=60_000,
+        eval_episodes=1,
+        exploration_final_eps=0.1,
+        exploration_fraction=0.1,
+        learning_rate=0.5,
+        final_learning_rate=0.5,
+    )
+    q = run(q_learning.Config(**config), tmp_path / "q", env).writer.metrics  # type: ignore[attr-defined, arg-type]
+    sarsa = run(q_learning.Config(update="sarsa", **config), tmp_path / "s", env).writer.metrics  # type: ignore[attr-defined, arg-type]
+    assert q["eval/return_mean"][-1][1] == -13  # the optimal path along the cliff
+    assert -25 < sarsa["eval/return_mean"][-1][1] < -13  # a detour away from it
+    assert q["eval/value_gap"][-1][1] < 1e-6
+
+
+def test_expected_sarsa_and_taxi(tmp_path: Path) -> None:
+    ctx = run(
+        q_learning.Config(
+            update="expected_sarsa", total_timesteps=100_000, eval_every=50_000, eval_episodes=50
+        ),
+        tmp_path,
+        EnvSpec(id="Taxi-v4"),
+    )
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    assert m["eval/return_mean"][-1][1] > 5  # optimal is ~8; random play ~-770
+    assert m["eval/value_gap"][-1][1] < m["eval/value_gap"][0][1]
+
+
+def test_same_seed_same_table(tmp_path: Path) -> None:
+    env = EnvSpec(id="FrozenLake-v1")
+    config = q_learning.Config(total_timesteps=3_000, eval_every=1_000, eval_episodes=5)
+    a = run(config, tmp_path / "a", env).checkpoints.latest()
+    b = run(config, tmp_path / "b", env).checkpoints.latest()
+    c = run(config, tmp_path / "c", env, seed=1).checkpoints.latest()
+    assert a is not None and b is not None and c is not None
+    assert (a["q_table"] == b["q_table"]).all() and not (a["q_table"] == c["q_table"]).all()
+
+
+def test_refuses_continuous_envs() -> None:
+    assert q_learning.check_env(gym.make("FrozenLake-v1")) is None
+    assert "discrete observation" in (q_learning.check_env(gym.make("CartPole-v1")) or "")
