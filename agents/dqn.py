@@ -42,6 +42,12 @@ class Config(BaseModel):
 
     total_timesteps: int = Field(50_000, gt=0, description="Transitions to collect.")
     learning_rate: float = Field(2.3e-3, gt=0, description="Adam step size.")
+    final_learning_rate: float | None = Field(
+        None,
+        ge=0,
+        description="Anneal the step size linearly to this by the end (None: constant). "
+        "Steadies the final policy where late updates keep it oscillating (MountainCar).",
+    )
     batch_size: int = Field(64, gt=0, description="Transitions per gradient step.")
     buffer_size: int = Field(100_000, gt=0, description="Replay capacity in transitions.")
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
@@ -77,6 +83,11 @@ class Config(BaseModel):
     )
     double_dqn: bool = Field(False, description="Double DQN targets.")
     dueling: bool = Field(False, description="Dueling value/advantage heads.")
+    normalize_obs: bool = Field(
+        False,
+        description="Rescale observation dimensions with finite bounds to [-1, 1] inside the "
+        "network (MountainCar's velocity spans +-0.07, its position 1.8).",
+    )
     n_step: int = Field(1, ge=1, le=100, description="Steps in the bootstrapped return.")
     prioritized_replay: bool = Field(False, description="Proportional prioritized replay.")
     priority_alpha: float = Field(0.6, ge=0, description="Prioritization exponent alpha.")
@@ -136,6 +147,8 @@ class QNetwork(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.head = nn.Linear(widths[-1], n_actions)
         self.value = nn.Linear(widths[-1], 1) if dueling else None
+        self.register_buffer("obs_center", None)
+        self.register_buffer("obs_scale", None)
         if generator is not None:  # PyTorch's default init, drawn from the trial's generator
             for m in self.modules():
                 if isinstance(m, nn.Linear):
@@ -143,8 +156,22 @@ class QNetwork(nn.Module):
                     nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
                     nn.init.uniform_(m.bias, -bound, bound, generator=generator)
 
+    obs_center: torch.Tensor | None
+    obs_scale: torch.Tensor | None
+
+    def set_obs_bounds(self, low: np.ndarray, high: np.ndarray) -> None:
+        """Map [low, high] to [-1, 1] where both bounds are finite; other dimensions pass as is.
+        Buffers, so checkpoints and `rlgen evaluate` carry them."""
+        finite = np.isfinite(low) & np.isfinite(high) & (high > low)
+        center = np.where(finite, (high + low) / 2, 0.0)
+        scale = np.where(finite, 2 / np.where(finite, high - low, 1.0), 1.0)
+        self.obs_center = torch.as_tensor(center, dtype=torch.float32)
+        self.obs_scale = torch.as_tensor(scale, dtype=torch.float32)
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         h = obs.flatten(1)
+        if self.obs_center is not None and self.obs_scale is not None:
+            h = (h - self.obs_center) * self.obs_scale
         for layer in self.hidden:
             assert isinstance(layer, nn.Linear)
             h = torch.relu(F.linear(h, layer.weight, layer.bias))
@@ -193,9 +220,12 @@ def build_network(
 ) -> QNetwork:
     space: Any = getattr(env, "single_observation_space", env.observation_space)
     actions: Any = getattr(env, "single_action_space", env.action_space)
-    return QNetwork(
+    q = QNetwork(
         int(np.prod(space.shape)), int(actions.n), config.hidden_sizes, config.dueling, generator
     )
+    if config.normalize_obs:
+        q.set_obs_bounds(np.asarray(space.low).ravel(), np.asarray(space.high).ravel())
+    return q
 
 
 def greedy_actor(q: QNetwork, device: torch.device) -> Any:
@@ -376,6 +406,12 @@ def train(config: Config, ctx: RunContext) -> None:
             next_train += config.train_freq
             if buffer.size < config.batch_size:  # n-step windows still filling up
                 continue
+            if config.final_learning_rate is not None:
+                lr = linear_schedule(
+                    config.learning_rate, config.final_learning_rate, config.total_timesteps, step
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             if config.prioritized_replay:  # anneal beta from its initial value to 1
                 buffer.beta = linear_schedule(  # type: ignore[attr-defined]
                     config.priority_beta, 1.0, config.total_timesteps, step

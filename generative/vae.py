@@ -50,7 +50,12 @@ class Config(BaseModel):
     kl_warmup_epochs: int = Field(0, ge=0, description="Epochs over which beta rises from 0.")
     epochs: int = Field(20, gt=0, description="Passes over the training split.")
     batch_size: int = Field(128, gt=0, description="Examples per step.")
-    learning_rate: float = Field(1e-3, gt=0, description="Adam step size.")
+    learning_rate: float = Field(
+        2e-3,
+        gt=0,
+        description="Adam step size. 2e-3, twice the PyTorch example's: on MNIST's 784-400-20 "
+        "model it ends 20 epochs ~2 nats lower in held-out -ELBO (benchmarks/vae.py).",
+    )
     iwae_k: int = Field(50, gt=0, description="Importance samples for eval/nll_iwae.")
     iwae_examples: int = Field(1000, gt=0, description="Held-out examples scored by IWAE.")
     iwae_every: int = Field(0, ge=0, description="Also every N epochs (0: at the end only).")

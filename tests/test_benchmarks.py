@@ -60,7 +60,9 @@ def test_logging_overhead() -> None:
 
 
 def test_rbm(fake_mnist: Path) -> None:
-    out = run("rbm.py", "--data", str(fake_mnist), "--epochs", "1", "--hidden", "16")
+    out = run(
+        "rbm.py", "--data", str(fake_mnist), "--epochs", "1", "--hidden", "16", "--repeats", "2"
+    )
     assert "scikit-learn BernoulliRBM" in out
 
 
@@ -80,3 +82,20 @@ def test_gan(fake_mnist: Path, tmp_path: Path) -> None:
         "gan.py", "--data", str(fake_mnist), "--epochs", "1", "--grid", str(tmp_path / "g.png")
     )
     assert (tmp_path / "g.png").exists() and "DCGAN" in out
+
+
+def test_dqn_cartpole() -> None:
+    out = run(
+        "dqn_cartpole.py",
+        *(
+            "--seeds",
+            "0",
+            "--timesteps",
+            "2500",
+            "--others-seeds",
+            "0",
+            "--others-timesteps",
+            "1000",
+        ),
+    )
+    assert "SB3 steps" in out and "MountainCar-v0" in out and "Acrobot-v1" in out

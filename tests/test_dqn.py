@@ -403,3 +403,20 @@ def test_cartpole_is_solved_within_budget(tmp_path: Path) -> None:
     evals = ctx.writer.metrics["eval/return_mean"]  # type: ignore[attr-defined]
     assert max(v for _, v in evals) >= 475
     assert evals[-1][0] <= 50_000
+
+
+def test_observation_bounds_map_to_unit_range_and_travel_with_the_weights() -> None:
+    config = dqn.Config(normalize_obs=True, hidden_sizes=[8])
+    env = gym.make("MountainCar-v0")
+    q = dqn.build_network(config, env, torch.Generator().manual_seed(0))
+    low, high = env.observation_space.low, env.observation_space.high  # type: ignore[attr-defined]
+    x = torch.tensor(np.stack([low, high, (low + high) / 2]))
+    scaled = (x - q.obs_center) * q.obs_scale  # type: ignore[operator]
+    torch.testing.assert_close(scaled, torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]]))
+    # Infinite bounds (CartPole's velocities) pass through unchanged.
+    cart = dqn.build_network(config, gym.make("CartPole-v1"))
+    assert cart.obs_scale is not None and cart.obs_scale[1] == 1.0 and cart.obs_center[1] == 0.0  # type: ignore[index]
+    # A checkpoint's state dict carries them, so `rlgen evaluate` acts as the trained net did.
+    policy = dqn.load_policy(config, {"q": q.state_dict()}, env)
+    obs = np.stack([low, high]).astype(np.float32)
+    assert (policy(obs) == q(torch.from_numpy(obs)).argmax(1).numpy()).all()
