@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from service.report import HEADLINE
+
 app = typer.Typer(
     name="rlgen",
     help="Reinforcement-learning and generative-model experiments: YAML in, Ray runs, MLflow logs.",
@@ -37,16 +39,6 @@ STYLE = {
     "FAILED": "red",
     "KILLED": "yellow",
 }
-# The headline result of a trial, the first of these it logged, shown in the progress table.
-HEADLINE = (
-    "eval/return_mean",
-    "eval/accuracy",
-    "eval/fid",
-    "eval/neg_elbo",
-    "eval/ais_loglik",
-    "eval/probe_accuracy",
-    "eval/recon_loss",
-)
 
 TrackingOpt = Annotated[
     str | None,
@@ -99,14 +91,16 @@ def _spec_of_run(run_id: str, tracking_uri: str | None) -> bytes:
 
 
 class ProgressTable:
-    """A live table of trials on stderr (final state only when stderr is not a terminal)."""
+    """A live table of trials on stderr (final state only when stderr is not a terminal).
 
-    def __init__(self, seeds: list[int], title: str):
+    Rows are trial labels (`s0`, or `s0 learning_rate=0.001` in a sweep), added as they appear.
+    """
+
+    def __init__(self, labels: list[str], title: str):
         self.title = title
-        self.rows: dict[int, dict[str, Any]] = {
-            s: {"status": "PENDING", "run_id": "", "t0": None, "t1": None, "result": ""}
-            for s in seeds
-        }
+        self.rows: dict[str, dict[str, Any]] = {}
+        for label in labels:
+            self._row(label)
         self.live = Live(
             self.render(),
             console=err,
@@ -115,10 +109,15 @@ class ProgressTable:
             transient=False,
         )
 
+    def _row(self, label: str) -> dict[str, Any]:
+        return self.rows.setdefault(
+            label, {"status": "PENDING", "run_id": "", "t0": None, "t1": None, "result": ""}
+        )
+
     def update(
-        self, seed: int, status: str, run_id: str | None, metrics: dict[str, float] | None = None
+        self, label: str, status: str, run_id: str | None, metrics: dict[str, float] | None = None
     ) -> None:
-        row = self.rows[seed]
+        row = self._row(label)
         key = next((k for k in HEADLINE if k in (metrics or {})), None)
         if key is not None and metrics is not None:
             row["result"] = f"{key} = {metrics[key]:.4g}"
@@ -133,14 +132,14 @@ class ProgressTable:
 
     def render(self) -> Table:
         table = Table(title=self.title, title_justify="left")
-        for col in ("seed", "status", "MLflow run", "time", "result"):
+        for col in ("trial", "status", "MLflow run", "time", "result"):
             table.add_column(col)
-        for seed, row in self.rows.items():
+        for label, row in self.rows.items():
             elapsed = (
                 "" if row["t0"] is None else f"{(row['t1'] or time.monotonic()) - row['t0']:.1f}s"
             )
             table.add_row(
-                str(seed),
+                label,
                 f"[{STYLE.get(row['status'], '')}]{row['status']}",
                 row["run_id"],
                 elapsed,
@@ -182,10 +181,10 @@ def run(
     if local and address:
         raise _invalid("--local and --address exclude each other")
 
-    from service.execution import launch
+    from service.execution import expand, launch
     from service.spec import SpecError
 
-    table = ProgressTable(spec.seeds, f"{spec.name}: {spec.algorithm}")
+    table = ProgressTable([t.label for t in expand(spec)], f"{spec.name}: {spec.algorithm}")
     try:
         with table.live:
             report = launch(
@@ -197,7 +196,7 @@ def run(
                 progress=table.update,
             )
             for trial in report.trials:
-                table.update(trial.seed, trial.status, trial.run_id, trial.metrics)
+                table.update(trial.label, trial.status, trial.run_id, trial.metrics)
     except SpecError as e:
         raise _invalid(str(e)) from None
     except KeyboardInterrupt:
@@ -207,8 +206,10 @@ def run(
         sys.stdout.write(json.dumps(report.to_json()) + "\n")
     for trial in report.trials:
         if trial.error:
+            style = "yellow" if trial.stopped_early else "red"
             err.print(
-                f"[red]seed {trial.seed} {trial.status}[/red]: {trial.error}",
+                f"[{style}]{trial.label or f's{trial.seed}'} {trial.status}[/{style}]: "
+                f"{trial.error}",
                 markup=True,
                 highlight=False,
             )

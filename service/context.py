@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -114,8 +114,11 @@ class MetricLogger:
         max_buffer: int = 1000,
         flush_interval_s: float = 10.0,
         background: bool = True,
+        on_log: Callable[[Mapping[str, float], int, Any], None] | None = None,
     ):
         self.writer = writer
+        # Sees every logged dict, with this logger (the service flushes, then reports to Ray Tune).
+        self.on_log = on_log
         self.max_buffer = max_buffer
         self.flush_interval_s = flush_interval_s
         self.background = background
@@ -143,6 +146,8 @@ class MetricLogger:
             self._buffer.extend(points)
             self.last_step = max(self.last_step, int(step))
             due = len(self._buffer) >= self.max_buffer
+        if self.on_log is not None:
+            self.on_log({p.key: p.value for p in points}, int(step), self)
         if due or time.monotonic() - self._last_flush >= self.flush_interval_s:
             if not self.background:
                 self.flush()
@@ -274,6 +279,7 @@ class RunContext:
         dataset: Any = None,
         run_id: str = "local",
         stop_event: threading.Event | None = None,
+        on_metrics: Callable[[Mapping[str, float], int, Any], None] | None = None,
     ):
         self.seed = seed
         self.run_id = run_id
@@ -282,7 +288,7 @@ class RunContext:
         self.dataset = dataset
         self.workdir = workdir
         self.writer = writer
-        self.metrics = MetricLogger(writer)
+        self.metrics = MetricLogger(writer, on_log=on_metrics)
         self.checkpoints = Checkpointer(workdir / "checkpoints", writer)
         self.timer = TrainTimer()
         self.log = logging.getLogger(f"rlgen.run.{run_id}")

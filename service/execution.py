@@ -7,27 +7,32 @@ MLflow run stays RUNNING forever. Results are read back from MLflow, the single 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import ray
 from ray import tune
 
 from service import __version__
+from service.report import write_parent
 from service.settings import get_settings
 from service.spec import SpecBase, flatten, resolved, spec_hash, to_yaml
 from service.tracking import (
     TAG_ERROR,
     TAG_LAUNCH,
+    TAG_STOPPED_EARLY,
+    TAG_TRIAL,
     client_for,
     close_dangling,
     ensure_experiment,
@@ -36,7 +41,7 @@ from service.tracking import (
     resolve_tracking_uri,
     runs_of_launch,
 )
-from service.trial import TrialOutcome, TrialRequest, run_name, run_trial
+from service.trial import TrialRequest, run_name, run_trial, trial_label
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,45 @@ os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 Status = Literal["PENDING", "RUNNING", "FINISHED", "FAILED", "KILLED"]
-ProgressFn = Callable[[int, str, str | None], None]  # (seed, status, run_id)
+ProgressFn = Callable[[str, str, str | None], None]  # (trial label, status, run_id)
+STOPPED_EARLY = "stopped early by the ASHA scheduler"
+
+
+@dataclass(frozen=True)
+class Trial:
+    seed: int
+    overrides: dict[str, Any]  # swept params: dotted path -> value
+
+    @property
+    def label(self) -> str:
+        return trial_label(self.seed, self.overrides)
+
+
+def expand(spec: SpecBase) -> list[Trial]:
+    """Every trial of a spec: its seeds, crossed with the sweep's grid points and samples.
+
+    Random values are drawn here, once per grid point and sample, from a generator seeded by the
+    spec's hash: the seeds of one configuration replicate it exactly (that is what the parent
+    aggregates), and the same spec expands to the same trials in --local and Ray modes.
+    """
+    if spec.sweep is None:
+        return [Trial(seed, {}) for seed in spec.seeds]
+    rng = np.random.default_rng(int(spec_hash(spec), 16) % 2**63)
+    grid = {k: d.grid for k, d in spec.sweep.params.items() if d.grid is not None}
+    trials = []
+    for _ in range(spec.sweep.num_samples):
+        for point in itertools.product(*grid.values()):
+            overrides = dict(zip(grid, point, strict=True))
+            for path, dist in spec.sweep.params.items():
+                if dist.choice is not None:
+                    overrides[path] = dist.choice[int(rng.integers(len(dist.choice)))]
+                elif dist.uniform is not None:
+                    overrides[path] = float(rng.uniform(*dist.uniform))
+                elif dist.loguniform is not None:
+                    low, high = np.log(dist.loguniform)
+                    overrides[path] = float(np.exp(rng.uniform(low, high)))
+            trials += [Trial(seed, overrides) for seed in spec.seeds]
+    return trials
 
 
 @dataclass
@@ -57,6 +100,8 @@ class TrialReport:
     status: str
     metrics: dict[str, float]
     error: str | None = None
+    label: str = ""
+    stopped_early: bool = False  # by the sweep's scheduler: a normal end in a sweep
 
 
 @dataclass
@@ -69,14 +114,23 @@ class LaunchReport:
 
     @property
     def ok(self) -> bool:
-        return not self.interrupted and all(t.status == "FINISHED" for t in self.trials)
+        return not self.interrupted and all(
+            t.status == "FINISHED" or t.stopped_early for t in self.trials
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "experiment": self.experiment,
             "parent_run_id": self.parent_run_id,
             "trials": [
-                {"run_id": t.run_id, "seed": t.seed, "status": t.status, "metrics": t.metrics}
+                {
+                    "run_id": t.run_id,
+                    "seed": t.seed,
+                    "trial": t.label,
+                    "status": t.status,
+                    "metrics": t.metrics,
+                }
+                | ({"stopped_early": True} if t.stopped_early else {})
                 | ({"error": t.error} if t.error else {})
                 for t in self.trials
             ],
@@ -113,8 +167,11 @@ def launch(
         **({"rlgen.git_commit": commit} if commit else {}),
     }
 
+    trials = expand(spec)
+    if mode == "local" and spec.sweep is not None and spec.sweep.scheduler is not None:
+        log.warning("--local runs every trial to its end: sweep.scheduler needs Ray")
     parent_run_id = None
-    if len(spec.seeds) > 1:
+    if len(trials) > 1:
         parent = client.create_run(
             experiment_id, run_name=spec.name, tags={**tags, **spec.tags, TAG_LAUNCH: launch_id}
         )
@@ -135,29 +192,48 @@ def launch(
     )
     notify = progress or (lambda *_: None)
     interrupted = False
-    errors: dict[int, str] = {}
+    errors: dict[str, str] = {}
+    stopped: set[str] = set()
     try:
         if mode == "local":
-            _run_local(request, spec.seeds, notify)
+            _run_local(request, trials, notify)
         else:
-            errors = _run_tune(request, spec, notify)
+            errors, stopped = _run_tune(request, spec, trials, notify)
     except KeyboardInterrupt:
         interrupted = True
         if mode == "ray" and address is None:
             ray.shutdown()  # stops the embedded cluster's workers before their runs are closed
     finally:
-        trials = runs_of_launch(client, experiment_id, launch_id)
-        for run in trials:
-            seed = int(run.data.tags["rlgen.seed"])
-            reason = errors.get(seed, "interrupted" if interrupted else "the worker died")
+        runs = runs_of_launch(client, experiment_id, launch_id)
+        for run in runs:
+            label = run.data.tags.get(TAG_TRIAL, "")
+            if label in stopped:
+                close_dangling(client, [run], "KILLED", STOPPED_EARLY)
+                client.set_tag(run.info.run_id, TAG_STOPPED_EARLY, "asha")
+                client.set_tag(run.info.run_id, TAG_ERROR, STOPPED_EARLY)
+                continue
+            reason = errors.get(label, "interrupted" if interrupted else "the worker died")
             close_dangling(client, [run], "KILLED" if interrupted else "FAILED", reason)
         if parent_run_id:
-            final = [client.get_run(r.info.run_id).info.status for r in trials]
+            runs = runs_of_launch(client, experiment_id, launch_id)
+            final = {r.data.tags.get(TAG_TRIAL, ""): r.info.status for r in runs}
             ok = (
                 not interrupted
-                and len(final) == len(spec.seeds)
-                and all(s == "FINISHED" for s in final)
+                and len(final) == len(trials)
+                and all(s == "FINISHED" or label in stopped for label, s in final.items())
             )
+            if not interrupted:
+                try:
+                    scheduler = spec.sweep.scheduler if spec.sweep else None
+                    write_parent(
+                        client,
+                        parent_run_id,
+                        runs,
+                        spec.report or ([scheduler.metric] if scheduler else []),
+                        scheduler.mode if scheduler else None,
+                    )
+                except Exception as e:  # the trials' own records stand; say what is missing
+                    log.error("could not write the parent run's aggregates: %s", e)
             client.set_terminated(
                 parent_run_id, "KILLED" if interrupted else ("FINISHED" if ok else "FAILED")
             )
@@ -170,6 +246,8 @@ def launch(
                 status=run.info.status,
                 metrics=dict(run.data.metrics),
                 error=run.data.tags.get(TAG_ERROR),
+                label=run.data.tags.get(TAG_TRIAL, ""),
+                stopped_early=TAG_STOPPED_EARLY in run.data.tags,
             )
         )
     return report
@@ -195,20 +273,17 @@ def _sigint_requests_stop(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run_local(request: TrialRequest, seeds: list[int], notify: ProgressFn) -> list[TrialOutcome]:
+def _run_local(request: TrialRequest, trials: list[Trial], notify: ProgressFn) -> None:
     stop = threading.Event()
-    outcomes = []
     with _sigint_requests_stop(stop):
-        for seed in seeds:
+        for trial in trials:
             if stop.is_set():
                 break
-            notify(seed, "RUNNING", None)
-            outcome = run_trial(request.for_seed(seed), stop_event=stop)
-            notify(seed, outcome.status, outcome.run_id)
-            outcomes.append(outcome)
+            notify(trial.label, "RUNNING", None)
+            outcome = run_trial(request.for_trial(trial.seed, trial.overrides), stop_event=stop)
+            notify(trial.label, outcome.status, outcome.run_id)
     if stop.is_set():
         raise KeyboardInterrupt
-    return outcomes
 
 
 # -- Ray Tune --------------------------------------------------------------------------------------
@@ -245,11 +320,39 @@ class TrialFailedError(RuntimeError):
     """Raised in a Tune trial whose algorithm failed, so Tune records the trial as ERROR."""
 
 
-def _trainable(config: dict[str, Any], request: TrialRequest) -> None:
-    outcome = run_trial(request.for_seed(int(config["seed"])), gpu_ids=ray.get_gpu_ids())
+class _TuneReporter:
+    """Forwards the scheduler's metric to Ray Tune each time the algorithm logs it.
+
+    It flushes the trial's metrics to MLflow first: when the scheduler stops the trial, Tune never
+    returns from `tune.report`, and the worker ends without running the trial's cleanup; the
+    driver then closes its MLflow run as KILLED, with everything logged up to that point kept.
+    """
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.last: float | None = None
+
+    def __call__(self, metrics: Mapping[str, float], step: int, logger: Any) -> None:
+        if self.metric in metrics:
+            logger.flush()
+            self.last = metrics[self.metric]
+            tune.report({self.metric: self.last, "step": step})
+
+
+def _trainable(config: dict[str, Any], request: TrialRequest, metric: str | None) -> None:
+    trial = config["trial"]
+    reporter = _TuneReporter(metric) if metric else None
+    outcome = run_trial(
+        request.for_trial(int(trial["seed"]), trial["overrides"]),
+        gpu_ids=ray.get_gpu_ids(),
+        on_metrics=reporter,
+    )
     if outcome.status == "FAILED":
         raise TrialFailedError(outcome.error)
-    tune.report({"run_id": outcome.run_id, "status": outcome.status})
+    final: dict[str, Any] = {"run_id": outcome.run_id, "status": outcome.status}
+    if reporter is not None and reporter.last is not None:
+        final[reporter.metric] = reporter.last
+    tune.report(final)
 
 
 class _Progress(tune.Callback):
@@ -264,31 +367,56 @@ class _Progress(tune.Callback):
 
     def _send(self, trial: Any, status: str, run_id: str | None) -> None:
         if self.notify is not None:
-            self.notify(int(trial.config["seed"]), status, run_id)
+            t = trial.config["trial"]
+            self.notify(trial_label(int(t["seed"]), t["overrides"]), status, run_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._send(trial, "RUNNING", None)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
-        self._send(trial, result.get("status", "FINISHED"), result.get("run_id"))
+        self._send(trial, result.get("status", "KILLED"), result.get("run_id"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._send(trial, "FAILED", None)
 
 
-def _run_tune(request: TrialRequest, spec: SpecBase, notify: ProgressFn) -> dict[int, str]:
+def _run_tune(
+    request: TrialRequest, spec: SpecBase, trials: list[Trial], notify: ProgressFn
+) -> tuple[dict[str, str], set[str]]:
+    """Run the trials as one Tune experiment; returns (errors by label, labels stopped early)."""
     storage = Path(get_settings().workdir).resolve() / "ray_results"
+    sweep = spec.sweep
+    asha = sweep.scheduler if sweep else None
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, request=request),
+        tune.with_parameters(_trainable, request=request, metric=asha.metric if asha else None),
         {"cpu": spec.resources.num_cpus, "gpu": spec.resources.num_gpus},
     )
+    scheduler = None
+    if asha is not None:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            metric=asha.metric,
+            mode=asha.mode,
+            # +1: a trial that reports max_t times then ends on its own, with its final
+            # evaluation, checkpoint and figures, instead of being stopped at its last report.
+            max_t=asha.max_t + 1,
+            grace_period=asha.grace_period,
+            reduction_factor=asha.reduction_factor,
+        )
+
     tuner = tune.Tuner(
         trainable,
-        param_space={"seed": tune.grid_search(spec.seeds)},
+        # The trials are expanded here (see `expand`), so Tune runs exactly this list.
+        param_space={
+            "trial": tune.grid_search([{"seed": t.seed, "overrides": t.overrides} for t in trials])
+        },
         tune_config=tune.TuneConfig(
-            trial_name_creator=lambda t: run_name(spec, int(t.config["seed"])),
-            trial_dirname_creator=lambda t: f"seed_{t.config['seed']}_{t.trial_id}",
+            scheduler=scheduler,
+            max_concurrent_trials=sweep.max_concurrent_trials if sweep else None,
+            trial_name_creator=lambda t: run_name(spec, int(t.config["trial"]["seed"])),
+            trial_dirname_creator=lambda t: f"seed_{t.config['trial']['seed']}_{t.trial_id}",
         ),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{request.launch_id[:6]}",
@@ -299,12 +427,20 @@ def _run_tune(request: TrialRequest, spec: SpecBase, notify: ProgressFn) -> dict
         ),
     )
     results = tuner.fit()
-    errors = {}
+    errors: dict[str, str] = {}
+    stopped: set[str] = set()
     for i in range(len(results)):
         result = results[i]
-        if result.error is not None and result.config:
+        if not result.config:
+            continue
+        label = trial_label(
+            int(result.config["trial"]["seed"]), result.config["trial"]["overrides"]
+        )
+        if result.error is not None:
             cause: Any = result.error
             while getattr(cause, "cause", None) is not None:  # unwrap RayTaskError chains
                 cause = cause.cause
-            errors[int(result.config["seed"])] = str(cause).strip().splitlines()[-1][:2000]
-    return errors
+            errors[label] = str(cause).strip().splitlines()[-1][:2000]
+        elif "status" not in (result.metrics or {}):
+            stopped.add(label)  # ended without its final report: the scheduler stopped it
+    return errors, stopped

@@ -34,6 +34,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_validator,
 )
 
 from generative import data
@@ -82,6 +83,77 @@ class Resources(BaseModel):
     )
 
 
+class Distribution(BaseModel):
+    """Values one swept field takes: exactly one of `grid` (every value, crossed with the other
+    grids and the seeds), `choice` (one at random per sample), `uniform` or `loguniform`
+    ([low, high])."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grid: list[Any] | None = Field(None, min_length=1, description="Every one of these values.")
+    choice: list[Any] | None = Field(None, min_length=1, description="One of these at random.")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], uniformly.")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], log-uniformly.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Distribution:
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform")
+        for kind in ("uniform", "loguniform"):
+            bounds = getattr(self, kind)
+            if bounds is not None:
+                if not bounds[0] < bounds[1]:
+                    raise ValueError(f"{kind}: low must be below high")
+                if kind == "loguniform" and bounds[0] <= 0:
+                    raise ValueError("loguniform: bounds must be positive")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k))
+
+    def examples(self) -> list[Any]:
+        """Values to validate against the algorithm's config: all listed ones, or the bounds."""
+        return list(getattr(self, self.kind))
+
+
+class Asha(BaseModel):
+    """Asynchronous successive halving (Li et al. 2020): stops the trials whose `metric` trails
+    at each rung. Time is counted in reports of `metric` (evaluations, epochs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["asha"] = Field("asha", description="The scheduler.")
+    metric: str = Field(description="The metric it compares, e.g. eval/return_mean.")
+    mode: Literal["max", "min"] = Field(description="Whether higher or lower is better.")
+    max_t: int = Field(
+        100,
+        gt=0,
+        description="Reports a complete trial makes (set it to the number of evaluations); "
+        "rungs sit at grace_period * reduction_factor^k below it.",
+    )
+    grace_period: int = Field(1, gt=0, description="Reports before a trial can be stopped.")
+    reduction_factor: float = Field(3.0, gt=1, description="1/fraction kept at each rung.")
+
+
+class Sweep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    params: dict[str, Distribution] = Field(
+        min_length=1,
+        description="Fields of `params` to vary, by dotted path (e.g. learning_rate, "
+        "pretraining.epochs), with the values they take.",
+    )
+    num_samples: int = Field(
+        1, ge=1, le=10_000, description="Repeats of the grid, each with fresh random draws."
+    )
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials running at once (default: as many as resources allow)."
+    )
+    scheduler: Asha | None = Field(None, description="Early stopping of trailing trials.")
+
+
 class SpecBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -93,6 +165,15 @@ class SpecBase(BaseModel):
     )
     resources: Resources = Field(default_factory=Resources, description="Per-trial resources.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags.")
+    sweep: Sweep | None = Field(None, description="Vary params across trials (Ray Tune).")
+    report: list[str] = Field(
+        default_factory=list,
+        description="Metrics aggregated across seeds in the parent run (mean, std, 95% CI) "
+        "and drawn as learning curves with bands; default: the headline metric.",
+    )
+    max_failures: int = Field(
+        0, ge=0, description="Restarts of a trial whose worker died (from its last checkpoint)."
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -367,8 +448,55 @@ def validate(source: Source) -> SpecBase:
         spec = model.model_validate(data)
     except ValidationError as e:
         raise SpecError(_problems(e, source, model)) from None
+    check_sweep(spec, source)
     check_world(spec, source)
     return spec
+
+
+def set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
+    """data["a"]["b"] = value for path "a.b", creating mappings on the way."""
+    *parents, last = path.split(".")
+    for key in parents:
+        child = data.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"'{key}' is not a mapping")
+        data = child
+    data[last] = value
+
+
+def check_sweep(spec: SpecBase, source: Source) -> None:
+    """Every swept path is a field of the algorithm's config and every value it may take is
+    valid there, so no trial of a sweep can fail on its config."""
+    if spec.sweep is None:
+        return
+    config_model = ALGORITHMS[spec.algorithm].config
+    params = spec.params.model_dump(mode="json")  # type: ignore[attr-defined]
+    problems = []
+    for path, dist in spec.sweep.params.items():
+        loc = ("sweep", "params", path)
+        parts = tuple(path.split("."))
+        if parts[-1] not in _fields_at(config_model, parts[:-1]):
+            known = _fields_at(config_model, ())
+            hint = difflib.get_close_matches(path, known, n=1)
+            msg = f"'{path}' is not a field of {spec.algorithm}'s params" + (
+                f"; did you mean '{hint[0]}'?" if hint else ""
+            )
+            problems.append(Problem(source.where(loc), _dotted(loc), msg))
+            continue
+        for value in dist.examples():
+            trial = json.loads(json.dumps(params))
+            set_dotted(trial, path, value)
+            try:
+                config_model.model_validate(trial)
+            except ValidationError as e:
+                first = e.errors(include_url=False)[0]
+                msg = first["msg"].removeprefix("Value error, ")
+                problems.append(
+                    Problem(source.where((*loc, dist.kind)), _dotted(loc), f"{value!r}: {msg}")
+                )
+                break
+    if problems:
+        raise SpecError(problems)
 
 
 def check_world(spec: SpecBase, source: Source) -> None:

@@ -29,6 +29,8 @@ T = TypeVar("T")
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 TAG_LAUNCH = "rlgen.launch_id"
 TAG_SEED = "rlgen.seed"
+TAG_TRIAL = "rlgen.trial"  # the trial's label: seed and swept values, "s0 learning_rate=0.001"
+TAG_STOPPED_EARLY = "rlgen.stopped_early"  # set on trials a scheduler stopped
 TAG_ERROR = "rlgen.error"
 TAG_PARENT = "mlflow.parentRunId"
 ACTIVE = ("RUNNING", "SCHEDULED")
@@ -153,12 +155,16 @@ def runs_of_launch(client: MlflowClient, experiment_id: str, launch_id: str) -> 
     return sorted(trials, key=lambda r: int(r.data.tags[TAG_SEED]))
 
 
-def close_dangling(client: MlflowClient, runs: Sequence[Run], status: str, reason: str) -> None:
-    """End runs a dead or interrupted worker left RUNNING, so none stays RUNNING forever."""
+def close_dangling(client: MlflowClient, runs: Sequence[Run], status: str, reason: str) -> int:
+    """End runs a dead or interrupted worker left RUNNING, so none stays RUNNING forever.
+    Returns how many it ended."""
+    closed = 0
     for run in runs:
         if run.info.status in ACTIVE:
             client.set_tag(run.info.run_id, TAG_ERROR, reason[:5000])
             client.set_terminated(run.info.run_id, status)
+            closed += 1
+    return closed
 
 
 def git_commit(*dirs: Path) -> str | None:

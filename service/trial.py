@@ -7,11 +7,13 @@ its MLflow run: FINISHED, FAILED with the error as the `rlgen.error` tag (and th
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 import threading
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,13 @@ import yaml
 from service.context import RunContext
 from service.metric_writer import ProcessWriter
 from service.registry import ALGORITHMS
-from service.spec import SpecBase, flatten, spec_model
+from service.spec import SpecBase, flatten, set_dotted, spec_model
 from service.tracking import (
     TAG_ERROR,
     TAG_LAUNCH,
     TAG_PARENT,
     TAG_SEED,
+    TAG_TRIAL,
     client_for,
     params_batch,
     with_retries,
@@ -47,9 +50,26 @@ class TrialRequest:
     launch_id: str
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)  # version, commit, spec hash
+    overrides: dict[str, Any] = field(default_factory=dict)  # swept params: dotted path -> value
 
     def for_seed(self, seed: int) -> TrialRequest:
         return replace(self, seed=seed)
+
+    def for_trial(self, seed: int, overrides: dict[str, Any]) -> TrialRequest:
+        return replace(self, seed=seed, overrides=dict(overrides))
+
+    @property
+    def label(self) -> str:
+        return trial_label(self.seed, self.overrides)
+
+
+def trial_label(seed: int, overrides: dict[str, Any]) -> str:
+    """`s0`, or `s0 learning_rate=0.001 n_step=3` for a trial of a sweep."""
+    parts = [f"s{seed}"]
+    for path, value in sorted(overrides.items()):
+        shown = f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
+        parts.append(f"{path}={shown}")
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -71,8 +91,11 @@ def pick_device(wanted: str, gpu_ids: list[Any] | tuple[Any, ...]) -> torch.devi
 
 
 def trial_spec(request: TrialRequest) -> SpecBase:
-    """The typed spec of this trial: the resolved spec with `seeds: [seed]`."""
-    data = {**request.spec, "seeds": [request.seed]}
+    """The typed spec of this trial: the resolved spec with `seeds: [seed]`, and for a trial of a
+    sweep its values of the swept params (the sweep itself is the parent's business)."""
+    data = {**json.loads(json.dumps(request.spec)), "seeds": [request.seed], "sweep": None}
+    for path, value in request.overrides.items():
+        set_dotted(data.setdefault("params", {}), path, value)
     return spec_model(data["algorithm"]).model_validate(data)
 
 
@@ -88,23 +111,37 @@ def run_name(spec: SpecBase, seed: int) -> str:
     return f"{spec.algorithm}-{subject}-s{seed}"
 
 
+def trial_run_name(spec: SpecBase, request: TrialRequest) -> str:
+    name = run_name(spec, request.seed)
+    if request.overrides:
+        name += " " + request.label.split(" ", 1)[1]
+    return name[:250]
+
+
 def run_trial(
     request: TrialRequest,
     *,
     gpu_ids: list[Any] | tuple[Any, ...] = (),
     stop_event: threading.Event | None = None,
+    on_metrics: Callable[[Mapping[str, float], int, Any], None] | None = None,
 ) -> TrialOutcome:
     spec = trial_spec(request)
     algo = ALGORITHMS[spec.algorithm]
     client = client_for(request.tracking_uri)
-    tags = {**request.tags, **spec.tags, TAG_LAUNCH: request.launch_id, TAG_SEED: str(request.seed)}
+    tags = {
+        **request.tags,
+        **spec.tags,
+        TAG_LAUNCH: request.launch_id,
+        TAG_SEED: str(request.seed),
+        TAG_TRIAL: request.label,
+    }
     if request.parent_run_id:
         tags[TAG_PARENT] = request.parent_run_id
     if spec.description:
         tags["mlflow.note.content"] = spec.description
     run = with_retries(
         lambda: client.create_run(
-            request.experiment_id, tags=tags, run_name=run_name(spec, request.seed)
+            request.experiment_id, tags=tags, run_name=trial_run_name(spec, request)
         ),
         "create_run",
     )
@@ -135,6 +172,7 @@ def run_trial(
             run_id=run_id,
             device=pick_device(spec.resources.device, gpu_ids),
             stop_event=stop_event,
+            on_metrics=on_metrics,
             env=getattr(spec, "env", None),
             dataset=getattr(spec, "dataset", None),
         )
@@ -149,6 +187,12 @@ def run_trial(
         log.error("trial %s (seed %d) failed: %s", run_id, request.seed, error)
         (workdir / "error.txt").write_text(traceback.format_exc())
         _best_effort(lambda: client.log_artifact(run_id, str(workdir / "error.txt")))
+    except BaseException:
+        # SystemExit & co.: the worker is being shut down (a scheduler stopped the trial, or it
+        # was cancelled). Save what was logged, end the run KILLED, and let the exit proceed;
+        # the driver records why.
+        status = "KILLED"
+        raise
     finally:
         if ctx is not None:
             ctx.timer.stop()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.execution import launch
+from service.execution import expand, launch
 from service.spec import load_spec
 
 from .conftest import ROOT
@@ -81,7 +81,8 @@ def test_example_runs_with_a_tiny_budget(path: Path, tracking_uri: str, in_tmp: 
     spec = load_spec(path, overrides)
     report = launch(spec, mode="local", tracking_uri=tracking_uri, spec_path=path)
     assert report.ok, [t.error for t in report.trials]
-    (trial,) = report.trials
-    assert "time/train_s" in trial.metrics
-    assert any(key.startswith("eval/") for key in trial.metrics)
-    assert MlflowClient(tracking_uri).get_run(trial.run_id).info.status == "FINISHED"
+    assert len(report.trials) == (len(expand(spec)))  # one, or a sweep's configurations
+    for trial in report.trials:
+        assert "time/train_s" in trial.metrics
+        assert any(key.startswith("eval/") for key in trial.metrics)
+        assert MlflowClient(tracking_uri).get_run(trial.run_id).info.status == "FINISHED"

@@ -1,0 +1,171 @@
+"""Sweeps: spec validation, trial expansion, child runs under one parent with aggregates, ASHA."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.execution import expand, launch
+from service.report import aggregate
+from service.spec import SpecError, load_spec
+from service.tracking import TAG_PARENT, TAG_STOPPED_EARLY, TAG_TRIAL
+
+SWEEP = """\
+name: {name}
+algorithm: q_learning
+env:
+  id: FrozenLake-v1
+params:
+  total_timesteps: 3000
+  eval_every: 500
+  eval_episodes: 20
+seeds: [0, 1]
+sweep:
+  params:
+    learning_rate: {{grid: [0.1, 0.5]}}
+    exploration_fraction: {{uniform: [0.2, 0.8]}}
+report: [eval/return_mean, eval/value_gap]
+"""
+
+
+def write(tmp: Path, text: str) -> Path:
+    path = tmp / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_expansion_crosses_grid_samples_and_seeds(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, SWEEP.format(name="x")), ["sweep.num_samples=3"])
+    trials = expand(spec)
+    assert len(trials) == 2 * 3 * 2  # grid points x samples x seeds
+    # Seeds replicate one configuration: same swept values, different seeds.
+    for i in range(0, len(trials), 2):
+        a, b = trials[i], trials[i + 1]
+        assert (a.seed, b.seed) == (0, 1) and a.overrides == b.overrides
+    draws = [t.overrides["exploration_fraction"] for t in trials[::2]]
+    assert all(0.2 <= d <= 0.8 for d in draws) and len(set(draws)) == len(draws)
+    assert {t.overrides["learning_rate"] for t in trials} == {0.1, 0.5}
+    assert expand(spec) == trials  # the same spec expands the same way
+    assert trials[0].label.startswith("s0 exploration_fraction=")
+
+
+BAD_SWEEPS = {
+    "unknown field": (
+        "    learning_rat: {grid: [0.1]}\n",
+        ":12: sweep.params.learning_rat: 'learning_rat' is not a field of q_learning's params; "
+        "did you mean 'learning_rate'?",
+    ),
+    "invalid value": (
+        "    learning_rate: {grid: [0.1, 2.0]}\n",
+        ":12: sweep.params.learning_rate: 2.0: Input should be less than or equal to 1",
+    ),
+    "two kinds": (
+        "    learning_rate: {grid: [0.1], uniform: [0.1, 0.2]}\n",
+        ":12: sweep.params.learning_rate: give exactly one of grid, choice, uniform, loguniform",
+    ),
+    "empty bounds": (
+        "    learning_rate: {loguniform: [0.0, 0.5]}\n",
+        "loguniform: bounds must be positive",
+    ),
+    "bad literal": (
+        "    update: {choice: [q_learning, dqn]}\n",
+        ":12: sweep.params.update: 'dqn': Input should be 'q_learning', 'sarsa' or 'expected_sarsa'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SWEEPS))
+def test_bad_sweeps_name_file_line_and_field(tmp_path: Path, case: str) -> None:
+    line, fragment = BAD_SWEEPS[case]
+    text = SWEEP.format(name="x").replace(
+        "    learning_rate: {grid: [0.1, 0.5]}\n    exploration_fraction: {uniform: [0.2, 0.8]}\n",
+        line,
+    )
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, text))
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_local_sweep_logs_children_under_one_parent_with_aggregates(
+    tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    spec = load_spec(write(in_tmp, SWEEP.format(name=experiment_name)))
+    report = launch(spec, mode="local", tracking_uri=tracking_uri)
+    assert report.ok and len(report.trials) == 4
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(report.parent_run_id)  # type: ignore[arg-type]
+    assert parent.info.status == "FINISHED"
+    children = [client.get_run(t.run_id) for t in report.trials]
+    assert {c.data.tags[TAG_PARENT] for c in children} == {report.parent_run_id}
+    assert {c.data.params["params.learning_rate"] for c in children} == {"0.1", "0.5"}
+    labels = {c.data.tags[TAG_TRIAL] for c in children}
+    assert len(labels) == 4
+    # The parent: the best group's aggregates, the table of all groups, the curves.
+    groups = aggregate(children, ["eval/return_mean"])
+    assert len(groups) == 2 and all(g.n == 2 for g in groups)
+    best = max(groups, key=lambda g: g.mean)
+    m = parent.data.metrics
+    assert m["eval/return_mean/mean"] == pytest.approx(best.mean)
+    assert m["eval/return_mean/n"] == 2
+    assert m["eval/return_mean/ci95_low"] <= best.mean <= m["eval/return_mean/ci95_high"]
+    assert "eval/value_gap/mean" in m
+    assert parent.data.tags["rlgen.best_group"] == best.group
+    table = client.download_artifacts(parent.info.run_id, "report.csv", str(in_tmp))
+    rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
+    assert len(rows) == 4  # 2 groups x 2 metrics
+    figures = {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
+    assert "figures/curves_eval_return_mean.png" in figures
+
+
+def test_confidence_interval_is_students_t() -> None:
+    from mlflow.entities import Metric as M
+    from mlflow.entities import Run, RunData, RunInfo
+
+    def run(value: float) -> Run:
+        info = RunInfo("r", "0", "u", "FINISHED", 0, 0, "active")
+        return Run(info, RunData(metrics=[M("m", value, 0, 0)], tags=[]))
+
+    (a,) = aggregate([run(1.0), run(2.0), run(3.0)], ["m"])
+    # mean 2, s = 1, t_{0.975, 2} = 4.303: half-width 4.303 / sqrt(3) = 2.484
+    assert a.mean == 2.0 and a.std == 1.0
+    assert a.ci95[1] - 2.0 == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
+
+
+def test_ray_sweep_with_asha_stops_trailing_trials(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    text = f"""\
+name: {experiment_name}
+algorithm: q_learning
+env: {{id: FrozenLake-v1}}
+params: {{total_timesteps: 40000, eval_every: 2000, eval_episodes: 50}}
+seeds: [0]
+sweep:
+  params:  # the good step sizes run first and set the bar the tiny ones then miss
+    learning_rate: {{grid: [0.5, 0.6, 0.000001, 0.000002]}}
+  max_concurrent_trials: 2
+  scheduler: {{metric: eval/return_mean, mode: max, max_t: 20, grace_period: 2, reduction_factor: 2}}
+"""
+    spec = load_spec(write(in_tmp, text))
+    report = launch(spec, mode="ray", tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri)
+    statuses = {t.label: t.status for t in report.trials}
+    assert len(statuses) == 4
+    stopped = [t for t in report.trials if t.status == "KILLED"]
+    assert stopped, statuses  # ASHA stopped at least one trailing trial
+    # ASHA's cut depends on arrival order; a good step size always completes.
+    assert "FINISHED" in (statuses["s0 learning_rate=0.5"], statuses["s0 learning_rate=0.6"])
+    assert report.ok  # stopping trailing trials is how a sweep with ASHA ends, not a failure
+    for t in stopped:
+        assert t.stopped_early
+        run = client.get_run(t.run_id)
+        assert run.data.tags[TAG_STOPPED_EARLY] == "asha"
+        assert client.get_metric_history(t.run_id, "eval/return_mean")  # what it logged is kept
+    assert all(t.status in ("FINISHED", "KILLED") for t in report.trials), statuses
+    parent = client.get_run(report.parent_run_id)  # type: ignore[arg-type]
+    assert parent.info.status == "FINISHED"
+    assert "eval/return_mean/mean" in parent.data.metrics
