@@ -101,7 +101,9 @@ class Config(BaseModel):
     stop_at_return: float | None = Field(
         None, description="Stop once an evaluation's mean return reaches this."
     )
-    log_every: int = Field(100, gt=0, description="Gradient steps between loss metrics.")
+    log_every: int = Field(
+        100, gt=0, description="Gradient steps between loss metrics (at most one log a step)."
+    )
     checkpoint_every: int = Field(
         10_000, gt=0, description="Timesteps between checkpoints (and at the end)."
     )
@@ -392,7 +394,6 @@ def train(config: Config, ctx: RunContext) -> None:
                 {
                     "charts/episodic_return": ep_return[e],
                     "charts/episodic_length": ep_length[e],
-                    "charts/epsilon": eps,
                 },
                 step=step,
             )
@@ -423,24 +424,24 @@ def train(config: Config, ctx: RunContext) -> None:
                 updates += 1
                 if updates % config.target_update_interval == 0:
                     update_target(target, q, config.tau)
-                if updates % config.log_every == 0:
-                    now = (step, ctx.timer.elapsed())
-                    sps = (now[0] - tick[0]) / max(now[1] - tick[1], 1e-9)
-                    tick = now
-                    n = updates - losses_logged
-                    losses_logged = updates
-                    ctx.log_metrics(
-                        {
-                            "losses/td_loss": loss_sum / n,
-                            "losses/q_values": q_sum / n,
-                            "charts/epsilon": eps,
-                            "charts/updates": updates,
-                            "time/sps": sps,
-                        },
-                        step=step,
-                    )
-                    loss_sum.zero_()
-                    q_sum.zero_()
+            if updates - losses_logged >= config.log_every:  # once per step at most
+                now = (step, ctx.timer.elapsed())
+                sps = (now[0] - tick[0]) / max(now[1] - tick[1], 1e-9)
+                tick = now
+                n = updates - losses_logged
+                losses_logged = updates
+                ctx.log_metrics(
+                    {
+                        "losses/td_loss": loss_sum / n,
+                        "losses/q_values": q_sum / n,
+                        "charts/epsilon": eps,
+                        "charts/updates": updates,
+                        "time/sps": sps,
+                    },
+                    step=step,
+                )
+                loss_sum.zero_()
+                q_sum.zero_()
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(f"TD loss is {float(loss)} at timestep {step}")
 

@@ -115,8 +115,12 @@ class MetricLogger:
         flush_interval_s: float = 10.0,
         background: bool = True,
         on_log: Callable[[Mapping[str, float], int, Any], None] | None = None,
+        logged_until: Mapping[str, int] | None = None,
     ):
         self.writer = writer
+        # A resumed run replays the steps after its checkpoint; those a metric already has are
+        # not logged again (MLflow would keep both).
+        self.logged_until = dict(logged_until or {})
         # Sees every logged dict, with this logger (the service flushes, then reports to Ray Tune).
         self.on_log = on_log
         self.max_buffer = max_buffer
@@ -140,6 +144,8 @@ class MetricLogger:
             if not _METRIC_KEY.match(key):
                 raise ValueError(f"metric name {key!r} has characters MLflow does not accept")
             v = float(value.item() if isinstance(value, torch.Tensor) else value)
+            if step <= self.logged_until.get(key, -1):
+                continue
             points.append(MetricPoint(key, v, int(step), now_ms))
             self.last[key] = v
         with self._lock:
@@ -280,6 +286,7 @@ class RunContext:
         run_id: str = "local",
         stop_event: threading.Event | None = None,
         on_metrics: Callable[[Mapping[str, float], int, Any], None] | None = None,
+        logged_until: Mapping[str, int] | None = None,
     ):
         self.seed = seed
         self.run_id = run_id
@@ -288,7 +295,7 @@ class RunContext:
         self.dataset = dataset
         self.workdir = workdir
         self.writer = writer
-        self.metrics = MetricLogger(writer, on_log=on_metrics)
+        self.metrics = MetricLogger(writer, on_log=on_metrics, logged_until=logged_until)
         self.checkpoints = Checkpointer(workdir / "checkpoints", writer)
         self.timer = TrainTimer()
         self.log = logging.getLogger(f"rlgen.run.{run_id}")

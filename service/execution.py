@@ -423,7 +423,9 @@ def _run_tune(
             storage_path=str(storage),
             verbose=0,
             callbacks=[_Progress(notify)],
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A trial whose worker dies is restarted; it continues its MLflow run from its
+            # last checkpoint (see `service.trial.find_restarted`).
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         ),
     )
     results = tuner.fit()

@@ -26,9 +26,11 @@ from service.metric_writer import ProcessWriter
 from service.registry import ALGORITHMS
 from service.spec import SpecBase, flatten, set_dotted, spec_model
 from service.tracking import (
+    ACTIVE,
     TAG_ERROR,
     TAG_LAUNCH,
     TAG_PARENT,
+    TAG_RESTARTS,
     TAG_SEED,
     TAG_TRIAL,
     client_for,
@@ -139,12 +141,18 @@ def run_trial(
         tags[TAG_PARENT] = request.parent_run_id
     if spec.description:
         tags["mlflow.note.content"] = spec.description
-    run = with_retries(
-        lambda: client.create_run(
-            request.experiment_id, tags=tags, run_name=trial_run_name(spec, request)
-        ),
-        "create_run",
-    )
+    previous = find_restarted(client, request)
+    if previous is None:
+        run = with_retries(
+            lambda: client.create_run(
+                request.experiment_id, tags=tags, run_name=trial_run_name(spec, request)
+            ),
+            "create_run",
+        )
+    else:  # Tune restarted this trial after its worker died: continue the same MLflow run
+        run = previous
+        restarts = int(run.data.tags.get(TAG_RESTARTS, "0")) + 1
+        with_retries(lambda: client.set_tag(run.info.run_id, TAG_RESTARTS, str(restarts)), "tag")
     run_id = run.info.run_id
     workdir = Path(tempfile.mkdtemp(prefix=f"rlgen-{run_id[:8]}-"))
     writer = ProcessWriter(client, request.tracking_uri, run_id)  # starts while we set up
@@ -152,17 +160,21 @@ def run_trial(
     ctx: RunContext | None = None
     try:
         resolved = spec.model_dump(mode="json")
-        with_retries(
-            lambda: client.log_batch(
-                run_id,
-                params=params_batch({**flatten(resolved), "seed": str(request.seed)}),
-                synchronous=True,
-            ),
-            "log params",
-        )
-        spec_file = workdir / "spec.yaml"
-        spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        writer.write_artifact(spec_file, "")
+        logged_until: dict[str, int] = {}
+        if previous is None:
+            with_retries(
+                lambda: client.log_batch(
+                    run_id,
+                    params=params_batch({**flatten(resolved), "seed": str(request.seed)}),
+                    synchronous=True,
+                ),
+                "log params",
+            )
+            spec_file = workdir / "spec.yaml"
+            spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            writer.write_artifact(spec_file, "")
+        else:
+            logged_until = restore(client, previous, workdir)
 
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
         ctx = RunContext(
@@ -173,6 +185,7 @@ def run_trial(
             device=pick_device(spec.resources.device, gpu_ids),
             stop_event=stop_event,
             on_metrics=on_metrics,
+            logged_until=logged_until,
             env=getattr(spec, "env", None),
             dataset=getattr(spec, "dataset", None),
         )
@@ -207,6 +220,47 @@ def run_trial(
         _best_effort(lambda: client.set_terminated(run_id, status))
         shutil.rmtree(workdir, ignore_errors=True)
     return TrialOutcome(run_id, request.seed, status, error)
+
+
+def find_restarted(client: Any, request: TrialRequest) -> Any:
+    """The run of this launch and trial that a dead worker left RUNNING, if any.
+
+    Launch ids are unique, so this only finds something when Ray Tune restarts a trial whose
+    worker died (`max_failures`); the trial then continues that run instead of starting another.
+    """
+    runs = with_retries(
+        lambda: client.search_runs(
+            [request.experiment_id],
+            filter_string=f"tags.`{TAG_LAUNCH}` = '{request.launch_id}'",
+            max_results=10_000,
+        ),
+        "search runs",
+    )
+    for run in runs:
+        if run.data.tags.get(TAG_TRIAL) == request.label and run.info.status in ACTIVE:
+            return run
+    return None
+
+
+def restore(client: Any, run: Any, workdir: Path) -> dict[str, int]:
+    """Put the run's newest checkpoint where the algorithm looks for it; return, per metric, the
+    last step already logged, so that the steps the algorithm replays are not logged twice."""
+    checkpoints = [
+        f.path
+        for f in client.list_artifacts(run.info.run_id, "checkpoints")
+        if f.path.endswith(".pt")
+    ]
+    if checkpoints:
+        target = workdir / "checkpoints"
+        target.mkdir(parents=True, exist_ok=True)
+        local = Path(client.download_artifacts(run.info.run_id, max(checkpoints), str(workdir)))
+        local.replace(target / local.name)
+        log.info("run %s continues from %s", run.info.run_id, max(checkpoints))
+        client.set_tag(run.info.run_id, "rlgen.resumed_from", max(checkpoints))
+    return {
+        key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
+        for key in run.data.metrics
+    }
 
 
 def _best_effort(fn: Any) -> None:

@@ -1,0 +1,87 @@
+"""A trial whose worker process dies is restarted by Ray Tune and continues its MLflow run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from service.execution import LaunchReport, launch
+from service.spec import load_spec
+from service.tracking import TAG_RESTARTS
+
+from .conftest import ROOT
+
+
+def trial_workers() -> list[int]:
+    """Pids of Ray workers running a Tune function trial (proctitle `ray::ImplicitFunc...`)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"ImplicitFunc" in cmdline:
+                found.append(int(proc.name))
+    return found
+
+
+def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    spec = load_spec(
+        ROOT / "experiments" / "dqn_cartpole.yaml",
+        [
+            f"name={experiment_name}",
+            "seeds=[0]",
+            "max_failures=1",
+            "params.total_timesteps=12000",
+            "params.stop_at_return=null",
+            "params.checkpoint_every=2000",
+            "params.checkpoint_buffer=true",
+            "params.eval_every=2000",
+        ],
+    )
+    result: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "report", launch(spec, mode="ray", tracking_uri=tracking_uri)
+        )
+    )
+    thread.start()
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.2)
+        experiment = experiment or client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            continue
+        runs = client.search_runs([experiment.experiment_id])
+        if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
+            workers = trial_workers()
+            if workers:
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)
+    assert killed is not None, "never saw a checkpoint and a trial worker to kill"
+    thread.join(timeout=300)
+    report: LaunchReport = result["report"]
+    assert report.ok, [(t.status, t.error) for t in report.trials]
+    (trial,) = report.trials  # the restart continued the run; no second run
+    run = client.get_run(trial.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[TAG_RESTARTS] == "1"
+    assert run.data.tags["rlgen.resumed_from"].startswith("checkpoints/step_")
+    for key in ("losses/td_loss", "eval/return_mean", "charts/episodic_return"):
+        steps = [m.step for m in client.get_metric_history(trial.run_id, key)]
+        assert steps, key
+        if key != "charts/episodic_return":  # several episodes may end at one step
+            assert len(steps) == len(set(steps)), f"{key} logged a step twice"
+    assert max(m.step for m in client.get_metric_history(trial.run_id, "eval/return_mean")) >= 12000
