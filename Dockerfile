@@ -6,7 +6,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
 # A plain torch requirement takes the CUDA build on Linux: what the GPU workers need.
-RUN pip install "torch>=2.3" "ray[default,tune]==2.60.0" "mlflow==3.17.2" "psycopg2-binary>=2.9"
+RUN pip install "torch>=2.4" "ray[default,tune]==2.60.0" "mlflow==3.17.2" "psycopg2-binary>=2.9"
 
 COPY pyproject.toml README.md ./
 COPY service service

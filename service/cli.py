@@ -261,6 +261,153 @@ def evaluate(
     )
 
 
+JobsAddress = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        envvar="RAY_ADDRESS",
+        help="The cluster's Ray Jobs API, http://HEAD:8265 [env: RAY_ADDRESS]",
+    ),
+]
+
+
+def _jobs(address: str) -> Any:
+    from service.jobs import Jobs, JobsError
+
+    if not address.startswith(("http://", "https://")):
+        raise _invalid(f"--address: expected the Jobs API URL http://HEAD:8265, not {address!r}")
+    try:
+        return Jobs(address)
+    except JobsError as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+@app.command()
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Experiment YAML file.")],
+    address: JobsAddress,
+    overrides: SetOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Validate SPEC and submit it to a Ray cluster as a job; print the job id at once."""
+    from service.jobs import JobsError
+    from service.tracking import resolve_tracking_uri
+
+    spec = _load(spec_path, None, overrides or [], tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:"):
+        err.print(
+            f"[yellow]warning:[/yellow] {uri} is a file on the cluster's head node; "
+            "pass --tracking-uri http://MLFLOW:5000 to log to a tracking server",
+            markup=True,
+            highlight=False,
+        )
+    try:
+        job_id = _jobs(address).submit(spec, uri)
+    except JobsError as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    sys.stdout.write(job_id + "\n")
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(metavar="[ID]")] = None,
+    address: JobsAddress = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Status of one submitted job, or of all of them."""
+    from service.jobs import JobsError
+
+    jobs = _jobs(address)
+    try:
+        infos = [jobs.info(job_id)] if job_id else jobs.list()
+    except JobsError as e:
+        raise _invalid(str(e)) from None
+    if as_json:
+        sys.stdout.write(json.dumps([i.to_json() for i in infos]) + "\n")
+        return
+    table = Table(title=f"rlgen jobs on {address}", title_justify="left")
+    for col in ("id", "status", "name", "algorithm", "message"):
+        table.add_column(col, overflow="fold")
+    for i in infos:
+        table.add_row(i.id, i.status, i.name, i.algorithm, i.message)
+    Console().print(table)
+
+
+@app.command(name="list")
+def list_jobs(
+    address: JobsAddress = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """All experiments submitted to the cluster, newest first."""
+    status(None, address, as_json)
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    address: JobsAddress = "",
+) -> None:
+    """The driver's output of a submitted job."""
+    from service.jobs import JobsError
+
+    try:
+        sys.stdout.write(_jobs(address).logs(job_id))
+    except JobsError as e:
+        raise _invalid(str(e)) from None
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    address: JobsAddress = "",
+) -> None:
+    """Stop a submitted job (its trials' runs end KILLED)."""
+    from service.jobs import JobsError
+
+    try:
+        stopped = _jobs(address).cancel(job_id)
+    except JobsError as e:
+        raise _invalid(str(e)) from None
+    sys.stdout.write(f"{job_id}: {'stopping' if stopped else 'already ended'}\n")
+
+
+@app.command()
+def serve(
+    address: JobsAddress,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    tracking_uri: TrackingOpt = None,
+    db: Annotated[
+        Path, typer.Option(help="SQLite file of submitted experiments (survives restarts).")
+    ] = Path(".rlgen/api.db"),
+    ui_url: Annotated[
+        str | None, typer.Option(help="MLflow UI address for run links [default: tracking URI]")
+    ] = None,
+) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs); needs RLGEN_API_TOKEN."""
+    import uvicorn
+
+    from service.api import ApiConfig, create_app
+    from service.settings import get_settings
+    from service.tracking import resolve_tracking_uri
+
+    token = get_settings().api_token
+    if token is None or not token.get_secret_value():
+        raise _invalid(
+            "set RLGEN_API_TOKEN: every route but /healthz requires it as a bearer token"
+        )
+    config = ApiConfig(
+        token=token.get_secret_value(),
+        tracking_uri=resolve_tracking_uri(tracking_uri),
+        db_path=db,
+        ui_url=ui_url,
+    )
+    uvicorn.run(create_app(config, _jobs(address)), host=host, port=port, log_level="info")
+
+
 @app.command()
 def validate(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC")],

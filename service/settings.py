@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -19,6 +19,9 @@ class Settings(BaseSettings):
         "'[\"my_envs\"]'). Empty: such ids are refused, since they make gymnasium import code.",
     )
     workdir: str = Field(".rlgen", description="Scratch space for trial files before upload.")
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token `rlgen serve` requires on every route but /healthz."
+    )
 
 
 @cache

@@ -20,7 +20,11 @@ def compose() -> dict:
 
 def test_services_and_dependencies() -> None:
     services = compose()["services"]
-    assert {"postgres", "mlflow", "ray-head", "ray-worker"} <= set(services)
+    assert {"postgres", "mlflow", "ray-head", "ray-worker", "api"} <= set(services)
+    api = services["api"]
+    assert "rlgen serve" in api["command"] and "http://ray-head:8265" in api["command"]
+    assert "RLGEN_API_TOKEN" in api["environment"]
+    assert "healthcheck" in api and "/healthz" in " ".join(api["healthcheck"]["test"])
     for name, svc in services.items():
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert dep in services, f"{name} depends on unknown {dep}"

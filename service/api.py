@@ -1,0 +1,248 @@
+"""`rlgen serve`: the HTTP API. Experiments in (YAML or JSON), Ray Jobs out, MLflow runs back.
+
+    POST /experiments              validate and submit; 202 with an id (422: the CLI's messages)
+    GET  /experiments              every experiment this service submitted, with its job status
+    GET  /experiments/{id}         status, MLflow runs (ids, statuses, UI links)
+    POST /experiments/{id}/cancel  stop its Ray job
+    GET  /experiments/{id}/logs    the job driver's output
+    GET  /healthz                  liveness (no token)
+    GET  /openapi.json, /docs      the OpenAPI schema and its Swagger UI
+
+Every route but /healthz needs `Authorization: Bearer $RLGEN_API_TOKEN` (compared in constant time).
+Bodies above `max_body_bytes` get 413 before they are parsed. The table of submitted experiments
+is a SQLite file, so it survives a restart of the service; job states come live from Ray.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.jobs import JobInfo, JobsError
+from service.spec import MAX_SPEC_BYTES, SpecError, load_spec_text
+from service.tracking import client_for
+
+TAG_API_ID = "rlgen.api_id"
+
+
+class Submitter(Protocol):
+    """What the API needs of a cluster (service.jobs.Jobs; a fake in unit tests)."""
+
+    def submit(self, spec: Any, tracking_uri: str) -> str: ...
+    def info(self, job_id: str) -> JobInfo: ...
+    def logs(self, job_id: str) -> str: ...
+    def cancel(self, job_id: str) -> bool: ...
+
+
+@dataclass
+class ApiConfig:
+    token: str
+    tracking_uri: str
+    db_path: Path
+    ui_url: str | None = None  # the MLflow UI's address for links (default: the tracking URI)
+    max_body_bytes: int = MAX_SPEC_BYTES
+
+
+class Table:
+    """The experiments this service submitted: SQLite, one row each."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS experiments (id TEXT PRIMARY KEY, job_id TEXT, "
+                "name TEXT, algorithm TEXT, created REAL, spec TEXT)"
+            )
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def add(self, row: dict[str, Any]) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO experiments VALUES (:id, :job_id, :name, :algorithm, :created, :spec)",
+                row,
+            )
+
+    def get(self, exp_id: str) -> dict[str, Any] | None:
+        with self._db() as db:
+            db.row_factory = sqlite3.Row
+            row = db.execute("SELECT * FROM experiments WHERE id = ?", (exp_id,)).fetchone()
+        return dict(row) if row else None
+
+    def all(self) -> list[dict[str, Any]]:
+        with self._db() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM experiments ORDER BY created DESC").fetchall()
+        return [dict(r) for r in rows]
+
+
+def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
+    # The schema and docs routes are ours, behind the token like everything but /healthz.
+    app = FastAPI(
+        title="rlgen",
+        summary="Submit RL and generative-model experiments to a Ray cluster; runs in MLflow.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    table = Table(config.db_path)
+    bearer = HTTPBearer(auto_error=False)
+    ui = (config.ui_url or config.tracking_uri).rstrip("/")
+
+    def authorized(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        given = creds.credentials if creds else ""
+        if not (creds and hmac.compare_digest(given.encode(), config.token.encode())):
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        # Refuse oversized bodies by their declared length before reading them; a body without
+        # one (chunked) is read and measured in the route.
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            return JSONResponse({"detail": "request body too large"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorized)])
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(authorized)])
+    def docs() -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="rlgen API")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/experiments", status_code=202, dependencies=[Depends(authorized)])
+    async def submit(request: Request) -> dict[str, Any]:
+        body = await request.body()
+        if len(body) > config.max_body_bytes:
+            raise HTTPException(413, "request body too large")
+        exp_id = uuid.uuid4().hex[:12]
+        try:
+            if request.headers.get("content-type", "").startswith("application/json"):
+                try:
+                    data = json.loads(body)
+                except ValueError as e:
+                    raise HTTPException(422, {"errors": [f"body: invalid JSON: {e}"]}) from None
+                body = yaml.safe_dump(data).encode() if isinstance(data, dict) else body
+            spec = load_spec_text(body, "body")
+        except SpecError as e:
+            raise HTTPException(422, {"errors": [str(p) for p in e.problems]}) from None
+        # Tag every run of this experiment with its API id, to find them in MLflow.
+        spec = spec.model_copy(update={"tags": {**spec.tags, TAG_API_ID: exp_id}})
+        try:
+            job_id = submitter.submit(spec, config.tracking_uri)
+        except JobsError as e:
+            raise HTTPException(503, str(e)) from None
+        table.add(
+            {
+                "id": exp_id,
+                "job_id": job_id,
+                "name": spec.name,
+                "algorithm": spec.algorithm,
+                "created": time.time(),
+                "spec": body.decode("utf-8", "replace"),
+            }
+        )
+        return {
+            "id": exp_id,
+            "job_id": job_id,
+            "status": "PENDING",
+            "url": f"/experiments/{exp_id}",
+        }
+
+    def row_or_404(exp_id: str) -> dict[str, Any]:
+        row = table.get(exp_id)
+        if row is None:
+            raise HTTPException(404, f"no experiment {exp_id}")
+        return row
+
+    def job_status(row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            info = submitter.info(row["job_id"])
+            return {"status": info.status, "message": info.message}
+        except JobsError as e:
+            return {"status": "UNKNOWN", "message": str(e)}
+
+    @app.get("/experiments", dependencies=[Depends(authorized)])
+    def list_experiments() -> list[dict[str, Any]]:
+        return [
+            {k: row[k] for k in ("id", "job_id", "name", "algorithm", "created")} | job_status(row)
+            for row in table.all()
+        ]
+
+    @app.get("/experiments/{exp_id}", dependencies=[Depends(authorized)])
+    def get_experiment(exp_id: str) -> dict[str, Any]:
+        row = row_or_404(exp_id)
+        client = client_for(config.tracking_uri)
+        runs = []
+        experiment = client.get_experiment_by_name(row["name"])
+        if experiment is not None:
+            for run in client.search_runs(
+                [experiment.experiment_id], filter_string=f"tags.`{TAG_API_ID}` = '{exp_id}'"
+            ):
+                runs.append(
+                    {
+                        "run_id": run.info.run_id,
+                        "name": run.info.run_name,
+                        "status": run.info.status,
+                        "trial": run.data.tags.get("rlgen.trial"),
+                        "metrics": run.data.metrics,
+                        "url": f"{ui}/#/experiments/{experiment.experiment_id}"
+                        f"/runs/{run.info.run_id}",
+                    }
+                )
+        return {k: row[k] for k in ("id", "job_id", "name", "algorithm", "created")} | {
+            **job_status(row),
+            "runs": runs,
+        }
+
+    @app.post("/experiments/{exp_id}/cancel", dependencies=[Depends(authorized)])
+    def cancel(exp_id: str) -> dict[str, Any]:
+        row = row_or_404(exp_id)
+        try:
+            stopping = submitter.cancel(row["job_id"])
+        except JobsError as e:
+            raise HTTPException(503, str(e)) from None
+        return {"id": exp_id, "stopping": stopping}
+
+    @app.get(
+        "/experiments/{exp_id}/logs",
+        response_class=PlainTextResponse,
+        dependencies=[Depends(authorized)],
+    )
+    def logs(exp_id: str) -> str:
+        row = row_or_404(exp_id)
+        try:
+            return submitter.logs(row["job_id"])
+        except JobsError as e:
+            raise HTTPException(503, str(e)) from None
+
+    return app

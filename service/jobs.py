@@ -1,0 +1,101 @@
+"""Remote submission: an experiment becomes a Ray Job on a cluster (the Jobs API on the head's
+dashboard port, 8265), so the laptop that submitted it can close.
+
+The job's working directory holds only the resolved `spec.yaml`; its entrypoint is
+`rlgen run spec.yaml --address auto`, run by the head node's Python (where rlgen is installed, as in
+the Dockerfile's image), so the trials go to the cluster's workers through Ray Tune and log to the
+tracking server given here. The spec is validated before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.spec import SpecBase, to_yaml
+
+ENTRY = "rlgen run spec.yaml --address auto --json"
+
+
+@dataclass
+class JobInfo:
+    id: str
+    status: str  # PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED
+    name: str
+    algorithm: str
+    message: str
+    start_time: float | None
+    end_time: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class JobsError(Exception):
+    """The cluster cannot be reached, or refused the request."""
+
+
+class Jobs:
+    """Ray Jobs API client for rlgen experiments on one cluster (`http://HEAD:8265`)."""
+
+    def __init__(self, address: str):
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = address
+        try:
+            self.client = JobSubmissionClient(address)
+        except Exception as e:  # ConnectionError, ValueError for malformed addresses
+            raise JobsError(f"cannot reach the Ray Jobs API at {address}: {e}") from None
+
+    def submit(self, spec: SpecBase, tracking_uri: str) -> str:
+        with tempfile.TemporaryDirectory(prefix="rlgen-job-") as tmp:
+            (Path(tmp) / "spec.yaml").write_text(to_yaml(spec))
+            entrypoint = f"{ENTRY} --tracking-uri {shlex.quote(tracking_uri)}"
+            try:
+                job_id: str = self.client.submit_job(
+                    entrypoint=entrypoint,
+                    runtime_env={"working_dir": tmp},
+                    metadata={"rlgen.name": spec.name, "rlgen.algorithm": spec.algorithm},
+                )
+            except Exception as e:
+                raise JobsError(f"the cluster refused the job: {e}") from None
+        return job_id
+
+    def info(self, job_id: str) -> JobInfo:
+        try:
+            details = self.client.get_job_info(job_id)
+        except Exception as e:
+            raise JobsError(f"no job {job_id}: {e}") from None
+        return _info(details)
+
+    def list(self) -> list[JobInfo]:
+        jobs = [_info(d) for d in self.client.list_jobs() if (d.metadata or {}).get("rlgen.name")]
+        return sorted(jobs, key=lambda j: j.start_time or 0, reverse=True)
+
+    def logs(self, job_id: str) -> str:
+        try:
+            return str(self.client.get_job_logs(job_id))
+        except Exception as e:
+            raise JobsError(f"no logs for job {job_id}: {e}") from None
+
+    def cancel(self, job_id: str) -> bool:
+        try:
+            return bool(self.client.stop_job(job_id))
+        except Exception as e:
+            raise JobsError(f"cannot stop job {job_id}: {e}") from None
+
+
+def _info(details: Any) -> JobInfo:
+    meta = details.metadata or {}
+    return JobInfo(
+        id=details.submission_id or details.job_id,
+        status=str(getattr(details.status, "value", details.status)),
+        name=meta.get("rlgen.name", ""),
+        algorithm=meta.get("rlgen.algorithm", ""),
+        message=details.message or "",
+        start_time=details.start_time / 1000 if details.start_time else None,
+        end_time=details.end_time / 1000 if details.end_time else None,
+    )

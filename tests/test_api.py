@@ -1,0 +1,159 @@
+"""The HTTP API with an in-process cluster stand-in that runs each experiment locally at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import TAG_API_ID, ApiConfig, create_app
+from service.execution import launch
+from service.jobs import JobInfo, JobsError
+
+from .conftest import ROOT
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SPEC = (
+    (ROOT / "experiments" / "q_learning_frozenlake.yaml")
+    .read_text()
+    .replace("total_timesteps: 200000", "total_timesteps: 2000")
+    .replace("eval_every: 10000", "eval_every: 1000")
+    .replace("seeds: [0, 1, 2]", "seeds: [0, 1]")
+)
+
+
+class LocalJobs:
+    """Runs a submitted spec in-process (`launch(mode="local")`) and remembers it as a job."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobInfo] = {}
+        self.submitted: list[Any] = []
+        self.cancelled: list[str] = []
+
+    def submit(self, spec: Any, tracking_uri: str) -> str:
+        self.submitted.append(spec)
+        report = launch(spec, mode="local", tracking_uri=tracking_uri)
+        job_id = f"job_{len(self.jobs)}"
+        status = "SUCCEEDED" if report.ok else "FAILED"
+        self.jobs[job_id] = JobInfo(job_id, status, spec.name, spec.algorithm, "", 0.0, 1.0)
+        return job_id
+
+    def info(self, job_id: str) -> JobInfo:
+        if job_id not in self.jobs:
+            raise JobsError(f"no job {job_id}")
+        return self.jobs[job_id]
+
+    def logs(self, job_id: str) -> str:
+        return f"logs of {job_id}\n"
+
+    def cancel(self, job_id: str) -> bool:
+        self.cancelled.append(job_id)
+        return True
+
+
+@pytest.fixture
+def api(tracking_uri: str, tmp_path: Path) -> tuple[TestClient, LocalJobs, ApiConfig]:
+    config = ApiConfig(
+        token=TOKEN, tracking_uri=tracking_uri, db_path=tmp_path / "api.db", max_body_bytes=20_000
+    )
+    jobs = LocalJobs()
+    return TestClient(create_app(config, jobs)), jobs, config
+
+
+def test_healthz_needs_no_token(api: Any) -> None:
+    client, _, _ = api
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]
+)
+def test_every_other_route_needs_the_token(api: Any, headers: dict[str, str]) -> None:
+    client, jobs, _ = api
+    for method, path in [
+        ("post", "/experiments"),
+        ("get", "/experiments"),
+        ("get", "/experiments/x"),
+        ("post", "/experiments/x/cancel"),
+        ("get", "/experiments/x/logs"),
+    ]:
+        response = getattr(client, method)(path, headers=headers)
+        assert response.status_code == 401, (method, path)
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert not jobs.submitted
+
+
+def test_submit_status_logs_cancel_and_restart(
+    api: Any, experiment_name: str, in_tmp: Path
+) -> None:
+    client, jobs, config = api
+    body = SPEC.replace("name: q-learning-frozenlake", f"name: {experiment_name}")
+    response = client.post("/experiments", content=body, headers=AUTH)
+    assert response.status_code == 202, response.text
+    exp_id = response.json()["id"]
+    assert jobs.submitted[0].tags[TAG_API_ID] == exp_id
+
+    detail = client.get(f"/experiments/{exp_id}", headers=AUTH).json()
+    assert detail["status"] == "SUCCEEDED" and detail["name"] == experiment_name
+    runs = detail["runs"]
+    assert len(runs) == 3  # parent + 2 seeds
+    assert {r["status"] for r in runs} == {"FINISHED"}
+    assert {r["trial"] for r in runs} >= {"s0", "s1"}
+    assert all(r["url"].endswith(r["run_id"]) for r in runs)
+
+    listed = client.get("/experiments", headers=AUTH).json()
+    assert [e["id"] for e in listed] == [exp_id]
+    assert client.get(f"/experiments/{exp_id}/logs", headers=AUTH).text == "logs of job_0\n"
+    assert client.post(f"/experiments/{exp_id}/cancel", headers=AUTH).json()["stopping"]
+    assert jobs.cancelled == ["job_0"]
+    assert client.get("/experiments/nope", headers=AUTH).status_code == 404
+
+    # A restarted service (same database) still lists the experiment.
+    restarted = TestClient(create_app(config, jobs))
+    assert [e["id"] for e in restarted.get("/experiments", headers=AUTH).json()] == [exp_id]
+
+
+def test_json_bodies_are_accepted(api: Any, experiment_name: str, in_tmp: Path) -> None:
+    import yaml
+
+    client, jobs, _ = api
+    data = yaml.safe_load(SPEC) | {"name": experiment_name, "seeds": [0]}
+    response = client.post("/experiments", json=data, headers=AUTH)
+    assert response.status_code == 202, response.text
+    assert jobs.submitted[0].seeds == [0]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (SPEC.replace("gamma: 0.99", "gamma: 2"), "body:12: params.gamma: Input should be less"),
+        ("name: x\nalgorithm: dqnn\n", "body:2: algorithm: unknown algorithm 'dqnn'"),
+        ("name: [unclosed\n", "YAML error"),
+        ("a: &a [*a]\n", "recursive YAML alias"),
+    ],
+)
+def test_invalid_specs_get_422_with_the_cli_messages(api: Any, body: str, fragment: str) -> None:
+    client, jobs, _ = api
+    response = client.post("/experiments", content=body, headers=AUTH)
+    assert response.status_code == 422
+    assert any(fragment in e for e in response.json()["detail"]["errors"]), response.text
+    assert not jobs.submitted
+    assert client.get("/experiments", headers=AUTH).json() == []
+
+
+def test_oversized_bodies_get_413_and_change_nothing(api: Any) -> None:
+    client, jobs, _ = api
+    response = client.post("/experiments", content="#" * 30_000, headers=AUTH)
+    assert response.status_code == 413
+    assert not jobs.submitted and client.get("/experiments", headers=AUTH).json() == []
+
+
+def test_openapi_docs(api: Any) -> None:
+    client, _, _ = api
+    assert client.get("/openapi.json").status_code == 401
+    assert client.get("/docs", headers=AUTH).status_code == 200
+    paths = client.get("/openapi.json", headers=AUTH).json()["paths"]
+    assert {"/experiments", "/experiments/{exp_id}", "/healthz"} <= set(paths)
