@@ -59,11 +59,17 @@ def _invalid(message: str) -> typer.Exit:
 
 
 def _load(
-    spec_path: Path | None, from_run: str | None, overrides: list[str], tracking_uri: str | None
+    spec_path: Path | None,
+    from_run: str | None,
+    overrides: list[str],
+    tracking_uri: str | None,
+    spec_env: str | None = None,
 ) -> Any:
     from service.spec import SpecError, load_spec, load_spec_text
 
     try:
+        if spec_env:  # a submitted job: the spec travels in its environment (service.jobs)
+            return load_spec_text(os.environ.get(spec_env, "").encode(), "spec", overrides)
         if from_run:
             return load_spec_text(
                 _spec_of_run(from_run, tracking_uri), f"run {from_run}:spec.yaml", overrides
@@ -157,6 +163,10 @@ def run(
     from_run: Annotated[
         str | None, typer.Option("--from-run", help="Re-run the spec logged by an MLflow run.")
     ] = None,
+    spec_env: Annotated[
+        str | None,
+        typer.Option("--spec-env", hidden=True, help="Read the spec from this env variable."),
+    ] = None,
     address: Annotated[
         str | None,
         typer.Option("--address", help="Join this Ray cluster (default: embedded local Ray)."),
@@ -177,7 +187,7 @@ def run(
     )
     if not verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    spec = _load(spec_path, from_run, overrides or [], tracking_uri)
+    spec = _load(spec_path, from_run, overrides or [], tracking_uri, spec_env)
     if local and address:
         raise _invalid("--local and --address exclude each other")
 

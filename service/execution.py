@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Trials keep the job's working directory instead of moving into a Tune trial directory, which
+# on another node may not exist (or be cleaned up under a running trial); MLflow holds the files.
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 Status = Literal["PENDING", "RUNNING", "FINISHED", "FAILED", "KILLED"]
 ProgressFn = Callable[[str, str, str | None], None]  # (trial label, status, run_id)
@@ -290,7 +293,9 @@ def _run_local(request: TrialRequest, trials: list[Trial], notify: ProgressFn) -
 def _start_ray(address: str | None, spec: SpecBase) -> None:
     if not ray.is_initialized():
         ray.init(
-            address=address,
+            # Embedded means a fresh local Ray, even when `ray start` left a cluster on this
+            # machine; RAY_ADDRESS (or --address) is how to join one.
+            address=address or os.environ.get("RAY_ADDRESS") or "local",
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.ERROR,

@@ -1,23 +1,23 @@
 """Remote submission: an experiment becomes a Ray Job on a cluster (the Jobs API on the head's
 dashboard port, 8265), so the laptop that submitted it can close.
 
-The job's working directory holds only the resolved `spec.yaml`; its entrypoint is
-`rlgen run spec.yaml --address auto`, run by the head node's Python (where rlgen is installed, as in
-the Dockerfile's image), so the trials go to the cluster's workers through Ray Tune and log to the
-tracking server given here. The spec is validated before anything is submitted.
+The resolved spec travels in the job's environment (`RLGEN_SPEC_YAML`; specs are a few kB); the
+entrypoint `rlgen run --spec-env RLGEN_SPEC_YAML --address auto` runs in the head node's Python
+(where rlgen is installed, as in the Dockerfile's image), so the trials go to the cluster's
+workers through Ray Tune and log to the tracking server given here. The spec is validated before
+anything is submitted.
 """
 
 from __future__ import annotations
 
 import shlex
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from service.spec import SpecBase, to_yaml
 
-ENTRY = "rlgen run spec.yaml --address auto --json"
+SPEC_VAR = "RLGEN_SPEC_YAML"
+ENTRY = f"rlgen run --spec-env {SPEC_VAR} --address auto --json"
 
 
 @dataclass
@@ -51,17 +51,17 @@ class Jobs:
             raise JobsError(f"cannot reach the Ray Jobs API at {address}: {e}") from None
 
     def submit(self, spec: SpecBase, tracking_uri: str) -> str:
-        with tempfile.TemporaryDirectory(prefix="rlgen-job-") as tmp:
-            (Path(tmp) / "spec.yaml").write_text(to_yaml(spec))
-            entrypoint = f"{ENTRY} --tracking-uri {shlex.quote(tracking_uri)}"
-            try:
-                job_id: str = self.client.submit_job(
-                    entrypoint=entrypoint,
-                    runtime_env={"working_dir": tmp},
-                    metadata={"rlgen.name": spec.name, "rlgen.algorithm": spec.algorithm},
-                )
-            except Exception as e:
-                raise JobsError(f"the cluster refused the job: {e}") from None
+        # The spec travels in the job's environment, not in a `working_dir` package: the Ray
+        # runtime-env agent may garbage-collect an unreferenced package under a starting driver.
+        entrypoint = f"{ENTRY} --tracking-uri {shlex.quote(tracking_uri)}"
+        try:
+            job_id: str = self.client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"env_vars": {SPEC_VAR: to_yaml(spec)}},
+                metadata={"rlgen.name": spec.name, "rlgen.algorithm": spec.algorithm},
+            )
+        except Exception as e:
+            raise JobsError(f"the cluster refused the job: {e}") from None
         return job_id
 
     def info(self, job_id: str) -> JobInfo:

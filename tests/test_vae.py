@@ -75,7 +75,7 @@ def test_iwae_bound_is_tighter_than_the_elbo(tmp_path: Path) -> None:
         {},
         {"architecture": "conv", "channels": [16, 32]},
         {"likelihood": "gaussian", "learning_rate": 3e-3},
-        {"beta": 4.0, "kl_warmup_epochs": 5},
+        {"beta": 4.0, "kl_warmup_epochs": 5, "learning_rate": 1e-3},
     ],
 )
 def test_vae_learns(tmp_path: Path, overrides: dict) -> None:
