@@ -99,3 +99,10 @@ def test_dqn_cartpole() -> None:
         ),
     )
     assert "SB3 steps" in out and "MountainCar-v0" in out and "Acrobot-v1" in out
+
+
+def test_service_overhead() -> None:
+    out = run(
+        "service_overhead.py", "--timesteps", "2000", "--trials", "2", "--sweep-timesteps", "1000"
+    )
+    assert "rlgen run" in out and "Ray Tune, concurrent" in out
