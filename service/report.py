@@ -25,7 +25,7 @@ import numpy as np
 from mlflow.entities import Metric, Run, RunTag
 from mlflow.tracking import MlflowClient
 
-from service.tracking import TAG_SEED, TAG_TRIAL, with_retries
+from service.tracking import TAG_TRIAL, with_retries
 
 # The headline result of a trial, the first of these it logged (progress table, default report).
 HEADLINE = (
@@ -177,7 +177,3 @@ def learning_curves(client: MlflowClient, runs: Sequence[Run], metric: str) -> A
     ax.set(xlabel="step", ylabel=metric, title=f"{metric}: mean +- std across seeds")
     ax.legend(loc="best", fontsize=7)
     return fig
-
-
-def seed_of(run: Run) -> int:
-    return int(run.data.tags.get(TAG_SEED, "0"))

@@ -54,9 +54,6 @@ class TrialRequest:
     tags: dict[str, str] = field(default_factory=dict)  # version, commit, spec hash
     overrides: dict[str, Any] = field(default_factory=dict)  # swept params: dotted path -> value
 
-    def for_seed(self, seed: int) -> TrialRequest:
-        return replace(self, seed=seed)
-
     def for_trial(self, seed: int, overrides: dict[str, Any]) -> TrialRequest:
         return replace(self, seed=seed, overrides=dict(overrides))
 
