@@ -6,6 +6,7 @@ which case nothing was started and no MLflow run was created; 130 interrupted (r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,8 +20,6 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
-
-from service.report import HEADLINE
 
 app = typer.Typer(
     name="rlgen",
@@ -83,6 +82,50 @@ def _load(
         raise typer.Exit(EXIT_INVALID) from None
 
 
+def _load_while_ray_starts(load: Any, address: str | None, tracking_uri: str | None) -> Any:
+    """`load()` the spec in a thread while this one starts (or joins) Ray.
+
+    Ray's start takes ~3 s, mostly waiting on its daemons; loading imports torch, the algorithms
+    and MLflow's store (~2 s of CPU). Ray must start on the main thread (its daemons die with the
+    thread that started them). An invalid spec still exits 2, after stopping what was started.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    from service.cluster import start_ray
+    from service.tracking import client_for, resolve_tracking_uri
+
+    def load_and_open_store() -> Any:
+        spec = load()
+        uri = resolve_tracking_uri(tracking_uri)
+        # MLflow builds its SQLAlchemy store once per process (~1 s). Not a new one: an
+        # experiment that turns out to be unrunnable must leave no store behind.
+        if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
+            with contextlib.suppress(Exception):  # launch reports tracking errors in context
+                client_for(uri).search_experiments(max_results=1)
+        return spec
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        loading = pool.submit(load_and_open_store)
+        ours = not ray.is_initialized()  # what this call starts, it stops again on an error
+        try:
+            start_ray(address)
+            ray_error = None
+        except Exception as e:  # a bad address; but an invalid spec is reported first
+            ray_error = e
+        try:
+            spec = loading.result()
+        except BaseException:
+            if ours:
+                ray.shutdown()
+            raise
+    if ray_error is not None:
+        where = address or os.environ.get("RAY_ADDRESS") or "the embedded cluster"
+        raise _invalid(f"cannot start or reach Ray ({where}): {ray_error}")
+    return spec
+
+
 def _spec_of_run(run_id: str, tracking_uri: str | None) -> bytes:
     from mlflow.exceptions import MlflowException
 
@@ -123,6 +166,8 @@ class ProgressTable:
     def update(
         self, label: str, status: str, run_id: str | None, metrics: dict[str, float] | None = None
     ) -> None:
+        from service.report import HEADLINE
+
         row = self._row(label)
         key = next((k for k in HEADLINE if k in (metrics or {})), None)
         if key is not None and metrics is not None:
@@ -187,9 +232,13 @@ def run(
     )
     if not verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    spec = _load(spec_path, from_run, overrides or [], tracking_uri, spec_env)
     if local and address:
         raise _invalid("--local and --address exclude each other")
+
+    def load() -> Any:
+        return _load(spec_path, from_run, overrides or [], tracking_uri, spec_env)
+
+    spec = load() if local else _load_while_ray_starts(load, address, tracking_uri)
 
     from service.execution import expand, launch
     from service.spec import SpecError
@@ -495,5 +544,28 @@ def ui(
     os.execvp(args[0], args)
 
 
+def main() -> None:
+    """The `rlgen` command: `app`, then a quick exit.
+
+    Once a command is done, its runs are closed and the exit handlers (Ray's shutdown among them)
+    have run; Python's own teardown of the torch, MLflow and SQLAlchemy module graph would then
+    add ~1 s to every command, for nothing.
+    """
+    import atexit
+
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,4 +1,5 @@
-"""Running an experiment: one trial per seed, on Ray Tune (embedded or remote) or in-process.
+"""Running an experiment: one trial per seed (and sweep point) on Ray, embedded or remote, or
+in-process. A single trial is one Ray task; several go through Ray Tune.
 
 The driver creates the parent run (when there is more than one trial), hands each worker a
 `TrialRequest`, and afterwards closes whatever a dead or interrupted worker left RUNNING, so that no
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import signal
 import threading
 import time
@@ -25,6 +25,7 @@ import ray
 from ray import tune
 
 from service import __version__
+from service.cluster import start_ray
 from service.report import write_parent
 from service.settings import get_settings
 from service.spec import SpecBase, flatten, resolved, spec_hash, to_yaml
@@ -41,18 +42,10 @@ from service.tracking import (
     resolve_tracking_uri,
     runs_of_launch,
 )
-from service.trial import TrialRequest, run_name, run_trial, trial_label
+from service.trial import TrialRequest, run_name, run_on_ray_worker, run_trial, trial_label
 
 log = logging.getLogger(__name__)
 
-# Tune's own CSV/JSON/TensorBoard loggers duplicate what MLflow records; its SIGINT handler would
-# swallow Ctrl-C, which we handle ourselves (runs end KILLED).
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-# Trials keep the job's working directory instead of moving into a Tune trial directory, which
-# on another node may not exist (or be cleaned up under a running trial); MLflow holds the files.
-os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 Status = Literal["PENDING", "RUNNING", "FINISHED", "FAILED", "KILLED"]
 ProgressFn = Callable[[str, str, str | None], None]  # (trial label, status, run_id)
@@ -151,8 +144,9 @@ def launch(
 ) -> LaunchReport:
     """Run every trial of `spec` and return what MLflow recorded for them."""
     uri = resolve_tracking_uri(tracking_uri)
-    if mode == "ray":
-        _start_ray(address, spec)  # before any run exists: a bad address or resources leave nothing
+    if mode == "ray":  # before any run exists: a bad address or resources leave nothing
+        start_ray(address)
+        _check_resources(spec, address)
     client = client_for(uri)
     experiment_id = ensure_experiment(client, spec.name, uri)
     launch_id = uuid.uuid4().hex
@@ -200,6 +194,8 @@ def launch(
     try:
         if mode == "local":
             _run_local(request, trials, notify)
+        elif spec.sweep is None and len(trials) == 1:
+            errors = _run_task(request, spec, trials[0], notify)
         else:
             errors, stopped = _run_tune(request, spec, trials, notify)
     except KeyboardInterrupt:
@@ -289,20 +285,8 @@ def _run_local(request: TrialRequest, trials: list[Trial], notify: ProgressFn) -
         raise KeyboardInterrupt
 
 
-# -- Ray Tune --------------------------------------------------------------------------------------
-def _start_ray(address: str | None, spec: SpecBase) -> None:
-    if not ray.is_initialized():
-        ray.init(
-            # Embedded means a fresh local Ray, even when `ray start` left a cluster on this
-            # machine; RAY_ADDRESS (or --address) is how to join one.
-            address=address or os.environ.get("RAY_ADDRESS") or "local",
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            configure_logging=True,
-        )
-        # Tune looks for the result files of the loggers we disabled; MLflow has the results.
-        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+# -- Ray ------------------------------------------------------------------------------------------
+def _check_resources(spec: SpecBase, address: str | None) -> None:
     available = ray.cluster_resources()
     need = {"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}
     for name, amount in need.items():
@@ -321,6 +305,46 @@ def _start_ray(address: str | None, spec: SpecBase) -> None:
             )
 
 
+def _cause(error: BaseException) -> str:
+    """The innermost error of a RayTaskError chain, on one line."""
+    cause: Any = error
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    return str(cause).strip().splitlines()[-1][:2000] if str(cause).strip() else repr(cause)
+
+
+def _run_task(
+    request: TrialRequest, spec: SpecBase, trial: Trial, notify: ProgressFn
+) -> dict[str, str]:
+    """One trial without a sweep, as a plain Ray task; returns {label: error} if it failed.
+
+    Tune has nothing to schedule here, and its controller and fresh actor process cost seconds
+    (see benchmarks/service_overhead.py); a task starts on one of Ray's prestarted workers. When
+    the worker dies, Ray runs the task again (`max_failures` retries), and the trial continues its
+    MLflow run from its last checkpoint, as under Tune.
+    """
+    task = ray.remote(run_on_ray_worker).options(
+        num_cpus=spec.resources.num_cpus,
+        num_gpus=spec.resources.num_gpus,
+        max_retries=spec.max_failures,
+        retry_exceptions=False,  # an algorithm's exception is a result (FAILED), not a crash
+        name=f"rlgen:{spec.name}:{trial.label}",
+    )
+    notify(trial.label, "RUNNING", None)
+    ref = task.remote(request.for_trial(trial.seed, trial.overrides))
+    try:
+        outcome = ray.get(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+    except ray.exceptions.RayError as e:  # the worker died more often than max_failures allows
+        notify(trial.label, "FAILED", None)
+        return {trial.label: _cause(e)}
+    notify(trial.label, outcome.status, outcome.run_id)
+    return {}
+
+
+# -- Ray Tune --------------------------------------------------------------------------------------
 class TrialFailedError(RuntimeError):
     """Raised in a Tune trial whose algorithm failed, so Tune records the trial as ERROR."""
 
@@ -448,10 +472,7 @@ def _run_tune(
             int(result.config["trial"]["seed"]), result.config["trial"]["overrides"]
         )
         if result.error is not None:
-            cause: Any = result.error
-            while getattr(cause, "cause", None) is not None:  # unwrap RayTaskError chains
-                cause = cause.cause
-            errors[label] = str(cause).strip().splitlines()[-1][:2000]
+            errors[label] = _cause(result.error)
         elif "status" not in (result.metrics or {}):
             stopped.add(label)  # ended without its final report: the scheduler stopped it
     return errors, stopped

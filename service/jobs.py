@@ -3,8 +3,9 @@ dashboard port, 8265), so the laptop that submitted it can close.
 
 The resolved spec travels in the job's environment (`RLGEN_SPEC_YAML`; specs are a few kB); the
 entrypoint `rlgen run --spec-env RLGEN_SPEC_YAML --address auto` runs in the head node's Python
-(where rlgen is installed, as in the Dockerfile's image), so the trials go to the cluster's
-workers through Ray Tune and log to the tracking server given here. The spec is validated before
+(where rlgen is installed, as in the Dockerfile's image; the spec's `driver` resources can place
+it elsewhere), so the trials go to the cluster's workers and log to the tracking server given
+here. The spec is validated before
 anything is submitted.
 """
 
@@ -59,6 +60,9 @@ class Jobs:
                 entrypoint=entrypoint,
                 runtime_env={"env_vars": {SPEC_VAR: to_yaml(spec)}},
                 metadata={"rlgen.name": spec.name, "rlgen.algorithm": spec.algorithm},
+                entrypoint_num_cpus=spec.driver.num_cpus,
+                entrypoint_num_gpus=spec.driver.num_gpus,
+                entrypoint_resources=spec.driver.resources or None,
             )
         except Exception as e:
             raise JobsError(f"the cluster refused the job: {e}") from None

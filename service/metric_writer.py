@@ -6,10 +6,12 @@ batches to this helper over a pipe instead (pickling costs ~1 us a point) and wa
 acknowledgement with the GIL released, so errors still come back to the caller, whose
 `MetricLogger` keeps the batch and retries.
 
-The helper imports MLflow (~2 s of CPU) at a lower priority, so it uses idle cores rather than
-the trials' own; it is spawned once a trial has run `spawn_after_s` (the shortest trials never
-start one), and until it is ready batches are written in-process. Should the helper die, its
-unacknowledged batch and everything after it are written in-process: nothing is dropped.
+The helper costs ~2 s of CPU to import MLflow, which on a busy machine (two trials on two cores)
+is more than most trials ever spend writing. So batches are written in-process until that has
+cost `spawn_after_cost_s` of the writing thread's CPU time; only then is the helper started (at a
+lower priority, so it uses idle cores first), and until it is ready writes stay in-process. A
+trial logging a few points a second never starts one. Should the helper die, its unacknowledged
+batch and everything after it are written in-process: nothing is dropped.
 
 Protocol on stdin/stdout: the helper writes b"R" once ready; then each request is a 4-byte
 big-endian length and a pickled list of MetricPoint tuples, each answered the same way with the
@@ -57,13 +59,18 @@ class ProcessWriter:
     """`service.context.Writer` whose metric writes move to a helper process in long trials."""
 
     def __init__(
-        self, client: MlflowClient, tracking_uri: str, run_id: str, spawn_after_s: float = 0.5
+        self,
+        client: MlflowClient,
+        tracking_uri: str,
+        run_id: str,
+        spawn_after_cost_s: float = 0.3,
     ):
         from service.tracking import MlflowWriter
 
         self.inline = MlflowWriter(client, run_id)
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        self.spawn_at = time.monotonic() + spawn_after_s
+        self.spawn_after_cost_s = spawn_after_cost_s
+        self.inline_cost_s = 0.0  # CPU seconds spent writing metrics in-process so far
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready = False
         self.gave_up = False
@@ -73,7 +80,7 @@ class ProcessWriter:
         if self.gave_up:
             return None
         if self.proc is None:
-            if time.monotonic() >= self.spawn_at:
+            if self.inline_cost_s >= self.spawn_after_cost_s:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "service.metric_writer", self.tracking_uri, self.run_id],
                     stdin=subprocess.PIPE,
@@ -98,7 +105,11 @@ class ProcessWriter:
     def write_metrics(self, points: Sequence[MetricPoint]) -> None:
         helper = self._helper()
         if helper is None:
-            self.inline.write_metrics(points)
+            started = time.thread_time()
+            try:
+                self.inline.write_metrics(points)
+            finally:
+                self.inline_cost_s += time.thread_time() - started
             return
         assert helper.stdin is not None and helper.stdout is not None
         try:
@@ -120,7 +131,9 @@ class ProcessWriter:
     def close(self) -> None:
         if self.proc is None:
             return
-        if self.proc.stdin:
+        if not self.ready:  # still importing: it holds nothing, so it need not finish starting
+            self.proc.kill()
+        elif self.proc.stdin:
             self.proc.stdin.close()  # EOF: the helper exits
         try:
             self.proc.wait(timeout=30)

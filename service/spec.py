@@ -83,6 +83,20 @@ class Resources(BaseModel):
     )
 
 
+class DriverResources(BaseModel):
+    """What the driver of a submitted experiment (`rlgen submit`, the HTTP API) reserves as a Ray
+    Job entrypoint. It only coordinates the trials, which reserve their own `resources`; these
+    place it, e.g. `resources: {head: 1}` with a custom resource on the head node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(0.0, ge=0, description="CPUs the job's driver reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs the job's driver reserves.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources the job's driver reserves."
+    )
+
+
 class Distribution(BaseModel):
     """Values one swept field takes: exactly one of `grid` (every value, crossed with the other
     grids and the seeds), `choice` (one at random per sample), `uniform` or `loguniform`
@@ -164,6 +178,10 @@ class SpecBase(BaseModel):
         default_factory=lambda: [0], min_length=1, description="One trial per seed."
     )
     resources: Resources = Field(default_factory=Resources, description="Per-trial resources.")
+    driver: DriverResources = Field(
+        default_factory=DriverResources,
+        description="Entrypoint resources of the Ray Job when submitted to a cluster.",
+    )
     tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags.")
     sweep: Sweep | None = Field(None, description="Vary params across trials (Ray Tune).")
     report: list[str] = Field(

@@ -136,6 +136,8 @@ def run_trial(
     }
     if request.parent_run_id:
         tags[TAG_PARENT] = request.parent_run_id
+    if gpu_ids:
+        tags["rlgen.gpu_ids"] = ",".join(map(str, gpu_ids))  # which of the node's GPUs Ray gave
     if spec.description:
         tags["mlflow.note.content"] = spec.description
     previous = find_restarted(client, request)
@@ -219,11 +221,18 @@ def run_trial(
     return TrialOutcome(run_id, request.seed, status, error)
 
 
+def run_on_ray_worker(request: TrialRequest) -> TrialOutcome:
+    """A single trial as a plain Ray task (see `service.execution._run_task`)."""
+    import ray
+
+    return run_trial(request, gpu_ids=ray.get_gpu_ids())
+
+
 def find_restarted(client: Any, request: TrialRequest) -> Any:
     """The run of this launch and trial that a dead worker left RUNNING, if any.
 
-    Launch ids are unique, so this only finds something when Ray Tune restarts a trial whose
-    worker died (`max_failures`); the trial then continues that run instead of starting another.
+    Launch ids are unique, so this only finds something when Ray restarts a trial whose worker
+    died (`max_failures`); the trial then continues that run instead of starting another.
     """
     runs = with_retries(
         lambda: client.search_runs(

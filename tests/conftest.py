@@ -33,6 +33,7 @@ def ray_cluster() -> Iterator[None]:
     ray.init(
         address="local",
         num_cpus=2,
+        num_gpus=2,  # logical GPUs (there are none here): placement of GPU trials is testable
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.ERROR,

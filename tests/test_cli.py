@@ -113,6 +113,27 @@ def test_ray_run_on_the_shared_cluster(
     assert MlflowClient(tracking_uri).get_run(out["parent_run_id"]).info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("seeds", ["[0]", "[0, 1, 2]"], ids=["task", "tune"])
+def test_gpu_trials_get_their_share_of_the_clusters_gpus(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path, seeds: str
+) -> None:
+    # The session's cluster declares 2 logical GPUs; a trial asking for half a GPU is placed on
+    # one of them (Ray sets its CUDA_VISIBLE_DEVICES) and records which; with no CUDA here, the
+    # `auto` device falls back to the CPU and the trial finishes.
+    out = run_json(
+        str(ROOT / "experiments" / "policy_iteration_taxi.yaml"),
+        *common(tracking_uri, experiment_name),
+        "--set",
+        f"seeds={seeds}",
+        "--set",
+        "resources.num_gpus=0.5",
+    )
+    client = MlflowClient(tracking_uri)
+    for trial in out["trials"]:
+        assert trial["status"] == "FINISHED"
+        assert client.get_run(trial["run_id"]).data.tags["rlgen.gpu_ids"] in ("0", "1")
+
+
 def test_failing_trial_is_failed_with_reason_and_others_go_on(
     tracking_uri: str, experiment_name: str, in_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

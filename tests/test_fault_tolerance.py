@@ -1,4 +1,5 @@
-"""A trial whose worker process dies is restarted by Ray Tune and continues its MLflow run."""
+"""A trial whose worker process dies is restarted by Ray (a single trial's task, or Ray Tune's
+trial in a sweep) and continues its MLflow run from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from service.execution import LaunchReport, launch
@@ -19,7 +21,8 @@ from .conftest import ROOT
 
 
 def trial_workers() -> list[int]:
-    """Pids of Ray workers running a Tune function trial (proctitle `ray::ImplicitFunc...`)."""
+    """Pids of Ray workers running a trial: a task named `rlgen:...` or a Tune function trial
+    (`ray::ImplicitFunc...`), by their process titles."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -27,19 +30,20 @@ def trial_workers() -> list[int]:
                 cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 continue
-            if b"ImplicitFunc" in cmdline:
+            if cmdline.startswith((b"ray::rlgen:", b"ray::ImplicitFunc")):
                 found.append(int(proc.name))
     return found
 
 
+@pytest.mark.parametrize("seeds", ["[0]", "[0, 1]"], ids=["task", "tune"])
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
-    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path, seeds: str
 ) -> None:
     spec = load_spec(
         ROOT / "experiments" / "dqn_cartpole.yaml",
         [
             f"name={experiment_name}",
-            "seeds=[0]",
+            f"seeds={seeds}",
             "max_failures=1",
             "params.total_timesteps=12000",
             "params.stop_at_return=null",
@@ -64,7 +68,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
         experiment = experiment or client.get_experiment_by_name(experiment_name)
         if experiment is None:
             continue
-        runs = client.search_runs([experiment.experiment_id])
+        runs = client.search_runs([experiment.experiment_id], "tags.`rlgen.trial` = 's0'")
         if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
             workers = trial_workers()
             if workers:
@@ -74,14 +78,21 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
     thread.join(timeout=300)
     report: LaunchReport = result["report"]
     assert report.ok, [(t.status, t.error) for t in report.trials]
-    (trial,) = report.trials  # the restart continued the run; no second run
-    run = client.get_run(trial.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags[TAG_RESTARTS] == "1"
-    assert run.data.tags["rlgen.resumed_from"].startswith("checkpoints/step_")
-    for key in ("losses/td_loss", "eval/return_mean", "charts/episodic_return"):
-        steps = [m.step for m in client.get_metric_history(trial.run_id, key)]
-        assert steps, key
-        if key != "charts/episodic_return":  # several episodes may end at one step
-            assert len(steps) == len(set(steps)), f"{key} logged a step twice"
-    assert max(m.step for m in client.get_metric_history(trial.run_id, "eval/return_mean")) >= 12000
+    # The restart continued the killed trial's run: one run per trial, all FINISHED.
+    assert sorted(t.seed for t in report.trials) == spec.seeds
+    restarts = 0
+    for trial in report.trials:
+        run = client.get_run(trial.run_id)
+        assert run.info.status == "FINISHED"
+        if TAG_RESTARTS in run.data.tags:
+            restarts += 1
+            assert run.data.tags[TAG_RESTARTS] == "1"
+            assert run.data.tags["rlgen.resumed_from"].startswith("checkpoints/step_")
+        for key in ("losses/td_loss", "eval/return_mean", "charts/episodic_return"):
+            steps = [m.step for m in client.get_metric_history(trial.run_id, key)]
+            assert steps, key
+            if key != "charts/episodic_return":  # several episodes may end at one step
+                assert len(steps) == len(set(steps)), f"{key} logged a step twice"
+        last_eval = client.get_metric_history(trial.run_id, "eval/return_mean")
+        assert max(m.step for m in last_eval) >= 12000
+    assert restarts == 1  # only the killed worker's trial restarted

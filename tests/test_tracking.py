@@ -34,7 +34,7 @@ def test_writer_process_writes_and_survives_the_helper_dying(
     tracking_uri: str, experiment_name: str
 ) -> None:
     client, run_id = new_run(tracking_uri, experiment_name)
-    writer = ProcessWriter(client, tracking_uri, run_id, spawn_after_s=0.0)
+    writer = ProcessWriter(client, tracking_uri, run_id, spawn_after_cost_s=0.0)
     writer.write_metrics(points(0, 10))  # spawns the helper; written in-process meanwhile
     deadline = time.monotonic() + 60
     while writer._helper() is None:

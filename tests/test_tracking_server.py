@@ -1,0 +1,109 @@
+"""A real `mlflow server` goes away mid-run and comes back: the run's metric logger keeps what it
+could not write and loses nothing (marked `e2e`: it starts the server twice, ~15 s)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.context import MetricLogger
+from service.metric_writer import ProcessWriter
+
+from .test_e2e import free_port, wait_for
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its gunicorn/uvicorn workers go down with it
+        )  # fmt: skip
+        wait_for(f"{self.uri}/health")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        import os
+
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path)
+    s.start()
+    try:
+        yield s
+    finally:
+        if s.proc is not None:
+            s.kill()
+
+
+def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MLflow's own HTTP retries would otherwise wait out the outage inside one call.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    # The trial's writer stack: buffered logger -> helper process (started at once here).
+    writer = ProcessWriter(client, server.uri, run_id, spawn_after_cost_s=0.0)
+    logger = MetricLogger(writer, max_buffer=50, flush_interval_s=0.2)
+
+    for step in range(200):
+        logger.log({"losses/x": step}, step=step)
+    logger.flush()
+    deadline = time.monotonic() + 60
+    while writer._helper() is None:  # later batches go through the helper
+        assert time.monotonic() < deadline, "the metric helper never became ready"
+        time.sleep(0.1)
+
+    calls: list[tuple[float, float, bool]] = []  # (start, end, raised) of each batch write
+    write = writer.write_metrics
+
+    def recorded(points):  # type: ignore[no-untyped-def]
+        start = time.monotonic()
+        try:
+            write(points)
+        except Exception:
+            calls.append((start, time.monotonic(), True))
+            raise
+        calls.append((start, time.monotonic(), False))
+
+    writer.write_metrics = recorded  # type: ignore[method-assign]
+
+    server.kill()
+    down = time.monotonic()
+    for step in range(200, 400):
+        logger.log({"losses/x": step}, step=step)
+        time.sleep(0.005)
+    assert time.monotonic() - down < 5, "logging blocked while the server was down"
+    time.sleep(2)  # the background thread's write is retrying with backoff by now
+    server.start()
+    up = time.monotonic()
+    logger.close()
+    writer.close()
+    # Some write was under way while the server was down, and failed or waited it out.
+    assert any(start < up and (raised or end > up) for start, end, raised in calls), calls
+    steps = [m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "losses/x")]
+    assert sorted(steps) == list(range(400))  # nothing lost, nothing twice
