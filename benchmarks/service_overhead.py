@@ -1,27 +1,40 @@
-"""What the service costs: one DQN trial in-process against the same spec through `rlgen run` on the
-embedded Ray, and a sweep of one-CPU trials on Ray against running them one after another.
+"""What the service costs: one DQN trial in-process, through `rlgen run` on the embedded Ray, and
+through the HTTP API on a running service; and a sweep of one-CPU trials on Ray against running
+them one after another.
 
-    python benchmarks/service_overhead.py [--timesteps 100000] [--trials 4]
+    python benchmarks/service_overhead.py [--timesteps 100000] [--trials 4] [--no-api]
 
-1. The trial: `experiments/dqn_cartpole.yaml` without its early stop (~30 s of training here),
-   (a) `dqn.train` called directly with an in-memory context, (b) `rlgen run` in a subprocess
+1. The trial: `experiments/dqn_cartpole.yaml` without its early stop (~25 s of training here),
+   (a) `dqn.train` called directly with an in-memory context; (b) `rlgen run` in a subprocess
    (validation, embedded Ray, MLflow on SQLite, the trial, closing). The embedded cluster's start
    and stop are measured on their own (a `ray.init`/`ray.shutdown` cycle) and reported apart; the
-   overhead is (b) minus them, against (a).
-2. Throughput: `--trials` seeds of a shorter trial, each reserving one CPU, through `launch` on Ray
-   (as many at once as there are CPUs) against `launch(mode="local")` (one after another).
+   overhead is (b) minus them, against (a). (c) The same spec POSTed to `rlgen serve` in front of
+   a running `ray start --head` cluster (2 CPUs), timed from the POST until the API reports the
+   job SUCCEEDED (polled every 0.2 s): a Ray Job whose driver is `rlgen run --address auto`.
+2. Throughput: `--trials` seeds of the same trial, each reserving one CPU, on Ray (as many at
+   once as there are CPUs, through Ray Tune) against one after another in-process; measured twice:
+   (a) `launch` called in this (already warm) process, the embedded cluster started beforehand;
+   (b) as a user runs them, `rlgen run --local` against `rlgen run` minus the embedded cluster's
+   start and stop, the same method as for the single trial.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import secrets
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,13 +70,16 @@ def ray_start_stop() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def through_cli(timesteps: int, tmp: Path) -> tuple[float, float]:
-    """Wall seconds of `rlgen run`, and the trial's own MLflow run duration."""
+def through_cli(
+    timesteps: int, tmp: Path, seeds: int = 1, local: bool = False
+) -> tuple[float, float]:
+    """Wall seconds of `rlgen run` (`--local`: in-process, one trial after another) with `seeds`
+    trials, and the first trial's own MLflow run duration."""
     args = [
         str(Path(sys.executable).parent / "rlgen"), "run", str(SPEC), "--json",
         "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-        "--set", "seeds=[0]", "--set", f"params.total_timesteps={timesteps}",
-        "--set", "params.stop_at_return=null",
+        "--set", f"seeds={list(range(seeds))}", "--set", f"params.total_timesteps={timesteps}",
+        "--set", "params.stop_at_return=null", *(["--local"] if local else []),
     ]  # fmt: skip
     t = time.perf_counter()
     out = subprocess.run(args, capture_output=True, text=True, cwd=tmp, check=True)
@@ -75,9 +91,102 @@ def through_cli(timesteps: int, tmp: Path) -> tuple[float, float]:
     return wall, (run.info.end_time - run.info.start_time) / 1000
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _http(method: str, url: str, token: str, body: bytes | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=body, method=method)
+    request.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        request.add_header("Content-Type", "application/yaml")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except (urllib.error.URLError, OSError) as e:
+        return 0, str(e)
+
+
+def through_api(timesteps: int, tmp: Path) -> tuple[float, float]:
+    """Seconds from POST /experiments to SUCCEEDED on a running service and cluster, and the
+    trial's own MLflow run duration."""
+    token, bindir = secrets.token_hex(16), Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RLGEN_API_TOKEN": token,
+    }
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash, api = _free_port(), _free_port(), _free_port()
+    uri = f"sqlite:///{tmp / 'api-mlflow.db'}"
+
+    def spawn(*args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            args, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+    procs = [
+        spawn(str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}",
+              f"--dashboard-port={dash}", "--include-dashboard=true",
+              "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats")
+    ]  # fmt: skip
+    from service.spec import load_spec, to_yaml
+
+    spec = load_spec(
+        SPEC, ["seeds=[0]", f"params.total_timesteps={timesteps}", "params.stop_at_return=null"]
+    )
+    base = f"http://127.0.0.1:{api}"
+    try:
+        deadline = time.monotonic() + 120
+        while _http("GET", f"http://127.0.0.1:{dash}/api/version", token)[0] == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Ray head's dashboard never came up")
+            time.sleep(0.5)
+        procs.append(
+            spawn(str(bindir / "rlgen"), "serve", "--address", f"http://127.0.0.1:{dash}",
+                  "--tracking-uri", uri, "--port", str(api), "--db", str(tmp / "api.db"))
+        )  # fmt: skip
+        while True:  # until the service and the head's job agent are up (503 meanwhile)
+            t = time.perf_counter()
+            status, body = _http("POST", f"{base}/experiments", token, to_yaml(spec).encode())
+            if status == 202:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service never accepted the experiment: {body}")
+            time.sleep(0.5)
+        while True:
+            detail = _http("GET", f"{base}/experiments/{body['id']}", token)[1]
+            if detail["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                wall = time.perf_counter() - t
+                break
+            time.sleep(0.2)
+        if detail["status"] != "SUCCEEDED":
+            raise RuntimeError(f"the job ended {detail['status']}: {detail.get('message')}")
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(uri).get_run(detail["runs"][0]["run_id"])
+        return wall, (run.info.end_time - run.info.start_time) / 1000
+    finally:
+        for proc in procs:  # `ray start --block` stops the cluster's processes on SIGTERM
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def sweep(trials: int, timesteps: int, tmp: Path) -> tuple[float, float]:
     import ray
 
+    from service.cluster import start_ray
     from service.execution import launch
     from service.spec import load_spec
 
@@ -93,7 +202,7 @@ def sweep(trials: int, timesteps: int, tmp: Path) -> tuple[float, float]:
     t = time.perf_counter()
     launch(spec, mode="local", tracking_uri=uri)
     sequential = time.perf_counter() - t
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+    start_ray()  # the embedded cluster `rlgen run` starts: every CPU of this machine
     try:
         t = time.perf_counter()
         launch(spec, mode="ray", tracking_uri=uri)
@@ -105,16 +214,19 @@ def sweep(trials: int, timesteps: int, tmp: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timesteps", type=int, default=100_000, help="The single trial's.")
+    parser.add_argument("--timesteps", type=int, default=100_000, help="Each trial's.")
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--sweep-timesteps", type=int, default=25_000)
+    parser.add_argument("--no-api", action="store_true", help="Skip the HTTP API path.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         direct = in_process(args.timesteps)
         start_stop = ray_start_stop()
         wall, run_s = through_cli(args.timesteps, tmp)
-        sequential, parallel = sweep(args.trials, args.sweep_timesteps, tmp)
+        api_wall, api_run_s = (None, None) if args.no_api else through_api(args.timesteps, tmp)
+        sequential, parallel = sweep(args.trials, args.timesteps, tmp)
+        cli_sequential = through_cli(args.timesteps, tmp, args.trials, local=True)[0]
+        cli_parallel = through_cli(args.timesteps, tmp, args.trials)[0] - start_stop
     beyond = wall - start_stop
     print(f"\nDQN on CartPole, {args.timesteps:,} steps, one trial, 1 torch thread\n")
     print("| path | wall s | vs in-process |")
@@ -124,14 +236,21 @@ def main() -> None:
     print(f"| embedded Ray start + stop alone | {start_stop:.1f} | |")
     print(f"| `rlgen run` minus Ray start/stop | {beyond:.1f} | {beyond / direct:.3f}x |")
     print(f"| the trial's MLflow run (start to end) | {run_s:.1f} | {run_s / direct:.3f}x |")
+    if api_wall is not None and api_run_s is not None:
+        print(f"| HTTP API: POST to SUCCEEDED | {api_wall:.1f} | {api_wall / direct:.3f}x |")
+        print(f"| HTTP API: the trial's MLflow run | {api_run_s:.1f} | {api_run_s / direct:.3f}x |")
     print(
-        f"\n{args.trials} trials of {args.sweep_timesteps:,} steps, one CPU each, "
-        f"{os.cpu_count()} CPUs\n"
+        f"\n{args.trials} trials of {args.timesteps:,} steps, one CPU each, {os.cpu_count()} CPUs\n"
     )
     print("| mode | wall s | throughput vs sequential |")
     print("|---|---:|---:|")
-    print(f"| one after another (`--local`) | {sequential:.1f} | 1.00x |")
-    print(f"| Ray Tune, concurrent | {parallel:.1f} | {sequential / parallel:.2f}x |")
+    print(f"| `launch`, one after another (local) | {sequential:.1f} | 1.00x |")
+    print(f"| `launch`, Ray Tune, concurrent | {parallel:.1f} | {sequential / parallel:.2f}x |")
+    print(f"| `rlgen run --local`, one after another | {cli_sequential:.1f} | 1.00x |")
+    print(
+        f"| `rlgen run`, Ray Tune, concurrent, minus Ray start/stop | {cli_parallel:.1f} "
+        f"| {cli_sequential / cli_parallel:.2f}x |"
+    )
 
 
 if __name__ == "__main__":
