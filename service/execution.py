@@ -192,12 +192,16 @@ def launch(
     errors: dict[str, str] = {}
     stopped: set[str] = set()
     try:
-        if mode == "local":
-            _run_local(request, trials, notify)
-        elif spec.sweep is None and len(trials) == 1:
-            errors = _run_task(request, spec, trials[0], notify)
-        else:
-            errors, stopped = _run_tune(request, spec, trials, notify)
+        stop = threading.Event()
+        with _sigint_requests_stop(stop, interrupt=mode == "ray"):
+            if mode == "local":
+                _run_local(request, trials, notify, stop)
+            elif spec.sweep is None and len(trials) == 1:
+                errors = _run_task(request, spec, trials[0], notify, stop)
+            else:
+                errors, stopped = _run_tune(request, spec, trials, notify, stop)
+        if stop.is_set():
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         if mode == "ray" and address is None:
@@ -252,16 +256,20 @@ def launch(
     return report
 
 
-# -- in-process ------------------------------------------------------------------------------------
+# -- Ctrl-C and in-process ------------------------------------------------------------------------
 @contextmanager
-def _sigint_requests_stop(stop: threading.Event) -> Iterator[None]:
-    """First Ctrl-C asks the running trial to stop cleanly; a second one interrupts at once."""
+def _sigint_requests_stop(stop: threading.Event, interrupt: bool = False) -> Iterator[None]:
+    """Ctrl-C sets `stop`. In-process the first one asks the running trial to stop cleanly (it
+    ends its run KILLED with what it logged) and a second interrupts at once; with `interrupt`
+    (on Ray) the first also raises KeyboardInterrupt. Should Ray Tune's loop swallow that, its
+    stopper sees the event and stops the trials (see `_StopOnRequest`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
+        if stop.is_set() or interrupt:
+            stop.set()
             raise KeyboardInterrupt
         stop.set()
 
@@ -272,17 +280,15 @@ def _sigint_requests_stop(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run_local(request: TrialRequest, trials: list[Trial], notify: ProgressFn) -> None:
-    stop = threading.Event()
-    with _sigint_requests_stop(stop):
-        for trial in trials:
-            if stop.is_set():
-                break
-            notify(trial.label, "RUNNING", None)
-            outcome = run_trial(request.for_trial(trial.seed, trial.overrides), stop_event=stop)
-            notify(trial.label, outcome.status, outcome.run_id)
-    if stop.is_set():
-        raise KeyboardInterrupt
+def _run_local(
+    request: TrialRequest, trials: list[Trial], notify: ProgressFn, stop: threading.Event
+) -> None:
+    for trial in trials:
+        if stop.is_set():
+            break
+        notify(trial.label, "RUNNING", None)
+        outcome = run_trial(request.for_trial(trial.seed, trial.overrides), stop_event=stop)
+        notify(trial.label, outcome.status, outcome.run_id)
 
 
 # -- Ray ------------------------------------------------------------------------------------------
@@ -314,7 +320,7 @@ def _cause(error: BaseException) -> str:
 
 
 def _run_task(
-    request: TrialRequest, spec: SpecBase, trial: Trial, notify: ProgressFn
+    request: TrialRequest, spec: SpecBase, trial: Trial, notify: ProgressFn, stop: threading.Event
 ) -> dict[str, str]:
     """One trial without a sweep, as a plain Ray task; returns {label: error} if it failed.
 
@@ -333,6 +339,9 @@ def _run_task(
     notify(trial.label, "RUNNING", None)
     ref = task.remote(request.for_trial(trial.seed, trial.overrides))
     try:
+        while not ray.wait([ref], timeout=0.2)[0]:  # not ray.get: Ctrl-C must get through
+            if stop.is_set():
+                raise KeyboardInterrupt
         outcome = ray.get(ref)
     except KeyboardInterrupt:
         ray.cancel(ref, force=True)
@@ -410,8 +419,29 @@ class _Progress(tune.Callback):
         self._send(trial, "FAILED", None)
 
 
+class _StopOnRequest(tune.Stopper):
+    """Stops the whole experiment once Ctrl-C has set the event (checked every controller step,
+    wherever in Tune's loop the signal landed)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event: threading.Event | None = event
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"event": None}  # Tune pickles stoppers with its experiment state
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return self.stop_all()
+
+    def stop_all(self) -> bool:
+        return self.event is not None and self.event.is_set()
+
+
 def _run_tune(
-    request: TrialRequest, spec: SpecBase, trials: list[Trial], notify: ProgressFn
+    request: TrialRequest,
+    spec: SpecBase,
+    trials: list[Trial],
+    notify: ProgressFn,
+    stop: threading.Event,
 ) -> tuple[dict[str, str], set[str]]:
     """Run the trials as one Tune experiment; returns (errors by label, labels stopped early)."""
     storage = Path(get_settings().workdir).resolve() / "ray_results"
@@ -452,6 +482,7 @@ def _run_tune(
             trial_dirname_creator=lambda t: f"seed_{t.config['trial']['seed']}_{t.trial_id}",
         ),
         run_config=tune.RunConfig(
+            stop=_StopOnRequest(stop),
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{request.launch_id[:6]}",
             storage_path=str(storage),
             verbose=0,
@@ -462,6 +493,8 @@ def _run_tune(
         ),
     )
     results = tuner.fit()
+    if stop.is_set():  # Ctrl-C: the trials Tune stopped were interrupted, not stopped early
+        raise KeyboardInterrupt
     errors: dict[str, str] = {}
     stopped: set[str] = set()
     for i in range(len(results)):

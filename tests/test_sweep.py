@@ -169,3 +169,17 @@ sweep:
     parent = client.get_run(report.parent_run_id)  # type: ignore[arg-type]
     assert parent.info.status == "FINISHED"
     assert "eval/return_mean/mean" in parent.data.metrics
+
+
+def test_tune_stops_every_trial_once_ctrl_c_set_the_event() -> None:
+    import pickle
+    import threading
+
+    from service.execution import _StopOnRequest
+
+    event = threading.Event()
+    stopper = _StopOnRequest(event)
+    assert not stopper.stop_all() and not stopper("trial", {})
+    event.set()
+    assert stopper.stop_all() and stopper("trial", {})
+    assert not pickle.loads(pickle.dumps(stopper)).stop_all()  # the event stays with the driver
