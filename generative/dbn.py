@@ -97,6 +97,7 @@ def pretrain(config: Config, ds: data.Dataset, net: torch.nn.Sequential, ctx: Ru
             k=layer.k,
             persistent=layer.persistent,
             weight_decay=layer.weight_decay,
+            sparsity_target=None,  # as in Hinton & Salakhutdinov (2006)
             probe=False,
             figures=False,
         )

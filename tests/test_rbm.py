@@ -67,6 +67,50 @@ def test_cd_gradient_matches_the_exact_gradient_and_has_its_sign() -> None:
         assert dot > 0
 
 
+def test_openblas_products_match_torchs() -> None:
+    """The CPU fast path (numpy's OpenBLAS) computes what torch's products compute."""
+    g = torch.Generator().manual_seed(0)
+    model = rbm.RBM(50, 30, "bernoulli", 0.1, g)
+    v = (torch.rand(16, 50, generator=g) < 0.4).float()
+    h = (torch.rand(16, 30, generator=g) < 0.5).float()
+    ph0 = model.p_h(v)
+    vk = rbm.bernoulli(model.mean_v(h), g)
+    expected = {
+        "p_h": model.p_h(v),
+        "mean_v": model.mean_v(h),
+        "grads": rbm.cd_gradients(model, v, ph0, vk, weight_decay=0.01),
+    }
+    model.openblas = True
+    torch.testing.assert_close(model.p_h(v), expected["p_h"])
+    torch.testing.assert_close(model.mean_v(h), expected["mean_v"])
+    for name, grad in rbm.cd_gradients(model, v, ph0, vk, weight_decay=0.01).items():
+        torch.testing.assert_close(grad, expected["grads"][name])
+    for beta in (0.0, 0.5, 1.0):  # c <- beta c + alpha v^T h, beta 0 ignoring what c held
+        c = torch.full((50, 30), float("nan") if beta == 0.0 else 2.0)
+        want = c.clone().addmm_(v.T, h, beta=beta, alpha=0.3)
+        rbm.add_outer_(c, v, h, alpha=0.3, beta=beta, openblas=True)
+        torch.testing.assert_close(c, want)
+
+
+def test_blas_choice_and_threads(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    model = rbm.RBM(64, 32, "bernoulli", 0.1, g)
+    v = torch.rand(8, 64, generator=g)
+    assert rbm.pick_openblas("openblas", model, v) is True
+    assert rbm.pick_openblas("torch", model, v) is False
+    assert rbm.pick_openblas("openblas", model, v.double()) is False  # float32 only
+    assert isinstance(rbm.pick_openblas("auto", model, v), bool)
+    assert model.openblas is False  # timing leaves the model as it was
+    threads = torch.get_num_threads()
+    ctx = RunContext.in_memory(workdir=tmp_path, dataset=data.DigitsDataset(limit=300), seed=0)
+    config = rbm.Config(n_hidden=16, epochs=1, batch_size=20, cpu_blas="openblas", figures=False)
+    ctx.timer.start()
+    rbm.train(config, ctx)
+    ctx.close()
+    assert torch.get_num_threads() == threads  # the loop's single torch thread is given back
+    assert ctx.writer.metrics["train/recon_error"][-1][1] < 0.2
+
+
 def test_ais_agrees_with_the_exact_partition_function() -> None:
     model = small_rbm(20, 12, 0.3, seed=3)
     exact = rbm.exact_log_z(model)
