@@ -231,6 +231,9 @@ def run(
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not verbose:
+        # MLflow sets its loggers' level when imported (here, later, and in Ray's workers,
+        # which inherit this environment): its INFO lines would clutter the progress table.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     if local and address:
         raise _invalid("--local and --address exclude each other")
