@@ -68,8 +68,12 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
         experiment = experiment or client.get_experiment_by_name(experiment_name)
         if experiment is None:
             continue
-        runs = client.search_runs([experiment.experiment_id], "tags.`rlgen.trial` = 's0'")
-        if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
+        # Which worker runs which trial is not visible from here: wait until every trial has a
+        # checkpoint, so that whichever worker is killed, its trial has one to resume from.
+        runs = client.search_runs([experiment.experiment_id], "tags.`rlgen.seed` != ''")
+        if len(runs) == len(spec.seeds) and all(
+            client.list_artifacts(run.info.run_id, "checkpoints") for run in runs
+        ):
             workers = trial_workers()
             if workers:
                 killed = workers[0]
