@@ -268,10 +268,10 @@ def _sigint_requests_stop(stop: threading.Event, interrupt: bool = False) -> Ite
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if stop.is_set() or interrupt:
-            stop.set()
-            raise KeyboardInterrupt
+        again = stop.is_set()
         stop.set()
+        if again or interrupt:
+            raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
