@@ -2,9 +2,11 @@
 through the HTTP API on a running service; and a sweep of one-CPU trials on Ray against running
 them one after another.
 
-    python benchmarks/service_overhead.py [--timesteps 100000] [--trials 4] [--no-api]
+    python benchmarks/service_overhead.py [--trial-seconds 30 | --timesteps N] [--trials 4]
+                                          [--rounds 3] [--no-api]
 
-1. The trial: `experiments/dqn_cartpole.yaml` without its early stop (~25 s of training here),
+1. The trial: `experiments/dqn_cartpole.yaml` without its early stop, sized to take about
+   `--trial-seconds` (the issue's ~30 s) in-process on this machine;
    (a) `dqn.train` called directly with an in-memory context; (b) `rlgen run` in a subprocess
    (validation, embedded Ray, MLflow on SQLite, the trial, closing). The embedded cluster's start
    and stop are measured on their own (a `ray.init`/`ray.shutdown` cycle) and reported apart; the
@@ -16,6 +18,11 @@ them one after another.
    (a) `launch` called in this (already warm) process, the embedded cluster started beforehand;
    (b) as a user runs them, `rlgen run --local` against `rlgen run` minus the embedded cluster's
    start and stop, the same method as for the single trial.
+
+The tracking stores exist beforehand, as after a user's first run (a new store's tables take
+~0.8 s to create, once). This shared host is noisy (+-5% between identical runs), so every
+measurement is repeated in `--rounds` alternating rounds and each ratio is the median of the
+rounds' ratios, with their range.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,6 +130,8 @@ def through_api(timesteps: int, tmp: Path) -> tuple[float, float]:
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RLGEN_API_TOKEN": token,
+        # The job's driver is `rlgen run`: found on PATH, also when this venv is not activated.
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
     gcs, dash, api = _free_port(), _free_port(), _free_port()
@@ -212,44 +223,99 @@ def sweep(trials: int, timesteps: int, tmp: Path) -> tuple[float, float]:
     return sequential, parallel
 
 
+def calibrate(seconds: float) -> int:
+    """Timesteps of a trial that takes about `seconds` in-process here (the issue's ~30 s)."""
+    probe = 20_000
+    return max(probe, round(seconds / in_process(probe) * probe / 5_000) * 5_000)
+
+
+def create_store(db: Path) -> None:
+    """An existing tracking store, as after a user's first run: creating a fresh store's tables
+    (~0.8 s) happens once per store, not once per experiment."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{db}").search_experiments(max_results=1)
+
+
+def median_ratio(rounds: list[dict[str, float]], num: str, den: str) -> str:
+    ratios = [r[num] / r[den] for r in rounds]
+    spread = f" ({min(ratios):.3f}-{max(ratios):.3f})" if len(ratios) > 1 else ""
+    return f"{np.median(ratios):.3f}x{spread}"
+
+
+def median(rounds: list[dict[str, float]], key: str) -> float:
+    return float(np.median([r[key] for r in rounds]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timesteps", type=int, default=100_000, help="Each trial's.")
+    parser.add_argument(
+        "--timesteps", type=int, default=None, help="Each trial's (default: --trial-seconds)."
+    )
+    parser.add_argument(
+        "--trial-seconds", type=float, default=30.0,
+        help="Size the trial to take about this long in-process on this machine.",
+    )  # fmt: skip
     parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="Rounds of every measurement in turn; ratios are each round's, then the median.",
+    )  # fmt: skip
     parser.add_argument("--no-api", action="store_true", help="Skip the HTTP API path.")
     args = parser.parse_args()
+    timesteps = args.timesteps or calibrate(args.trial_seconds)
+    rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        direct = in_process(args.timesteps)
-        start_stop = ray_start_stop()
-        wall, run_s = through_cli(args.timesteps, tmp)
-        api_wall, api_run_s = (None, None) if args.no_api else through_api(args.timesteps, tmp)
-        sequential, parallel = sweep(args.trials, args.timesteps, tmp)
-        cli_sequential = through_cli(args.timesteps, tmp, args.trials, local=True)[0]
-        cli_parallel = through_cli(args.timesteps, tmp, args.trials)[0] - start_stop
-    beyond = wall - start_stop
-    print(f"\nDQN on CartPole, {args.timesteps:,} steps, one trial, 1 torch thread\n")
+        for db in ("mlflow.db", "api-mlflow.db", "sweep.db"):
+            create_store(tmp / db)
+        for _ in range(args.rounds):
+            r: dict[str, float] = {"direct": in_process(timesteps), "start_stop": ray_start_stop()}
+            r["wall"], r["run_s"] = through_cli(timesteps, tmp)
+            r["beyond"] = r["wall"] - r["start_stop"]
+            if not args.no_api:
+                r["api_wall"], r["api_run_s"] = through_api(timesteps, tmp)
+            r["sequential"], r["parallel"] = sweep(args.trials, timesteps, tmp)
+            r["cli_sequential"] = through_cli(timesteps, tmp, args.trials, local=True)[0]
+            r["cli_parallel"] = through_cli(timesteps, tmp, args.trials)[0] - r["start_stop"]
+            rounds.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    print(
+        f"\nDQN on CartPole, {timesteps:,} steps, one trial, 1 torch thread; median of "
+        f"{args.rounds} rounds (range)\n"
+    )
     print("| path | wall s | vs in-process |")
     print("|---|---:|---:|")
-    print(f"| `dqn.train` in-process | {direct:.1f} | 1.00x |")
-    print(f"| `rlgen run`, whole command | {wall:.1f} | {wall / direct:.2f}x |")
-    print(f"| embedded Ray start + stop alone | {start_stop:.1f} | |")
-    print(f"| `rlgen run` minus Ray start/stop | {beyond:.1f} | {beyond / direct:.3f}x |")
-    print(f"| the trial's MLflow run (start to end) | {run_s:.1f} | {run_s / direct:.3f}x |")
-    if api_wall is not None and api_run_s is not None:
-        print(f"| HTTP API: POST to SUCCEEDED | {api_wall:.1f} | {api_wall / direct:.3f}x |")
-        print(f"| HTTP API: the trial's MLflow run | {api_run_s:.1f} | {api_run_s / direct:.3f}x |")
-    print(
-        f"\n{args.trials} trials of {args.timesteps:,} steps, one CPU each, {os.cpu_count()} CPUs\n"
-    )
+    print(f"| `dqn.train` in-process | {median(rounds, 'direct'):.1f} | 1.00x |")
+    rows = [
+        ("`rlgen run`, whole command", "wall"),
+        ("`rlgen run` minus Ray start/stop", "beyond"),
+        ("the trial's MLflow run (start to end)", "run_s"),
+    ]
+    if not args.no_api:
+        rows += [
+            ("HTTP API: POST to SUCCEEDED", "api_wall"),
+            ("HTTP API: the trial's MLflow run", "api_run_s"),
+        ]
+    for label, key in rows:
+        print(f"| {label} | {median(rounds, key):.1f} | {median_ratio(rounds, key, 'direct')} |")
+    print(f"| embedded Ray start + stop alone | {median(rounds, 'start_stop'):.1f} | |")
+    print(f"\n{args.trials} trials of {timesteps:,} steps, one CPU each, {os.cpu_count()} CPUs\n")
     print("| mode | wall s | throughput vs sequential |")
     print("|---|---:|---:|")
-    print(f"| `launch`, one after another (local) | {sequential:.1f} | 1.00x |")
-    print(f"| `launch`, Ray Tune, concurrent | {parallel:.1f} | {sequential / parallel:.2f}x |")
-    print(f"| `rlgen run --local`, one after another | {cli_sequential:.1f} | 1.00x |")
+    print(f"| `launch`, one after another (local) | {median(rounds, 'sequential'):.1f} | 1.00x |")
     print(
-        f"| `rlgen run`, Ray Tune, concurrent, minus Ray start/stop | {cli_parallel:.1f} "
-        f"| {cli_sequential / cli_parallel:.2f}x |"
+        f"| `launch`, Ray Tune, concurrent | {median(rounds, 'parallel'):.1f} "
+        f"| {median_ratio(rounds, 'sequential', 'parallel')} |"
+    )
+    print(
+        f"| `rlgen run --local`, one after another | {median(rounds, 'cli_sequential'):.1f} "
+        "| 1.00x |"
+    )
+    print(
+        f"| `rlgen run`, Ray Tune, concurrent, minus Ray start/stop "
+        f"| {median(rounds, 'cli_parallel'):.1f} "
+        f"| {median_ratio(rounds, 'cli_sequential', 'cli_parallel')} |"
     )
 
 

@@ -104,6 +104,10 @@ def _load_while_ray_starts(load: Any, address: str | None, tracking_uri: str | N
         if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
             with contextlib.suppress(Exception):  # launch reports tracking errors in context
                 client_for(uri).search_experiments(max_results=1)
+        from service.execution import runs_on_tune
+
+        if runs_on_tune(spec):
+            import service.tuning  # noqa: F401  (Ray Tune's modules, ~1 s)
         return spec
 
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -563,6 +567,11 @@ def main() -> None:
         if isinstance(e.code, str):
             sys.stderr.write(e.code + "\n")
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        # Now, not from Ray's exit handler, which first waits 0.5 s for log lines to print
+        # (this CLI has the workers' logs stay in Ray's log files).
+        ray.shutdown()
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
@@ -20,20 +21,45 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 
-def start_ray(address: str | None = None) -> None:
+_embedded_gcs: str | None = None  # the GCS address of the cluster `start_ray` started, if any
+
+
+def start_ray(address: str | None = None, **init_kwargs: Any) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start an embedded one; idempotent.
 
     Call it from the main thread: Ray ties its daemons' lives to the thread that started them.
+    `init_kwargs` go to `ray.init` (e.g. `num_cpus`, `num_gpus` of an embedded cluster).
     """
-    if not ray.is_initialized():
-        ray.init(
-            # Embedded means a fresh local Ray, even when `ray start` left a cluster on this
-            # machine; RAY_ADDRESS (or --address) is how to join one.
-            address=address or os.environ.get("RAY_ADDRESS") or "local",
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            configure_logging=True,
-        )
-        # Tune looks for the result files of the loggers we disabled; MLflow has the results.
-        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    global _embedded_gcs
+    if ray.is_initialized():
+        return
+    # Embedded means a fresh local Ray, even when `ray start` left a cluster on this machine;
+    # RAY_ADDRESS (or --address) is how to join one.
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    if target == "local":
+        # Its prestarted workers import what trials need while Ray and the driver start.
+        init_kwargs["_system_config"] = {
+            "preload_python_modules": ["service.preload"],
+            **init_kwargs.get("_system_config", {}),
+        }
+    ray.init(
+        address=target,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        configure_logging=True,
+        **init_kwargs,
+    )
+    _embedded_gcs = ray.get_runtime_context().gcs_address if target == "local" else None
+    # Tune looks for the result files of the loggers we disabled; MLflow has the results.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
+def embedded() -> bool:
+    """Whether Ray runs as the embedded cluster `start_ray` started: its workers inherit this
+    process's environment and import `service.preload` before they accept work."""
+    return (
+        _embedded_gcs is not None
+        and ray.is_initialized()
+        and ray.get_runtime_context().gcs_address == _embedded_gcs
+    )

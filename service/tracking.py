@@ -32,6 +32,7 @@ TAG_SEED = "rlgen.seed"
 TAG_TRIAL = "rlgen.trial"  # the trial's label: seed and swept values, "s0 learning_rate=0.001"
 TAG_STOPPED_EARLY = "rlgen.stopped_early"  # set on trials a scheduler stopped
 TAG_RESTARTS = "rlgen.restarts"  # times a trial's worker died and Tune restarted it
+TAG_WORKER = "rlgen.worker"  # host:pid of the process running the trial (a restart updates it)
 TAG_ERROR = "rlgen.error"
 TAG_PARENT = "mlflow.parentRunId"
 ACTIVE = ("RUNNING", "SCHEDULED")

@@ -7,9 +7,12 @@ its MLflow run: FINISHED, FAILED with the error as the `rlgen.error` tag (and th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import threading
 import traceback
@@ -33,6 +36,7 @@ from service.tracking import (
     TAG_RESTARTS,
     TAG_SEED,
     TAG_TRIAL,
+    TAG_WORKER,
     client_for,
     params_batch,
     with_retries,
@@ -133,6 +137,7 @@ def run_trial(
         TAG_LAUNCH: request.launch_id,
         TAG_SEED: str(request.seed),
         TAG_TRIAL: request.label,
+        TAG_WORKER: f"{socket.gethostname()}:{os.getpid()}",
     }
     if request.parent_run_id:
         tags[TAG_PARENT] = request.parent_run_id
@@ -151,7 +156,8 @@ def run_trial(
     else:  # Tune restarted this trial after its worker died: continue the same MLflow run
         run = previous
         restarts = int(run.data.tags.get(TAG_RESTARTS, "0")) + 1
-        with_retries(lambda: client.set_tag(run.info.run_id, TAG_RESTARTS, str(restarts)), "tag")
+        for key, value in ((TAG_RESTARTS, str(restarts)), (TAG_WORKER, tags[TAG_WORKER])):
+            with_retries(functools.partial(client.set_tag, run.info.run_id, key, value), "tag")
     run_id = run.info.run_id
     workdir = Path(tempfile.mkdtemp(prefix=f"rlgen-{run_id[:8]}-"))
     writer = ProcessWriter(client, request.tracking_uri, run_id)  # starts while we set up

@@ -175,7 +175,7 @@ def test_tune_stops_every_trial_once_ctrl_c_set_the_event() -> None:
     import pickle
     import threading
 
-    from service.execution import _StopOnRequest
+    from service.tuning import _StopOnRequest
 
     event = threading.Event()
     stopper = _StopOnRequest(event)

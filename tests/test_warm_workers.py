@@ -1,0 +1,98 @@
+"""The embedded cluster's workers are warm: they import what trials need while Ray starts
+(`service.preload`), and trials, a single one (a Ray task) or several (Ray Tune actors), run in
+those prestarted workers instead of fresh processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import ROOT
+
+# In a fresh process: the test session's own Ray is not the embedded cluster `start_ray` makes.
+SCRIPT = r"""
+import json, os, sys, time
+from pathlib import Path
+
+import ray
+
+from service.cluster import embedded, start_ray
+from service.execution import launch
+from service.spec import load_spec
+
+start_ray(num_cpus=2)
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def idle_workers() -> set[int]:
+    # Ray names a worker process `ray::IDLE` until it runs something (Linux: /proc). Ours are
+    # the children of the raylet this process started (another Ray may run on this machine).
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE")
+                and parent(parent(int(proc.name))) == os.getpid()
+            ):
+                found.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+deadline = time.monotonic() + 60
+while len(idle := idle_workers()) < 2 and time.monotonic() < deadline:
+    time.sleep(0.2)
+
+
+@ray.remote(num_cpus=0)
+def imported() -> list[bool]:
+    # Nothing here imports rlgen: what the worker has, it preloaded.
+    return [m in sys.modules for m in ("torch", "service.trial", "mlflow.tracking")]
+
+
+warm = ray.get(imported.remote())
+workers = {}
+for seeds in ("[0]", "[0, 1]"):  # one trial: a Ray task; two: Ray Tune
+    spec = load_spec(sys.argv[1], [f"seeds={seeds}", "params.eval_episodes=5"])
+    report = launch(spec, mode="ray", tracking_uri=f"sqlite:///{sys.argv[2]}")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{sys.argv[2]}")
+    workers[seeds] = [
+        int(client.get_run(t.run_id).data.tags["rlgen.worker"].rsplit(":", 1)[1])
+        for t in report.trials
+        if t.status == "FINISHED"
+    ]
+print(json.dumps({"embedded": embedded(), "idle": sorted(idle), "warm": warm, "workers": workers}))
+"""
+
+
+def test_trials_run_in_prestarted_preloaded_workers(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(ROOT / "experiments" / "value_iteration_frozenlake.yaml"),
+            str(tmp_path / "mlflow.db"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["embedded"] is True
+    assert len(result["idle"]) == 2, result
+    assert result["warm"] == [True, True, True]
+    assert len(result["workers"]["[0]"]) == 1 and len(result["workers"]["[0, 1]"]) == 2
+    for pids in result["workers"].values():
+        assert set(pids) <= set(result["idle"]), result  # no fresh worker process
