@@ -133,7 +133,7 @@ class LaunchReport:
 def runs_on_tune(spec: SpecBase) -> bool:
     """Whether `launch` runs the spec's trials through Ray Tune (a sweep, or several seeds); a
     single trial is one plain Ray task."""
-    return spec.sweep is not None or len(expand(spec)) > 1
+    return spec.sweep is not None or len(spec.seeds) > 1
 
 
 def launch(

@@ -17,6 +17,7 @@ import json, os, sys, time
 from pathlib import Path
 
 import ray
+from mlflow.tracking import MlflowClient
 
 from service.cluster import embedded, start_ray
 from service.execution import launch
@@ -58,13 +59,11 @@ def imported() -> list[bool]:
 
 
 warm = ray.get(imported.remote())
+client = MlflowClient(f"sqlite:///{sys.argv[2]}")
 workers = {}
 for seeds in ("[0]", "[0, 1]"):  # one trial: a Ray task; two: Ray Tune
     spec = load_spec(sys.argv[1], [f"seeds={seeds}", "params.eval_episodes=5"])
     report = launch(spec, mode="ray", tracking_uri=f"sqlite:///{sys.argv[2]}")
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{sys.argv[2]}")
     workers[seeds] = [
         int(client.get_run(t.run_id).data.tags["rlgen.worker"].rsplit(":", 1)[1])
         for t in report.trials
