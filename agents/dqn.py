@@ -120,17 +120,29 @@ class Config(BaseModel):
         return self
 
 
+# Observation spaces the Q-network takes: Box and MultiBinary as flat float vectors, Discrete and
+# MultiDiscrete one-hot encoded inside the network (as SB3 does), so the replay buffer keeps the
+# small integer observations rather than their one-hot vectors.
+OBS_SPACES = (gym.spaces.Box, gym.spaces.MultiBinary, gym.spaces.Discrete, gym.spaces.MultiDiscrete)
+
+
 def check_env(env: gym.Env) -> str | None:
     """Why DQN cannot run on `env`, or None."""
     if not isinstance(env.action_space, gym.spaces.Discrete):
         return f"DQN needs a discrete action space, not {env.action_space}"
-    if not isinstance(env.observation_space, gym.spaces.Box):
-        return f"DQN needs a Box observation space, not {env.observation_space}"
+    if not isinstance(env.observation_space, OBS_SPACES):
+        return (
+            "DQN needs a Box, MultiBinary, Discrete or MultiDiscrete observation space, "
+            f"not {env.observation_space}"
+        )
     return None
 
 
 class QNetwork(nn.Module):
     """MLP: obs (B, *obs_shape) -> Q (B, A). Dueling: Q = V + A - mean_a A (Wang et al., eq. 9).
+
+    Integer observations (Discrete: (B,), MultiDiscrete: (B, *nvec.shape)) enter as the
+    concatenated one-hot codes of their components, (B, sum(nvec)); see `set_discrete_obs`.
 
     The forward pass calls `F.linear` on the layers' parameters instead of calling the layers:
     nn.Module's call machinery costs ~5 us a layer, a fifth of a small net's whole update.
@@ -145,12 +157,14 @@ class QNetwork(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
+        self.in_dim = obs_dim
         widths = [obs_dim, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.head = nn.Linear(widths[-1], n_actions)
         self.value = nn.Linear(widths[-1], 1) if dueling else None
         self.register_buffer("obs_center", None)
         self.register_buffer("obs_scale", None)
+        self.register_buffer("onehot_shift", None)
         if generator is not None:  # PyTorch's default init, drawn from the trial's generator
             for m in self.modules():
                 if isinstance(m, nn.Linear):
@@ -160,18 +174,30 @@ class QNetwork(nn.Module):
 
     obs_center: torch.Tensor | None
     obs_scale: torch.Tensor | None
+    onehot_shift: torch.Tensor | None
 
     def set_obs_bounds(self, low: np.ndarray, high: np.ndarray) -> None:
         """Map [low, high] to [-1, 1] where both bounds are finite; other dimensions pass as is.
         Buffers, so checkpoints and `rlgen evaluate` carry them."""
         finite = np.isfinite(low) & np.isfinite(high) & (high > low)
+        low, high = np.where(finite, low, -1.0), np.where(finite, high, 1.0)  # no inf - inf
         center = np.where(finite, (high + low) / 2, 0.0)
-        scale = np.where(finite, 2 / np.where(finite, high - low, 1.0), 1.0)
+        scale = np.where(finite, 2 / (high - low), 1.0)
         self.obs_center = torch.as_tensor(center, dtype=torch.float32)
         self.obs_scale = torch.as_tensor(scale, dtype=torch.float32)
 
+    def set_discrete_obs(self, start: np.ndarray, sizes: np.ndarray) -> None:
+        """Component i, an integer in [start_i, start_i + sizes_i), sets input unit
+        obs_i - start_i + sum_{j<i} sizes_j. A buffer, so checkpoints carry it."""
+        offsets = np.cumsum(sizes) - sizes
+        self.onehot_shift = torch.as_tensor(offsets - start, dtype=torch.int64)
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        h = obs.flatten(1)
+        if self.onehot_shift is not None:
+            idx = obs.reshape(len(obs), -1).long() + self.onehot_shift  # (B, k)
+            h = obs.new_zeros(len(obs), self.in_dim).scatter_(1, idx, 1.0)
+        else:
+            h = obs.flatten(1)
         if self.obs_center is not None and self.obs_scale is not None:
             h = (h - self.obs_center) * self.obs_scale
         for layer in self.hidden:
@@ -222,10 +248,17 @@ def build_network(
 ) -> QNetwork:
     space: Any = getattr(env, "single_observation_space", env.observation_space)
     actions: Any = getattr(env, "single_action_space", env.action_space)
-    q = QNetwork(
-        int(np.prod(space.shape)), int(actions.n), config.hidden_sizes, config.dueling, generator
-    )
-    if config.normalize_obs:
+    if isinstance(space, gym.spaces.Discrete):
+        start, sizes = np.array([int(space.start)]), np.array([int(space.n)])
+    elif isinstance(space, gym.spaces.MultiDiscrete):
+        start, sizes = np.asarray(space.start).ravel(), np.asarray(space.nvec).ravel()
+    else:
+        start, sizes = None, None
+    in_dim = int(sizes.sum()) if sizes is not None else int(np.prod(space.shape))
+    q = QNetwork(in_dim, int(actions.n), config.hidden_sizes, config.dueling, generator)
+    if start is not None and sizes is not None:
+        q.set_discrete_obs(start, sizes)
+    elif config.normalize_obs and isinstance(space, gym.spaces.Box):
         q.set_obs_bounds(np.asarray(space.low).ravel(), np.asarray(space.high).ravel())
     return q
 
