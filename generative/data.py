@@ -232,3 +232,11 @@ def load(spec: DatasetSpec, seed: int) -> Dataset:
         y_test=None if labels is None else t(labels[test], torch.int64),
         image_shape=(h, w),
     )
+
+
+def padding_to_multiple(shape: tuple[int, int], scale: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding that makes both sides multiples of `scale`, split
+    evenly between the two edges (the extra pixel, if any, on the right/bottom)."""
+    h, w = shape
+    dh, dw = -h % scale, -w % scale
+    return dw // 2, dw - dw // 2, dh // 2, dh - dh // 2

@@ -49,7 +49,10 @@ class FIDConfig(BaseModel):
 def setup(config: FIDConfig, ds: Dataset, spec: BaseModel, ctx: RunContext) -> Scorer | None:
     """The scorer for a run (None when disabled or the data set has no labels); logs the classifier
     as an artifact and eval/fid_floor at step 0."""
-    if not config.enabled or ds.y_train is None:
+    if not config.enabled:
+        return None
+    if ds.y_train is None:
+        ctx.log.warning("no eval/fid: the data set has no labels to train FID's feature classifier")
         return None
     score = scorer(
         ds, ctx.seed, Path(config.cache), spec.model_dump_json(), config.classifier_epochs

@@ -82,8 +82,11 @@ def build(
             disc_layers += [torch.nn.Linear(a, b), torch.nn.LeakyReLU(0.2)]
         disc = torch.nn.Sequential(*disc_layers, torch.nn.Linear(widths[-1], 1))
     else:
-        if h % 4 or w % 4:
-            raise ValueError(f"dcgan: image {h}x{w} must be divisible by 4; use mlp")
+        # Two stride-2 layers: sides that are not multiples of 4 are zero-padded up to one on the
+        # way into D, and G's output is cropped back to h x w.
+        pad = data.padding_to_multiple(shape, 4)
+        crop = [torch.nn.ZeroPad2d(tuple(-p for p in pad))] if any(pad) else []
+        h, w = h + pad[2] + pad[3], w + pad[0] + pad[1]
         c = config.channels
         # The critic of WGAN-GP penalises per-example gradients: no BatchNorm there (section 4).
         norm = torch.nn.Identity() if config.loss == "wgan_gp" else torch.nn.BatchNorm2d(c)
@@ -96,10 +99,12 @@ def build(
             torch.nn.ReLU(),  # (B, c/2, h/2, w/2)
             torch.nn.ConvTranspose2d(c // 2, 1, 4, 2, 1),
             torch.nn.Sigmoid(),  # (B, 1, h, w)
+            *crop,  # (B, 1, *shape)
             torch.nn.Flatten(),
         )
         disc = torch.nn.Sequential(
-            torch.nn.Unflatten(1, (1, h, w)),
+            torch.nn.Unflatten(1, (1, *shape)),
+            *([torch.nn.ZeroPad2d(pad)] if any(pad) else []),  # (B, 1, h, w)
             torch.nn.Conv2d(1, c // 2, 4, 2, 1),
             torch.nn.LeakyReLU(0.2),  # (B, c/2, h/2, w/2)
             torch.nn.Conv2d(c // 2, c, 4, 2, 1),

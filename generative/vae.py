@@ -122,15 +122,16 @@ def _mlp(widths: list[int]) -> torch.nn.Sequential:
 def _conv(
     channels: list[int], shape: tuple[int, int], Z: int
 ) -> tuple[torch.nn.Module, torch.nn.Module, int]:
-    """Stride-2 convolutions (each halves H, W) and the mirrored transposed convolutions."""
+    """Stride-2 convolutions (each halves H, W) and the mirrored transposed convolutions.
+
+    Images whose sides are not multiples of 2^L (L layers; 28x28 with three) are zero-padded to the
+    next multiple on the way in, and the decoder's output is cropped back to h x w.
+    """
     h, w = shape
     scale = 2 ** len(channels)
-    if h % scale or w % scale:
-        raise ValueError(
-            f"conv VAE: image {h}x{w} must be divisible by {scale} "
-            f"({len(channels)} stride-2 layers); use fewer channels or mlp"
-        )
-    enc: list[torch.nn.Module] = []
+    pad = data.padding_to_multiple(shape, scale)
+    enc: list[torch.nn.Module] = [torch.nn.ZeroPad2d(pad)] if any(pad) else []
+    h, w = h + pad[2] + pad[3], w + pad[0] + pad[1]
     c_in = 1
     for c in channels:  # (B, c_in, h, w) -> (B, c, h/2, w/2)
         enc += [torch.nn.Conv2d(c_in, c, 4, stride=2, padding=1), torch.nn.ReLU()]
@@ -146,6 +147,8 @@ def _conv(
         dec += [torch.nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), torch.nn.ReLU()]
         c_in = c_out
     dec.pop()  # no ReLU on the output (logits or means)
+    if any(pad):
+        dec.append(torch.nn.ZeroPad2d(tuple(-p for p in pad)))  # negative padding crops
     return torch.nn.Sequential(*enc, torch.nn.Flatten()), torch.nn.Sequential(*dec), feat
 
 

@@ -101,7 +101,6 @@ ALGORITHMS: dict[str, Algorithm] = {
             "GAN, MLP or DCGAN, non-saturating or WGAN-GP; classifier-feature FID.",
             gan.Config,
             gan.train,
-            needs_labels=True,  # the FID feature classifier is trained on the labels
         ),
     ]
 }

@@ -117,3 +117,21 @@ def test_divergence_ends_the_trial_with_a_clear_reason(
     )
     with pytest.raises(FloatingPointError, match="GAN diverged in epoch 1: losses/d = nan"):
         run_gan(tmp_path, epochs=3)
+
+
+def test_dcgan_on_odd_sized_unlabelled_images(tmp_path: Path) -> None:
+    """5x7 images: D sees them padded to 8x8, G's 8x8 output is cropped to 5x7; bars and stripes
+    have no labels, so the GAN trains without FID rather than being refused."""
+    gen, disc = gan.build(gan.Config(architecture="dcgan"), (5, 7), torch.Generator())
+    z = torch.randn(3, gan.Config().latent_dim)
+    assert gen(z).shape == (3, 35) and disc(gen(z)).shape == (3, 1)
+    spec = data.BarsAndStripesDataset(size=5, samples=300)
+    config = gan.Config(architecture="dcgan", epochs=3)
+    ctx = RunContext.in_memory(workdir=tmp_path, dataset=spec, seed=0)
+    ctx.timer.start()
+    gan.train(config, ctx)
+    ctx.close()
+    m = ctx.writer.metrics
+    assert len(m["losses/d"]) >= 3 and all(math.isfinite(v) for _, v in m["losses/g"])
+    assert "eval/fid" not in m
+    assert any(d == "images/samples" for _, d in ctx.writer.artifacts)
