@@ -451,9 +451,10 @@ def validate(source: Source) -> SpecBase:
     """Validate a parsed document; raise SpecError with every problem found."""
     data = source.data
     algorithm = data.get("algorithm")
-    if algorithm is None:
+    if algorithm is None:  # absent, or present and empty (then on its line)
+        where = source.where(("algorithm",)) if "algorithm" in data else source.name
         raise SpecError(
-            [Problem(source.name, "algorithm", "field required; one of: " + ", ".join(ALGORITHMS))]
+            [Problem(where, "algorithm", "field required; one of: " + ", ".join(ALGORITHMS))]
         )
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         hint = difflib.get_close_matches(str(algorithm), list(ALGORITHMS), n=1)
@@ -462,6 +463,12 @@ def validate(source: Source) -> SpecBase:
         )
         raise SpecError([Problem(source.where(("algorithm",)), "algorithm", msg)])
     model = spec_model(algorithm)
+    # A section left empty (`params:` with nothing under it) is YAML null: read it as absent, so
+    # its default applies, rather than as a wrong type.
+    fields = model.model_fields
+    data = {
+        k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()
+    }
     try:
         spec = model.model_validate(data)
     except ValidationError as e:

@@ -245,3 +245,13 @@ def test_json_schema_covers_every_algorithm() -> None:
     for name in ALGORITHMS:
         assert f'"const": "{name}"' in text
     assert "epsilon-optimal" in text  # field descriptions are carried into the schema
+
+
+def test_empty_sections_take_their_defaults(tmp_path: Path) -> None:
+    """`params:` or `seeds:` with nothing under them (YAML null) read as absent."""
+    spec = load_spec(write(tmp_path, "name: t\nalgorithm: rbm\nparams:\nseeds:\ntags:\n"))
+    assert spec.params == load_spec(write(tmp_path, "name: t\nalgorithm: rbm\n")).params  # type: ignore[attr-defined]
+    assert spec.seeds == [0]
+    # A required field left empty is still an error, on its line.
+    assert "spec.yaml:2: algorithm: field required" in problems(tmp_path, "name: t\nalgorithm:\n")
+    assert "spec.yaml:1: name" in problems(tmp_path, "name:\nalgorithm: rbm\n")
