@@ -93,4 +93,64 @@ def test_same_seed_same_table(tmp_path: Path) -> None:
 
 def test_refuses_continuous_envs() -> None:
     assert q_learning.check_env(gym.make("FrozenLake-v1")) is None
-    assert "discrete observation" in (q_learning.check_env(gym.make("CartPole-v1")) or "")
+    assert "Discrete, MultiDiscrete or Tuple-of-Discrete observation" in (
+        q_learning.check_env(gym.make("CartPole-v1")) or ""
+    )
+    assert "discrete action space" in (q_learning.check_env(gym.make("Pendulum-v1")) or "")
+    assert q_learning.check_env(gym.make("Blackjack-v1")) is None
+
+
+class Huge(gym.Env[np.ndarray, np.int64]):
+    observation_space = gym.spaces.MultiDiscrete([1000, 1000, 1000])
+    action_space = gym.spaces.Discrete(2)
+
+
+def test_refuses_tables_too_large_to_hold() -> None:
+    assert "too many for a Q table" in (q_learning.check_env(Huge()) or "")
+
+
+@pytest.mark.parametrize(
+    "space",
+    [
+        gym.spaces.Discrete(7, start=3),
+        gym.spaces.MultiDiscrete([[3, 4], [2, 5]], start=[[1, 0], [-1, 2]]),
+        gym.spaces.Tuple([gym.spaces.Discrete(4), gym.spaces.Discrete(3, start=1)]),
+    ],
+    ids=["discrete-start", "multidiscrete-2d", "tuple"],
+)
+def test_state_index_is_a_bijection_onto_the_table_rows(space: gym.Space) -> None:
+    index = q_learning.StateIndex(space)
+    if isinstance(space, gym.spaces.Discrete):
+        every = [np.int64(space.start + i) for i in range(space.n)]
+    elif isinstance(space, gym.spaces.Tuple):
+        every = [(a, b) for a in range(4) for b in range(1, 4)]
+    else:
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in space.nvec.ravel()], indexing="ij"))
+        every = list(grid.reshape(4, -1).T.reshape(-1, 2, 2) + space.start)
+    rows = [index(o) for o in every]
+    assert sorted(rows) == list(range(index.n)) == list(range(len(every)))
+    batch = np.array([np.ravel(np.asarray(o)) for o in every]).reshape(len(every), -1)
+    assert index.batch(batch).tolist() == rows  # the batched form (`rlgen evaluate`) agrees
+
+
+def test_blackjack_tuple_observations_learn_near_optimal_play(tmp_path: Path) -> None:
+    """Blackjack-v1's (player sum, dealer card, usable ace): with the state index, Q-learning
+    plays near the optimum (about -0.05 a hand); always sticking gets -0.18, random -0.40."""
+    config = q_learning.Config(
+        total_timesteps=60_000,
+        gamma=1.0,
+        learning_rate=0.1,
+        final_learning_rate=0.01,
+        eval_every=60_000,
+        eval_episodes=2_000,
+    )
+    ctx = run(config, tmp_path, EnvSpec(id="Blackjack-v1"))
+    assert ctx.writer.metrics["eval/return_mean"][-1][1] > -0.13  # type: ignore[attr-defined]
+    state = ctx.checkpoints.latest()
+    assert state is not None
+    env = gym.make("Blackjack-v1")
+    policy = q_learning.load_policy(config, state, env)
+    table = state["q_table"].numpy()
+    assert table.shape == (32 * 11 * 2, 2)
+    # 20 against a dealer's 6, no usable ace: stick (action 0); 8 against a 10: hit.
+    assert policy(np.array([[20, 6, 0], [8, 10, 0]])).tolist() == [0, 1]
