@@ -49,6 +49,20 @@ class Solution:
     converged: bool
 
 
+# What `report` logs, for value and policy iteration alike (the registry's list of metrics a sweep
+# may rank trials by or a parent run may aggregate).
+METRICS = (
+    "solver/iterations",
+    "solver/converged",
+    "solver/value_max",
+    "solver/value_mean",
+    "time/solve_s",
+    "eval/return_mean",
+    "eval/return_std",
+    "eval/length_mean",
+)
+
+
 def check_env(env: Any) -> str | None:
     """Why dynamic programming cannot run on `env` (it needs the transition model), or None."""
     base = env.unwrapped

@@ -120,6 +120,22 @@ class Config(BaseModel):
         return self
 
 
+# What a run logs (see the registry).
+METRICS = (
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/epsilon",
+    "charts/updates",
+    "charts/episodes",
+    "losses/td_loss",
+    "losses/q_values",
+    "eval/return_mean",
+    "eval/return_std",
+    "eval/length_mean",
+    "time/sps",
+    "time/train_s",
+)
+
 # Observation spaces the Q-network takes: Box and MultiBinary as flat float vectors, Discrete and
 # MultiDiscrete one-hot encoded inside the network (as SB3 does), so the replay buffer keeps the
 # small integer observations rather than their one-hot vectors.

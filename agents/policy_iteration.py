@@ -17,6 +17,7 @@ import scipy.sparse.linalg as spla
 import torch
 from pydantic import Field
 
+from agents.dp import METRICS as DP_METRICS
 from agents.dp import DPConfig, Solution, Stopwatch, greedy, load_mdp, report
 from agents.mdp import TabularMDP, TorchMDP, epsilon_optimal_threshold, precision_floor
 from service.context import RunContext
@@ -30,6 +31,10 @@ class Config(DPConfig):
     max_eval_sweeps: int = Field(
         10_000, gt=0, description="Upper bound on backups per iterative evaluation."
     )
+
+
+# What a run logs (see the registry).
+METRICS = (*DP_METRICS, "solver/bellman_residual", "solver/policy_changes")
 
 
 def evaluate_exact(mdp: TabularMDP, policy: np.ndarray, gamma: float) -> np.ndarray:

@@ -63,6 +63,19 @@ class Config(BaseModel):
     )
 
 
+# What a run logs (see the registry); eval/value_gap only on envs that expose their model.
+METRICS = (
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/epsilon",
+    "charts/learning_rate",
+    "charts/episodes",
+    "eval/return_mean",
+    "eval/return_std",
+    "eval/length_mean",
+    "eval/value_gap",
+    "time/train_s",
+)
 MAX_TABLE_ROWS = 10_000_000  # 10M states x a few actions of float64: ~0.3 GB a Q table
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from pydantic import Field
 
+from agents.dp import METRICS as DP_METRICS
 from agents.dp import DPConfig, Solution, Stopwatch, greedy, load_mdp, report
 from agents.mdp import TorchMDP, epsilon_optimal_threshold, precision_floor
 from service.context import RunContext
@@ -28,6 +29,9 @@ class Config(DPConfig):
         gt=0,
         description="Upper bound on Bellman sweeps (a budget; reaching it is logged).",
     )
+
+
+METRICS = (*DP_METRICS, "solver/bellman_residual")  # what a run logs (see the registry)
 
 
 def solve(

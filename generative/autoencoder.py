@@ -30,6 +30,9 @@ from generative.plots import image_grid
 from generative.probe import probe_accuracy
 from service.context import RunContext
 
+# What a run logs (see the registry).
+METRICS = ("pretrain/layer*/loss", "train/loss", "eval/recon_loss", "eval/probe_accuracy")
+
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")

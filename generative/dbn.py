@@ -35,6 +35,17 @@ class PretrainConfig(BaseModel):
     weight_decay: float = Field(2e-4, ge=0, description="L2 penalty on W (Hinton 2006: 2e-4).")
 
 
+# What a run logs (see the registry): each layer's RBM metrics under pretrain/layer{i}/, then
+# fine-tuning's.
+METRICS = (
+    *(f"pretrain/layer*/{name}" for name in rbm.METRICS),
+    "finetune/loss",
+    "finetune/train_accuracy",
+    "eval/loss",
+    "eval/accuracy",
+)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -27,6 +27,8 @@ from generative.data import Dataset
 from service.context import RunContext
 
 FEATURES = 128
+# What scoring logs, into the runs of the models it scores.
+METRICS = ("eval/fid", "eval/classifier_score", "eval/fid_floor", "eval/fid_classifier_accuracy")
 
 
 class FIDConfig(BaseModel):

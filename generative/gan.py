@@ -28,6 +28,10 @@ from service.context import RunContext
 EXPLODED = 1e6  # |loss| beyond this is divergence, not training
 
 
+# What a run logs (see the registry); FID's with a labelled data set.
+METRICS = ("losses/d", "losses/g", "charts/d_real", "charts/d_fake", "time/epoch_s", *fid.METRICS)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,7 +89,7 @@ def build(
         # Two stride-2 layers: sides that are not multiples of 4 are zero-padded up to one on the
         # way into D, and G's output is cropped back to h x w.
         pad = data.padding_to_multiple(shape, 4)
-        crop = [torch.nn.ZeroPad2d(tuple(-p for p in pad))] if any(pad) else []
+        crop = [torch.nn.ZeroPad2d((-pad[0], -pad[1], -pad[2], -pad[3]))] if any(pad) else []
         h, w = h + pad[2] + pad[3], w + pad[0] + pad[1]
         c = config.channels
         # The critic of WGAN-GP penalises per-example gradients: no BatchNorm there (section 4).

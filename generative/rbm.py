@@ -42,6 +42,19 @@ class AISConfig(BaseModel):
     every: int = Field(0, ge=0, description="Also every N epochs (0: at the end only).")
 
 
+# What a run logs (see the registry): eval/ais_* with `ais.enabled`, eval/probe_accuracy with
+# labels.
+METRICS = (
+    "train/recon_error",
+    "time/samples_per_s",
+    "eval/free_energy_gap",
+    "eval/pseudo_loglik",
+    "eval/ais_loglik",
+    "eval/ais_loglik_std",
+    "eval/probe_accuracy",
+)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -27,6 +27,17 @@ from generative.fid import FIDConfig
 from generative.plots import image_grid
 from service.context import RunContext
 
+# What a run logs (see the registry); FID's with a labelled data set.
+METRICS = (
+    "time/epoch_s",
+    "train/loss",
+    "eval/neg_elbo",
+    "eval/recon",
+    "eval/kl",
+    "eval/nll_iwae",
+    *fid.METRICS,
+)
+
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -148,7 +159,9 @@ def _conv(
         c_in = c_out
     dec.pop()  # no ReLU on the output (logits or means)
     if any(pad):
-        dec.append(torch.nn.ZeroPad2d(tuple(-p for p in pad)))  # negative padding crops
+        dec.append(
+            torch.nn.ZeroPad2d((-pad[0], -pad[1], -pad[2], -pad[3]))
+        )  # negative padding crops
     return torch.nn.Sequential(*enc, torch.nn.Flatten()), torch.nn.Sequential(*dec), feat
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -25,6 +26,15 @@ class Algorithm:
     # RL: (config, checkpoint, env) -> greedy policy, obs batch -> actions; for `rlgen evaluate`.
     load_policy: Callable[[Any, dict[str, Any], Any], Callable[[Any], Any]] | None = None
     needs_labels: bool = False  # needs a labelled data set
+    # The metric keys a run may log (fnmatch patterns: pretrain/layer*/...), for the spec's
+    # `sweep.scheduler.metric` and `report`; besides them every run logs time/train_s.
+    metrics: tuple[str, ...] = ()
+
+    def logs(self, key: str) -> bool:
+        return key in SERVICE_METRICS or any(fnmatch(key, m) for m in self.metrics)
+
+
+SERVICE_METRICS = ("time/train_s",)  # logged by service.trial for every run
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -36,6 +46,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Value iteration with the Bellman optimality backup.",
             value_iteration.Config,
             value_iteration.train,
+            metrics=value_iteration.METRICS,
             check_env=dp.check_env,
             load_policy=dp.load_policy,
         ),
@@ -45,6 +56,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Policy iteration, exact or iterative evaluation.",
             policy_iteration.Config,
             policy_iteration.train,
+            metrics=policy_iteration.METRICS,
             check_env=dp.check_env,
             load_policy=dp.load_policy,
         ),
@@ -54,6 +66,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Tabular Q-learning, SARSA or Expected SARSA with decaying step size and epsilon.",
             q_learning.Config,
             q_learning.train,
+            metrics=q_learning.METRICS,
             check_env=q_learning.check_env,
             load_policy=q_learning.load_policy,
         ),
@@ -63,6 +76,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "DQN with Double, Dueling, n-step and prioritized replay options; vector envs.",
             dqn.Config,
             dqn.train,
+            metrics=dqn.METRICS,
             check_env=dqn.check_env,
             load_policy=dqn.load_policy,
         ),
@@ -72,6 +86,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Restricted Boltzmann machine trained by CD-k or persistent CD.",
             rbm.Config,
             rbm.train,
+            metrics=rbm.METRICS,
         ),
         Algorithm(
             "dbn",
@@ -79,6 +94,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Deep belief net: greedy RBM pretraining, then supervised fine-tuning.",
             dbn.Config,
             dbn.train,
+            metrics=dbn.METRICS,
             needs_labels=True,
         ),
         Algorithm(
@@ -87,6 +103,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Deep autoencoder: plain, sparse, denoising or contractive.",
             autoencoder.Config,
             autoencoder.train,
+            metrics=autoencoder.METRICS,
         ),
         Algorithm(
             "vae",
@@ -94,6 +111,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "Variational autoencoder (MLP or conv), with the IWAE likelihood bound.",
             vae.Config,
             vae.train,
+            metrics=vae.METRICS,
         ),
         Algorithm(
             "gan",
@@ -101,6 +119,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "GAN, MLP or DCGAN, non-saturating or WGAN-GP; classifier-feature FID.",
             gan.Config,
             gan.train,
+            metrics=gan.METRICS,
         ),
     ]
 }

@@ -474,8 +474,32 @@ def validate(source: Source) -> SpecBase:
     except ValidationError as e:
         raise SpecError(_problems(e, source, model)) from None
     check_sweep(spec, source)
+    check_metrics(spec, source)
     check_world(spec, source)
     return spec
+
+
+def check_metrics(spec: SpecBase, source: Source) -> None:
+    """The scheduler's metric and the `report` list name metrics the algorithm logs: a sweep that
+    ranks trials by a metric no trial reports would fail every trial at its end."""
+    algo = ALGORITHMS[spec.algorithm]
+    named: list[tuple[tuple[str | int, ...], str]] = [
+        (("report", i), key) for i, key in enumerate(spec.report)
+    ]
+    if spec.sweep is not None and spec.sweep.scheduler is not None:
+        named.append((("sweep", "scheduler", "metric"), spec.sweep.scheduler.metric))
+    problems = []
+    for loc, key in named:
+        if algo.logs(key):
+            continue
+        known = [m for m in algo.metrics if "*" not in m]
+        hint = difflib.get_close_matches(key, known, n=1)
+        msg = f"{spec.algorithm} never logs {key!r}; " + (
+            f"did you mean '{hint[0]}'?" if hint else "it logs: " + ", ".join(algo.metrics)
+        )
+        problems.append(Problem(source.where(loc), _dotted(loc), msg))
+    if problems:
+        raise SpecError(problems)
 
 
 def set_dotted(data: dict[str, Any], path: str, value: Any) -> None:

@@ -20,6 +20,7 @@ from service.cluster import embedded
 from service.execution import ProgressFn, Trial, cause_of
 from service.settings import get_settings
 from service.spec import SpecBase
+from service.tracking import TAG_ERROR, client_for
 from service.trial import TrialRequest, run_name, run_trial, trial_label
 
 
@@ -38,8 +39,10 @@ class _TuneReporter:
     def __init__(self, metric: str):
         self.metric = metric
         self.last: float | None = None
+        self.seen: set[str] = set()
 
     def __call__(self, metrics: Mapping[str, float], step: int, logger: Any) -> None:
+        self.seen.update(metrics)
         if self.metric in metrics:
             logger.flush()
             self.last = metrics[self.metric]
@@ -56,6 +59,17 @@ def _trainable(config: dict[str, Any], request: TrialRequest, metric: str | None
     )
     if outcome.status == "FAILED":
         raise TrialFailedError(outcome.error)
+    if reporter is not None and reporter.last is None and outcome.status == "FINISHED":
+        # Validation checks the algorithm can log the metric, but this configuration did not
+        # (eval/fid without labels, eval/value_gap without a model...): ASHA had nothing to rank.
+        reason = (
+            f"never logged {reporter.metric!r}, the metric sweep.scheduler ranks trials by "
+            f"(it logged: {', '.join(sorted(reporter.seen)) or 'nothing'})"
+        )
+        client = client_for(request.tracking_uri)
+        client.set_tag(outcome.run_id, TAG_ERROR, reason)
+        client.set_terminated(outcome.run_id, "FAILED")
+        raise TrialFailedError(reason)
     final: dict[str, Any] = {"run_id": outcome.run_id, "status": outcome.status}
     if reporter is not None and reporter.last is not None:
         final[reporter.metric] = reporter.last

@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.execution import expand, launch
+from service.registry import ALGORITHMS
 from service.spec import load_spec
 
 from .conftest import ROOT
@@ -82,7 +83,11 @@ def test_example_runs_with_a_tiny_budget(path: Path, tracking_uri: str, in_tmp: 
     report = launch(spec, mode="local", tracking_uri=tracking_uri, spec_path=path)
     assert report.ok, [t.error for t in report.trials]
     assert len(report.trials) == (len(expand(spec)))  # one, or a sweep's configurations
+    declared = ALGORITHMS[algorithm]
     for trial in report.trials:
         assert "time/train_s" in trial.metrics
+        # The registry's list of what the algorithm logs (validation checks `report` and the
+        # scheduler's metric against it) covers everything it did log.
+        assert [k for k in trial.metrics if not declared.logs(k)] == []
         assert any(key.startswith("eval/") for key in trial.metrics)
         assert MlflowClient(tracking_uri).get_run(trial.run_id).info.status == "FINISHED"

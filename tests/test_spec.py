@@ -106,7 +106,7 @@ BAD = {
         GOOD.replace("value_iteration", "q_learning")
         .replace("FrozenLake-v1", "CartPole-v1")
         .replace("{is_slippery: true}", "{}"),
-        ":4: env.id: 'CartPole-v1': tabular Q-learning needs discrete observation",
+        ":4: env.id: 'CartPole-v1': tabular Q-learning needs a Discrete, MultiDiscrete or Tuple-of-Discrete observation",
     ),
     "dqn field out of range": (
         GOOD.replace("value_iteration", "dqn")

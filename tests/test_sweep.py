@@ -171,6 +171,52 @@ sweep:
     assert "eval/return_mean/mean" in parent.data.metrics
 
 
+def test_scheduler_metric_and_report_must_be_metrics_the_algorithm_logs(tmp_path: Path) -> None:
+    text = SWEEP.format(name="x").replace(
+        "report: [eval/return_mean, eval/value_gap]\n",
+        "  scheduler: {metric: eval/retrun_mean, mode: max}\nreport: [eval/value_gap, loss]\n",
+    )
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, text))
+    lines = str(e.value).splitlines()
+    assert lines[0].endswith(
+        ":15: report[1]: q_learning never logs 'loss'; it logs: charts/episodic_return, "
+        "charts/episodic_length, charts/epsilon, charts/learning_rate, charts/episodes, "
+        "eval/return_mean, eval/return_std, eval/length_mean, eval/value_gap, time/train_s"
+    ), lines
+    assert lines[1].endswith(
+        ":14: sweep.scheduler.metric: q_learning never logs 'eval/retrun_mean'; "
+        "did you mean 'eval/return_mean'?"
+    ), lines
+
+
+def test_a_scheduler_metric_this_configuration_never_logs_fails_its_trials_not_the_sweep(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    """eval/value_gap is a Q-learning metric, but with gamma = 1 (no finite optimum to compare
+    with) it is never logged: each trial ends FAILED saying so, and the sweep itself ends."""
+    text = f"""\
+name: {experiment_name}
+algorithm: q_learning
+env: {{id: FrozenLake-v1}}
+params: {{total_timesteps: 1000, eval_every: 500, eval_episodes: 5, gamma: 1.0}}
+seeds: [0, 1]
+sweep:
+  params: {{learning_rate: {{grid: [0.5]}}}}
+  scheduler: {{metric: eval/value_gap, mode: min, max_t: 4, grace_period: 1}}
+"""
+    report = launch(load_spec(write(in_tmp, text)), mode="ray", tracking_uri=tracking_uri)
+    assert not report.ok and len(report.trials) == 2
+    client = MlflowClient(tracking_uri)
+    for t in report.trials:
+        assert t.status == "FAILED"
+        assert t.error is not None and "never logged 'eval/value_gap'" in t.error
+        assert "eval/return_mean" in t.error  # what it did log
+        assert client.get_metric_history(t.run_id, "eval/return_mean")  # and kept
+    parent = client.get_run(report.parent_run_id)  # type: ignore[arg-type]
+    assert parent.info.status == "FAILED"
+
+
 def test_tune_stops_every_trial_once_ctrl_c_set_the_event() -> None:
     import pickle
     import threading
