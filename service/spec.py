@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -300,6 +301,19 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> i
     return memo[key]
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader (no !!python/* tags, nothing is ever imported) that also reads YAML 1.2 floats
+    without a dot or a signed exponent, 1e5 and 3e-4: PyYAML's YAML 1.1 rules read them as
+    strings, and `total_timesteps: 1e5` would be refused as not an integer."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def parse_yaml(raw: bytes, name: str) -> Source:
     """Safe-load one YAML mapping, recording the line of every key and item."""
     if len(raw) > MAX_SPEC_BYTES:
@@ -313,7 +327,7 @@ def parse_yaml(raw: bytes, name: str) -> Source:
         raise SpecError(
             [Problem(name, "", "empty file: expected a mapping with name, algorithm, params")]
         )
-    loader = yaml.SafeLoader(text)  # safe: no !!python/* tags, nothing is ever imported
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -368,7 +382,7 @@ def apply_overrides(source: Source, overrides: Sequence[str]) -> Source:
                 [Problem(where, "", "expected FIELD.PATH=VALUE, e.g. params.gamma=0.95")]
             )
         try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+            value = yaml.load(raw_value, Loader=_Loader) if raw_value.strip() else ""
         except yaml.YAMLError as e:
             raise SpecError(
                 [Problem(where, ".".join(keys), f"value is not valid YAML: {e}")]

@@ -255,3 +255,17 @@ def test_empty_sections_take_their_defaults(tmp_path: Path) -> None:
     # A required field left empty is still an error, on its line.
     assert "spec.yaml:2: algorithm: field required" in problems(tmp_path, "name: t\nalgorithm:\n")
     assert "spec.yaml:1: name" in problems(tmp_path, "name:\nalgorithm: rbm\n")
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML) reads 1e5 and 3e-4 as strings; specs read them as numbers, as YAML 1.2,
+    JSON and Python do, in the file and in --set overrides."""
+    text = (
+        "name: t\nalgorithm: dqn\nenv: {id: CartPole-v1}\n"
+        "params: {total_timesteps: 1e5, learning_rate: 3e-4, tau: 1E-2}\n"
+    )
+    spec = load_spec(write(tmp_path, text), ["params.buffer_size=2.5e4"])
+    params = spec.params  # type: ignore[attr-defined]
+    assert (params.total_timesteps, params.buffer_size) == (100_000, 25_000)
+    assert (params.learning_rate, params.tau) == (3e-4, 1e-2)
+    assert "got a number with a fractional part" in problems(tmp_path, text.replace("1e5", "1.5e0"))
