@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 import ray
@@ -36,6 +37,7 @@ def start_ray(address: str | None = None, **init_kwargs: Any) -> None:
     # Embedded means a fresh local Ray, even when `ray start` left a cluster on this machine;
     # RAY_ADDRESS (or --address) is how to join one.
     target = address or os.environ.get("RAY_ADDRESS") or "local"
+    _check_reachable(target)
     if target == "local":
         # Its prestarted workers import what trials need while Ray and the driver start.
         init_kwargs["_system_config"] = {
@@ -53,6 +55,21 @@ def start_ray(address: str | None = None, **init_kwargs: Any) -> None:
     _embedded_gcs = ray.get_runtime_context().gcs_address if target == "local" else None
     # Tune looks for the result files of the loggers we disabled; MLflow has the results.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
+def _check_reachable(target: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing listens at an explicit `host:port` (or `ray://host:port`): ray.init
+    would retry the GCS for minutes before giving up."""
+    host, sep, port = target.removeprefix("ray://").rpartition(":")
+    if target in ("local", "auto") or not sep or not port.isdigit() or "/" in host:
+        return  # ray.init resolves or reports these itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"nothing answers at {host}:{port} ({e}); is the Ray head running there "
+            "(`ray start --head`)?"
+        ) from None
 
 
 def embedded() -> bool:

@@ -220,6 +220,27 @@ def test_invalid_file_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "x.db").exists()
 
 
+def test_an_address_where_nothing_listens_exits_2_at_once(tmp_path: Path) -> None:
+    """ray.init would retry an unreachable GCS for minutes; rlgen checks the port first."""
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db = tmp_path / "x.db"
+    t = time.monotonic()
+    args = ["run", FROZEN, "--address", f"127.0.0.1:{port}", "--tracking-uri", f"sqlite:///{db}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"nothing answers at 127.0.0.1:{port}" in done.stderr.replace("\n", "")
+    assert time.monotonic() - t < 60
+    assert not db.exists()
+
+
 def test_schema_validate_and_algorithms_commands(tmp_path: Path) -> None:
     code, out, _ = rlgen("schema")
     assert code == 0 and json.loads(out)["title"] == "rlgen experiment spec"
