@@ -213,9 +213,15 @@ class TrainTimer:
         self._pause_depth = 0
         self._pause_start = 0.0
         self._stopped_at: float | None = None
+        self._carried_s = 0.0  # training time before a restart, from the checkpoint resumed
 
     def start(self) -> None:
         self._start, self._paused_s, self._stopped_at = time.perf_counter(), 0.0, None
+        self._carried_s = 0.0
+
+    def carry_over(self, seconds: float) -> None:
+        """Count `seconds` of training done before this process resumed from a checkpoint."""
+        self._carried_s = seconds
 
     def stop(self) -> None:
         if self._stopped_at is None:
@@ -235,9 +241,10 @@ class TrainTimer:
 
     def elapsed(self) -> float:
         if self._start is None:
-            return 0.0
+            return self._carried_s
         end = self._stopped_at if self._stopped_at is not None else time.perf_counter()
-        return end - self._start - self._paused_s
+        pausing = end - self._pause_start if self._pause_depth and self._stopped_at is None else 0
+        return self._carried_s + end - self._start - self._paused_s - pausing
 
 
 class Checkpointer:
@@ -247,16 +254,22 @@ class Checkpointer:
     `torch.load(weights_only=True)`.
     """
 
-    def __init__(self, directory: Path, writer: Writer, *, keep: int = 2):
+    TIMER_KEY = "_rlgen_train_s"  # the run's training time so far, carried into a restart
+
+    def __init__(
+        self, directory: Path, writer: Writer, *, keep: int = 2, timer: TrainTimer | None = None
+    ):
         self.directory = directory
         self.writer = writer
         self.keep = keep
+        self.timer = timer
 
     def save(self, state: Mapping[str, Any], step: int) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step_{step:010d}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save(dict(state), tmp)
+        extra = {self.TIMER_KEY: self.timer.elapsed()} if self.timer is not None else {}
+        torch.save({**state, **extra}, tmp)
         tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
         self.writer.write_artifact(path, "checkpoints")
         for old in sorted(self.directory.glob("step_*.pt"))[: -self.keep]:
@@ -268,6 +281,9 @@ class Checkpointer:
         if not files:
             return None
         loaded: dict[str, Any] = torch.load(files[-1], map_location="cpu", weights_only=True)
+        train_s = loaded.pop(self.TIMER_KEY, None)
+        if train_s is not None and self.timer is not None:  # resuming: time/train_s goes on
+            self.timer.carry_over(float(train_s))
         return loaded
 
 
@@ -296,8 +312,8 @@ class RunContext:
         self.workdir = workdir
         self.writer = writer
         self.metrics = MetricLogger(writer, on_log=on_metrics, logged_until=logged_until)
-        self.checkpoints = Checkpointer(workdir / "checkpoints", writer)
         self.timer = TrainTimer()
+        self.checkpoints = Checkpointer(workdir / "checkpoints", writer, timer=self.timer)
         self.log = logging.getLogger(f"rlgen.run.{run_id}")
         # Every random draw in an algorithm comes from these, never from a global RNG.
         self.np_rng = np.random.default_rng(seed)

@@ -97,6 +97,26 @@ def test_train_timer_excludes_paused_time(tmp_path: Path) -> None:
     assert 0.04 < ctx.timer.elapsed() < 0.15
 
 
+def test_train_time_is_measured_without_a_pause_in_progress_and_carried_into_a_restart(
+    tmp_path: Path,
+) -> None:
+    first = RunContext.in_memory(workdir=tmp_path)
+    first.timer.start()
+    time.sleep(0.1)
+    with first.timer.paused():  # checkpoints are saved (and evaluations logged) while paused
+        time.sleep(0.3)
+        assert 0.09 < first.timer.elapsed() < 0.2
+        first.checkpoints.save({"step": 5}, step=5)
+    # The worker dies; a new process resumes from the checkpoint and trains another 0.1 s.
+    second = RunContext.in_memory(workdir=tmp_path)
+    second.timer.start()
+    state = second.checkpoints.latest()
+    assert state == {"step": 5}  # the algorithm's own state, nothing added
+    time.sleep(0.1)
+    second.timer.stop()
+    assert 0.19 < second.timer.elapsed() < 0.35
+
+
 def test_checkpoints_round_trip_and_rotate(tmp_path: Path) -> None:
     ctx = RunContext.in_memory(workdir=tmp_path)
     net = torch.nn.Linear(3, 2)
