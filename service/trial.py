@@ -159,7 +159,7 @@ def run_trial(
         for key, value in ((TAG_RESTARTS, str(restarts)), (TAG_WORKER, tags[TAG_WORKER])):
             with_retries(functools.partial(client.set_tag, run.info.run_id, key, value), "tag")
     run_id = run.info.run_id
-    workdir = Path(tempfile.mkdtemp(prefix=f"rlgen-{run_id[:8]}-"))
+    workdir = make_workdir(run_id)
     writer = ProcessWriter(client, request.tracking_uri, run_id)  # starts while we set up
     status, error = "FAILED", None
     ctx: RunContext | None = None
@@ -225,6 +225,37 @@ def run_trial(
         _best_effort(lambda: client.set_terminated(run_id, status))
         shutil.rmtree(workdir, ignore_errors=True)
     return TrialOutcome(run_id, request.seed, status, error)
+
+
+OWNER_FILE = ".owner"  # in a trial's directory: the pid of the process using it
+
+
+def make_workdir(run_id: str) -> Path:
+    """A fresh directory for the trial's files, after removing those abandoned on this machine."""
+    remove_abandoned_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"rlgen-{run_id[:8]}-"))
+    (workdir / OWNER_FILE).write_text(str(os.getpid()))
+    return workdir
+
+
+def remove_abandoned_workdirs(root: Path | None = None) -> int:
+    """Remove trial directories whose process is gone: a worker killed mid-trial, or a trial a
+    scheduler stopped (its thread never reaches the cleanup). Their checkpoints and files are in
+    MLflow already. Directories without an owner file are left alone. Returns how many went."""
+    removed = 0
+    for d in Path(root or tempfile.gettempdir()).glob("rlgen-*-*"):
+        try:
+            pid = int((d / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
 
 
 def run_on_ray_worker(request: TrialRequest) -> TrialOutcome:

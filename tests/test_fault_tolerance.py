@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -100,3 +102,20 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
         last_eval = client.get_metric_history(trial.run_id, "eval/return_mean")
         assert max(m.step for m in last_eval) >= 12000
     assert restarts == 1  # only the killed worker's trial restarted
+
+
+def test_directories_of_trials_whose_process_died_are_removed(tmp_path: Path) -> None:
+    """A killed worker or an ASHA-stopped trial never reaches its cleanup; the next trial on the
+    machine removes what such trials left (their files are in MLflow), and nothing else."""
+    from service.trial import OWNER_FILE, remove_abandoned_workdirs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, live, foreign = (tmp_path / f"rlgen-{n}-x" for n in ("dead", "live", "foreign"))
+    for d, owner in ((dead, gone.pid), (live, os.getpid()), (foreign, None)):
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "checkpoints" / "step_1.pt").write_bytes(b"x" * 1000)
+        if owner is not None:
+            (d / OWNER_FILE).write_text(str(owner))
+    assert remove_abandoned_workdirs(tmp_path) == 1
+    assert not dead.exists() and live.exists() and foreign.exists()
