@@ -247,9 +247,14 @@ def run(
 
     spec = load() if local else _load_while_ray_starts(load, address, tracking_uri)
 
-    from service.execution import expand, launch
+    from service.execution import check_resources, expand, launch
     from service.spec import SpecError
 
+    if not local:  # before the progress table: an unrunnable spec gets its error alone
+        try:
+            check_resources(spec, address, str(spec_path or "spec"))
+        except SpecError as e:
+            raise _invalid(str(e)) from None
     table = ProgressTable([t.label for t in expand(spec)], f"{spec.name}: {spec.algorithm}")
     try:
         with table.live:

@@ -149,7 +149,7 @@ def launch(
     uri = resolve_tracking_uri(tracking_uri)
     if mode == "ray":  # before any run exists: a bad address or resources leave nothing
         start_ray(address)
-        _check_resources(spec, address)
+        check_resources(spec, address)
     client = client_for(uri)
     experiment_id = ensure_experiment(client, spec.name, uri)
     launch_id = uuid.uuid4().hex
@@ -297,17 +297,31 @@ def _run_local(
 
 
 # -- Ray ------------------------------------------------------------------------------------------
-def _check_resources(spec: SpecBase, address: str | None) -> None:
+def check_resources(spec: SpecBase, address: str | None, where: str = "resources") -> None:
+    """Raise SpecError when no trial could ever run: more than the embedded cluster has, or a
+    CUDA device without a GPU reserved (Ray hides the GPUs a trial did not reserve)."""
+    from service.spec import Problem, SpecError
+
+    res = spec.resources
+    if res.device == "cuda" and res.num_gpus == 0:
+        raise SpecError(
+            [
+                Problem(
+                    where,
+                    "resources.device",
+                    "'cuda' needs resources.num_gpus > 0: a Ray trial sees only the GPUs it "
+                    "reserves (num_gpus: 1, or 0.5 to share one)",
+                )
+            ]
+        )
     available = ray.cluster_resources()
-    need = {"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}
+    need = {"CPU": res.num_cpus, "GPU": res.num_gpus}
     for name, amount in need.items():
         if amount > available.get(name, 0.0) and address is None:
-            from service.spec import Problem, SpecError
-
             raise SpecError(
                 [
                     Problem(
-                        "resources",
+                        where,
                         f"resources.num_{name.lower()}s",
                         f"a trial asks for {amount:g} {name}s but the embedded Ray "
                         f"cluster has {available.get(name, 0.0):g}",

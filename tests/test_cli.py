@@ -171,21 +171,22 @@ def test_failing_trial_is_failed_with_reason_and_others_go_on(
 def test_failure_inside_a_ray_worker(
     ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
 ) -> None:
-    # No GPU here: asking for CUDA fails inside the worker, which must end its run FAILED.
-    code, out, _ = rlgen(
+    # The FID classifier's cache cannot be created under /proc: the trials fail inside their
+    # workers (validation cannot know), which must end their runs FAILED with the reason.
+    code, out, err = rlgen(
         "run",
-        FROZEN,
+        str(ROOT / "experiments" / "gan_digits.yaml"),
         "--json",
-        *common(tracking_uri, experiment_name),
-        "--set",
-        "resources.device=cuda",
+        *("--tracking-uri", tracking_uri, "--set", f"name={experiment_name}"),
+        *("--set", "params.fid.cache=/proc/rlgen-test/fid", "--set", "seeds=[0, 1]"),
+        *("--set", "params.epochs=1", "--set", "dataset.limit=200"),
     )
-    assert code == 1
+    assert code == 1, err
     result = json.loads(out)
     client = MlflowClient(tracking_uri)
     for trial in result["trials"]:
         assert trial["status"] == "FAILED"
-        assert "no CUDA device" in client.get_run(trial["run_id"]).data.tags["rlgen.error"]
+        assert "/proc/rlgen-test" in client.get_run(trial["run_id"]).data.tags["rlgen.error"]
     assert client.get_run(result["parent_run_id"]).info.status == "FAILED"
 
 
@@ -196,6 +197,7 @@ def test_failure_inside_a_ray_worker(
         ["--set", "params.nope=1"],
         ["--set", "env.id=NoSuchEnv-v0"],
         ["--set", "resources.num_cpus=64"],  # more than the embedded cluster has
+        ["--set", "resources.device=cuda"],  # without a GPU reserved Ray hides every GPU
     ],
 )
 def test_invalid_input_exits_2_and_creates_nothing(
