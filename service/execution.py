@@ -298,22 +298,11 @@ def _run_local(
 
 # -- Ray ------------------------------------------------------------------------------------------
 def check_resources(spec: SpecBase, address: str | None, where: str = "resources") -> None:
-    """Raise SpecError when no trial could ever run: more than the embedded cluster has, or a
-    CUDA device without a GPU reserved (Ray hides the GPUs a trial did not reserve)."""
+    """Raise SpecError when no trial could ever run: it asks for more than the embedded cluster
+    has (another cluster may grow; its trials wait)."""
     from service.spec import Problem, SpecError
 
     res = spec.resources
-    if res.device == "cuda" and res.num_gpus == 0:
-        raise SpecError(
-            [
-                Problem(
-                    where,
-                    "resources.device",
-                    "'cuda' needs resources.num_gpus > 0: a Ray trial sees only the GPUs it "
-                    "reserves (num_gpus: 1, or 0.5 to share one)",
-                )
-            ]
-        )
     available = ray.cluster_resources()
     need = {"CPU": res.num_cpus, "GPU": res.num_gpus}
     for name, amount in need.items():

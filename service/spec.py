@@ -83,6 +83,15 @@ class Resources(BaseModel):
         "auto", description="auto: CUDA when the trial was given a GPU, else CPU."
     )
 
+    @model_validator(mode="after")
+    def _cuda_reserves_a_gpu(self) -> Resources:
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError(
+                "device 'cuda' needs num_gpus > 0: a Ray trial sees only the GPUs it reserves "
+                "(num_gpus: 1, or 0.5 to share one)"
+            )
+        return self
+
 
 class DriverResources(BaseModel):
     """What the driver of a submitted experiment (`rlgen submit`, the HTTP API) reserves as a Ray

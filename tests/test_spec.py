@@ -269,3 +269,11 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
     assert (params.total_timesteps, params.buffer_size) == (100_000, 25_000)
     assert (params.learning_rate, params.tau) == (3e-4, 1e-2)
     assert "got a number with a fractional part" in problems(tmp_path, text.replace("1e5", "1.5e0"))
+
+
+def test_cuda_without_a_reserved_gpu_is_refused(tmp_path: Path) -> None:
+    base = "name: t\nalgorithm: rbm\nresources: {device: cuda%s}\n"
+    assert "spec.yaml:3: resources: device 'cuda' needs num_gpus > 0" in problems(
+        tmp_path, base % ""
+    )
+    assert load_spec(write(tmp_path, base % ", num_gpus: 0.5")).resources.num_gpus == 0.5
