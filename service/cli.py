@@ -6,7 +6,6 @@ which case nothing was started and no MLflow run was created; 130 interrupted (r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -94,16 +93,14 @@ def _load_while_ray_starts(load: Any, address: str | None, tracking_uri: str | N
     import ray
 
     from service.cluster import start_ray
-    from service.tracking import client_for, resolve_tracking_uri
+    from service.tracking import check_store, resolve_tracking_uri
 
     def load_and_open_store() -> Any:
         spec = load()
         uri = resolve_tracking_uri(tracking_uri)
-        # MLflow builds its SQLAlchemy store once per process (~1 s). Not a new one: an
-        # experiment that turns out to be unrunnable must leave no store behind.
-        if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
-            with contextlib.suppress(Exception):  # launch reports tracking errors in context
-                client_for(uri).search_experiments(max_results=1)
+        # Opens an existing store here, while Ray starts (MLflow builds its SQLAlchemy store once
+        # per process, ~1 s), but creates none: an unrunnable experiment leaves nothing behind.
+        check_store(uri)
         from service.execution import runs_on_tune
 
         if runs_on_tune(spec):
@@ -245,7 +242,16 @@ def run(
     def load() -> Any:
         return _load(spec_path, from_run, overrides or [], tracking_uri, spec_env)
 
-    spec = load() if local else _load_while_ray_starts(load, address, tracking_uri)
+    from service.tracking import TrackingStoreError, check_store, resolve_tracking_uri
+
+    try:
+        if local:
+            spec = load()
+            check_store(resolve_tracking_uri(tracking_uri))
+        else:  # checks the store too, while Ray starts
+            spec = _load_while_ray_starts(load, address, tracking_uri)
+    except TrackingStoreError as e:
+        raise _invalid(f"--tracking-uri: {e}") from None
 
     from service.execution import check_resources, expand, launch
     from service.spec import SpecError
@@ -305,12 +311,14 @@ def evaluate(
     if render not in (None, "gif"):
         raise _invalid(f"--render: unknown format {render!r}; the one supported is 'gif'")
     from service.evaluate import EvaluateError, evaluate_run
-    from service.tracking import resolve_tracking_uri
+    from service.tracking import TrackingStoreError, check_store, resolve_tracking_uri
 
+    uri = resolve_tracking_uri(tracking_uri)
     try:
-        result = evaluate_run(
-            run_id, resolve_tracking_uri(tracking_uri), episodes=episodes, seed=seed, render=render
-        )
+        check_store(uri)
+        result = evaluate_run(run_id, uri, episodes=episodes, seed=seed, render=render)
+    except TrackingStoreError as e:
+        raise _invalid(f"--tracking-uri: {e}") from None
     except EvaluateError as e:
         raise _invalid(str(e)) from None
     summary = {

@@ -53,6 +53,54 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+class TrackingStoreError(ValueError):
+    """A tracking URI that cannot work: said before any run exists."""
+
+
+def check_store(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, with the reason, when `uri` cannot work as a tracking store.
+
+    Only at the start of a command: later, a store that goes away is waited for (the metric
+    logger retries and keeps its buffer), but MLflow's own client would retry an address where no
+    server ever answered for minutes, and show a file store's or a missing driver's error as a
+    traceback.
+    """
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    scheme = parsed.scheme
+    # What the messages show: never a password, into a terminal or a log.
+    shown = uri.replace(f":{parsed.password}@", ":***@", 1) if parsed.password else uri
+    if scheme in ("", "file"):
+        raise TrackingStoreError(
+            f"{shown!r} is MLflow's file store, which MLflow 3 no longer accepts; use "
+            "sqlite:///mlflow.db or an MLflow server, http://HOST:5000"
+        )
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:  # one request, no retries; any HTTP answer (even 401/404) means a server is there
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            pass
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingStoreError(f"no MLflow server answers at {shown} ({reason})") from None
+        return
+    if scheme == "sqlite" and not Path(uri.removeprefix("sqlite:///")).exists():
+        return  # created on first use (not before the spec is known to be valid)
+    try:
+        client_for(uri).search_experiments(max_results=1)
+    except ImportError as e:
+        raise TrackingStoreError(f"{shown}: its database driver is missing ({e})") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if parsed.password:
+            first = first.replace(parsed.password, "***")
+        raise TrackingStoreError(f"cannot open the tracking store {shown}: {first}") from None
+
+
 def client_for(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 

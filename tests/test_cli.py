@@ -211,6 +211,35 @@ def test_invalid_input_exits_2_and_creates_nothing(
     assert not db.exists()  # no store, so certainly no run
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["local", "ray"])
+def test_a_tracking_uri_that_cannot_work_exits_2_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local: bool, ray_cluster: None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    port = _free_port()
+    cases = {
+        "./mlruns": "MLflow's file store, which MLflow 3 no longer accepts",
+        f"http://127.0.0.1:{port}": f"no MLflow server answers at http://127.0.0.1:{port}",
+        "bogus://u:hunter2@x": "cannot open the tracking store bogus://u:***@x",
+    }
+    for uri, fragment in cases.items():
+        t = time.monotonic()
+        code, _, err = rlgen("run", FROZEN, "--tracking-uri", uri, *(["--local"] if local else []))
+        assert code == 2, err
+        assert "error: --tracking-uri: " in err and fragment in err.replace("\n", ""), err
+        assert "hunter2" not in err
+        assert time.monotonic() - t < 30
+    assert list(tmp_path.iterdir()) == []  # no store, no run, nothing
+
+
 def test_invalid_file_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
@@ -224,11 +253,7 @@ def test_invalid_file_exits_2(tmp_path: Path) -> None:
 
 def test_an_address_where_nothing_listens_exits_2_at_once(tmp_path: Path) -> None:
     """ray.init would retry an unreachable GCS for minutes; rlgen checks the port first."""
-    import socket
-
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     db = tmp_path / "x.db"
     t = time.monotonic()
     args = ["run", FROZEN, "--address", f"127.0.0.1:{port}", "--tracking-uri", f"sqlite:///{db}"]
