@@ -371,10 +371,14 @@ def submit(
 ) -> None:
     """Validate SPEC and submit it to a Ray cluster as a job; print the job id at once."""
     from service.jobs import JobsError
-    from service.tracking import resolve_tracking_uri
+    from service.tracking import TrackingStoreError, check_store, resolve_tracking_uri
 
     spec = _load(spec_path, None, overrides or [], tracking_uri)
     uri = resolve_tracking_uri(tracking_uri)
+    try:  # the form only: the cluster may reach a server this machine cannot
+        check_store(uri, reach=False)
+    except TrackingStoreError as e:
+        raise _invalid(f"--tracking-uri: {e}") from None
     if uri.startswith("sqlite:"):
         err.print(
             f"[yellow]warning:[/yellow] {uri} is a file on the cluster's head node; "
@@ -471,8 +475,12 @@ def serve(
 
     from service.api import ApiConfig, create_app
     from service.settings import get_settings
-    from service.tracking import resolve_tracking_uri
+    from service.tracking import TrackingStoreError, check_store, resolve_tracking_uri
 
+    try:
+        check_store(resolve_tracking_uri(tracking_uri), reach=False)
+    except TrackingStoreError as e:
+        raise _invalid(f"--tracking-uri: {e}") from None
     token = get_settings().api_token
     if token is None or not token.get_secret_value():
         raise _invalid(

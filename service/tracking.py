@@ -57,7 +57,7 @@ class TrackingStoreError(ValueError):
     """A tracking URI that cannot work: said before any run exists."""
 
 
-def check_store(uri: str, timeout_s: float = 10.0) -> None:
+def check_store(uri: str, timeout_s: float = 10.0, *, reach: bool = True) -> None:
     """Fail fast, with the reason, when `uri` cannot work as a tracking store.
 
     Only at the start of a command: later, a store that goes away is waited for (the metric
@@ -76,6 +76,8 @@ def check_store(uri: str, timeout_s: float = 10.0) -> None:
             f"{shown!r} is MLflow's file store, which MLflow 3 no longer accepts; use "
             "sqlite:///mlflow.db or an MLflow server, http://HOST:5000"
         )
+    if not reach:  # the form only: a long-lived service waits for its store to come up
+        return
     if scheme in ("http", "https"):
         import urllib.error
         import urllib.request

@@ -240,6 +240,21 @@ def test_a_tracking_uri_that_cannot_work_exits_2_at_once(
     assert list(tmp_path.iterdir()) == []  # no store, no run, nothing
 
 
+def test_submit_and_serve_refuse_a_file_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their store is reached from the cluster (it may not be from here), but a file store can
+    never work."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLGEN_API_TOKEN", "t")
+    for args in (
+        ("submit", FROZEN, "--address", f"http://127.0.0.1:{_free_port()}"),
+        ("serve", "--address", f"http://127.0.0.1:{_free_port()}", "--port", str(_free_port())),
+    ):
+        code, _, err = rlgen(*args, "--tracking-uri", "file:./mlruns")
+        assert code == 2 and "MLflow's file store" in err, err
+
+
 def test_invalid_file_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
