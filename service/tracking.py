@@ -8,11 +8,14 @@ unreachable, so that a restart of the tracking server loses nothing.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -103,10 +106,37 @@ def check_store(uri: str, timeout_s: float = 10.0, *, reach: bool = True) -> Non
         raise TrackingStoreError(f"cannot open the tracking store {shown}: {first}") from None
 
 
+_opened: set[str] = set()  # SQLite stores this process has opened (complete from then on)
+
+
 def client_for(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _opened:
+        return MlflowClient(tracking_uri=uri)
+    # MLflow creates (or upgrades) a SQLite store's tables when it first opens it; two processes
+    # doing so at once (two `rlgen run` on a new store) both migrate and one crashes ("table
+    # latest_metrics already exists"). One process at a time opens it, the first time.
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+    _opened.add(uri)
+    return client
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    digest = hashlib.sha1(uri.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"rlgen.store-{digest}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def with_retries(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -120,3 +123,21 @@ def test_experiments_open_on_the_runs_view(tracking_uri: str, experiment_name: s
     assert (
         ensure_experiment(client, experiment_name, tracking_uri) == exp_id
     )  # found, not duplicated
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path: Path) -> None:
+    """MLflow migrates a new store's schema when it first opens it; without a lock, two processes
+    doing so at once crash ("table ... already exists")."""
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    start = time.time() + 3  # past the imports: the three open the store at the same moment
+    code = (
+        "import sys, time; from service.tracking import client_for; "
+        f"time.sleep(max(0, {start} - time.time())); "
+        f"client_for({uri!r}).search_experiments(max_results=1)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
