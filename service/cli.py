@@ -97,6 +97,11 @@ def _load_while_ray_starts(load: Any, address: str | None, tracking_uri: str | N
 
     def load_and_open_store() -> Any:
         spec = load()
+        from service.cluster import set_preload_workers
+        from service.execution import concurrent_trials
+
+        # The embedded cluster's workers are starting meanwhile: as many preload as will work.
+        set_preload_workers(concurrent_trials(spec))
         uri = resolve_tracking_uri(tracking_uri)
         # Opens an existing store here, while Ray starts (MLflow builds its SQLAlchemy store once
         # per process, ~1 s), but creates none: an unrunnable experiment leaves nothing behind.
@@ -111,7 +116,7 @@ def _load_while_ray_starts(load: Any, address: str | None, tracking_uri: str | N
         loading = pool.submit(load_and_open_store)
         ours = not ray.is_initialized()  # what this call starts, it stops again on an error
         try:
-            start_ray(address)
+            start_ray(address, preload_workers="later")  # said once the spec is loaded
             ray_error = None
         except Exception as e:  # a bad address; but an invalid spec is reported first
             ray_error = e

@@ -4,10 +4,13 @@ algorithms, so this module imports nothing of rlgen's.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import socket
-from typing import Any
+import tempfile
+from typing import Any, Literal
 
 import ray
 
@@ -23,12 +26,21 @@ os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 
 _embedded_gcs: str | None = None  # the GCS address of the cluster `start_ray` started, if any
+PRELOAD_DIR_ENV = "RLGEN_PRELOAD_DIR"  # where the embedded cluster's workers claim preload slots
 
 
-def start_ray(address: str | None = None, **init_kwargs: Any) -> None:
+def start_ray(
+    address: str | None = None,
+    *,
+    preload_workers: int | Literal["later"] | None = None,
+    **init_kwargs: Any,
+) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start an embedded one; idempotent.
 
     Call it from the main thread: Ray ties its daemons' lives to the thread that started them.
+    `preload_workers`: how many of the embedded cluster's prestarted workers import what trials
+    need (the trials that will run at once); None: every one; "later": the caller says it soon
+    with `set_preload_workers` (see `service.preload`).
     `init_kwargs` go to `ray.init` (e.g. `num_cpus`, `num_gpus` of an embedded cluster).
     """
     global _embedded_gcs
@@ -39,7 +51,16 @@ def start_ray(address: str | None = None, **init_kwargs: Any) -> None:
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     _check_reachable(target)
     if target == "local":
-        # Its prestarted workers import what trials need while Ray and the driver start.
+        # Its prestarted workers import what trials need while Ray and the driver start; they
+        # inherit this environment, so they find the directory where they claim a slot.
+        if preload_workers is None:
+            os.environ.pop(PRELOAD_DIR_ENV, None)
+        else:
+            directory = tempfile.mkdtemp(prefix="rlgen.preload-")
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            os.environ[PRELOAD_DIR_ENV] = directory
+            if preload_workers != "later":
+                set_preload_workers(preload_workers)
         init_kwargs["_system_config"] = {
             "preload_python_modules": ["service.preload"],
             **init_kwargs.get("_system_config", {}),
@@ -55,6 +76,18 @@ def start_ray(address: str | None = None, **init_kwargs: Any) -> None:
     _embedded_gcs = ray.get_runtime_context().gcs_address if target == "local" else None
     # Tune looks for the result files of the loggers we disabled; MLflow has the results.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
+def set_preload_workers(count: int) -> None:
+    """Tell the embedded cluster's workers that `count` of them should preload (no-op on other
+    clusters). Workers that reach their preload before this is said all preload."""
+    directory = os.environ.get(PRELOAD_DIR_ENV)
+    if directory is None or not os.path.isdir(directory):
+        return
+    tmp = os.path.join(directory, "slots.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(max(1, count)))
+    os.replace(tmp, os.path.join(directory, "slots"))  # atomic: never a half-written number
 
 
 def _check_reachable(target: str, timeout: float = 5.0) -> None:

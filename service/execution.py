@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import signal
 import threading
 import uuid
@@ -136,6 +137,18 @@ def runs_on_tune(spec: SpecBase) -> bool:
     return spec.sweep is not None or len(spec.seeds) > 1
 
 
+def concurrent_trials(spec: SpecBase, cpus: float | None = None) -> int:
+    """How many of the spec's trials run at once on an embedded cluster of `cpus` CPUs (default:
+    this machine's), which is how many of its workers should preload (`set_preload_workers`)."""
+    if not runs_on_tune(spec):
+        return 1
+    count = len(expand(spec))
+    if spec.sweep is not None and spec.sweep.max_concurrent_trials:
+        count = min(count, spec.sweep.max_concurrent_trials)
+    fit = int((cpus or os.cpu_count() or 1) // spec.resources.num_cpus)
+    return max(1, min(count, fit))
+
+
 def launch(
     spec: SpecBase,
     *,
@@ -148,7 +161,7 @@ def launch(
     """Run every trial of `spec` and return what MLflow recorded for them."""
     uri = resolve_tracking_uri(tracking_uri)
     if mode == "ray":  # before any run exists: a bad address or resources leave nothing
-        start_ray(address)
+        start_ray(address, preload_workers=concurrent_trials(spec))
         check_resources(spec, address)
     client = client_for(uri)
     experiment_id = ensure_experiment(client, spec.name, uri)

@@ -7,7 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from .conftest import ROOT
 
@@ -95,3 +99,78 @@ def test_trials_run_in_prestarted_preloaded_workers(tmp_path: Path) -> None:
     assert len(result["workers"]["[0]"]) == 1 and len(result["workers"]["[0, 1]"]) == 2
     for pids in result["workers"].values():
         assert set(pids) <= set(result["idle"]), result  # no fresh worker process
+
+
+# -- how many preload ----------------------------------------------------------------------------
+def test_only_as_many_workers_preload_as_the_driver_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import preload
+    from service.cluster import PRELOAD_DIR_ENV, set_preload_workers
+
+    assert preload.should_preload(None)  # not the embedded cluster's: preload
+    one = tmp_path / "one"
+    one.mkdir()
+    monkeypatch.setenv(PRELOAD_DIR_ENV, str(one))
+    set_preload_workers(1)  # a single trial
+    assert [preload.should_preload(str(one)) for _ in range(3)] == [True, False, False]
+    # Not said yet: the first worker preloads at once, the next waits for the number...
+    later = tmp_path / "later"
+    later.mkdir()
+    monkeypatch.setenv(PRELOAD_DIR_ENV, str(later))
+    assert preload.should_preload(str(later))
+    threading.Timer(0.3, set_preload_workers, [2]).start()  # a sweep of two at once
+    t = time.monotonic()
+    assert preload.should_preload(str(later)) and time.monotonic() - t >= 0.25
+    assert not preload.should_preload(str(later))
+    # ... but not forever: never said, every worker preloads.
+    never = tmp_path / "never"
+    never.mkdir()
+    monkeypatch.setattr(preload, "WAIT_S", 0.2)
+    assert preload.should_preload(str(never)) and preload.should_preload(str(never))
+
+
+LIGHT = r"""
+import json, os, sys, time
+from pathlib import Path
+
+from service.cluster import start_ray
+
+start_ray(num_cpus=2, preload_workers=1)
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def torch_loaded() -> dict[int, bool]:
+    # This cluster's idle workers (Linux: /proc), and whether each has libtorch mapped.
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE")
+                and parent(parent(int(proc.name))) == os.getpid()
+            ):
+                found[int(proc.name)] = b"libtorch" in (proc / "maps").read_bytes()
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+deadline = time.monotonic() + 90
+while sum(torch_loaded().values()) < 1 and time.monotonic() < deadline:
+    time.sleep(0.2)
+time.sleep(5)  # the light one decided long ago: it stays light
+print(json.dumps(torch_loaded()))
+"""
+
+
+def test_a_single_trial_cluster_preloads_one_worker(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", LIGHT], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(loaded.values()) == [False, True], loaded  # two prestarted, one preloaded
