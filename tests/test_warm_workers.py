@@ -15,8 +15,32 @@ import pytest
 
 from .conftest import ROOT
 
+# This cluster's idle workers (Linux: /proc), and whether each has libtorch mapped. Ray names a
+# worker process `ray::IDLE` until it runs something; ours are the children of the raylet this
+# process started (another Ray may run on this machine).
+IDLE_WORKERS = r"""
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def idle_workers() -> dict[int, bool]:
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE")
+                and parent(parent(int(proc.name))) == os.getpid()
+            ):
+                found[int(proc.name)] = b"libtorch" in (proc / "maps").read_bytes()
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+"""
+
 # In a fresh process: the test session's own Ray is not the embedded cluster `start_ray` makes.
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import json, os, sys, time
 from pathlib import Path
 
@@ -28,28 +52,9 @@ from service.execution import launch
 from service.spec import load_spec
 
 start_ray(num_cpus=2)
-
-
-def parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def idle_workers() -> set[int]:
-    # Ray names a worker process `ray::IDLE` until it runs something (Linux: /proc). Ours are
-    # the children of the raylet this process started (another Ray may run on this machine).
-    found = set()
-    for proc in Path("/proc").iterdir():
-        try:
-            if (
-                proc.name.isdigit()
-                and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE")
-                and parent(parent(int(proc.name))) == os.getpid()
-            ):
-                found.add(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            pass
-    return found
-
+"""
+    + IDLE_WORKERS
+    + r"""
 
 deadline = time.monotonic() + 60
 while len(idle := idle_workers()) < 2 and time.monotonic() < deadline:
@@ -75,6 +80,7 @@ for seeds in ("[0]", "[0, 1]"):  # one trial: a Ray task; two: Ray Tune
     ]
 print(json.dumps({"embedded": embedded(), "idle": sorted(idle), "warm": warm, "workers": workers}))
 """
+)
 
 
 def test_trials_run_in_prestarted_preloaded_workers(tmp_path: Path) -> None:
@@ -130,41 +136,25 @@ def test_only_as_many_workers_preload_as_the_driver_says(
     assert preload.should_preload(str(never)) and preload.should_preload(str(never))
 
 
-LIGHT = r"""
+LIGHT = (
+    r"""
 import json, os, sys, time
 from pathlib import Path
 
 from service.cluster import start_ray
 
 start_ray(num_cpus=2, preload_workers=1)
-
-
-def parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def torch_loaded() -> dict[int, bool]:
-    # This cluster's idle workers (Linux: /proc), and whether each has libtorch mapped.
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            if (
-                proc.name.isdigit()
-                and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE")
-                and parent(parent(int(proc.name))) == os.getpid()
-            ):
-                found[int(proc.name)] = b"libtorch" in (proc / "maps").read_bytes()
-        except (OSError, ValueError, IndexError):
-            pass
-    return found
-
+"""
+    + IDLE_WORKERS
+    + r"""
 
 deadline = time.monotonic() + 90
-while sum(torch_loaded().values()) < 1 and time.monotonic() < deadline:
+while sum(idle_workers().values()) < 1 and time.monotonic() < deadline:
     time.sleep(0.2)
 time.sleep(5)  # the light one decided long ago: it stays light
-print(json.dumps(torch_loaded()))
+print(json.dumps(idle_workers()))
 """
+)
 
 
 def test_a_single_trial_cluster_preloads_one_worker(tmp_path: Path) -> None:
