@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.jobs import JobInfo, JobsError
-from service.spec import MAX_SPEC_BYTES, SpecError, load_spec_text
+from service.spec import MAX_SPEC_BYTES, SpecError, dump_yaml, load_spec_text
 from service.tracking import client_for
 
 TAG_API_ID = "rlgen.api_id"
@@ -151,7 +150,7 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
                     data = json.loads(body)
                 except ValueError as e:
                     raise HTTPException(422, {"errors": [f"body: invalid JSON: {e}"]}) from None
-                body = yaml.safe_dump(data).encode() if isinstance(data, dict) else body
+                body = dump_yaml(data).encode() if isinstance(data, dict) else body
             spec = load_spec_text(body, "body")
         except SpecError as e:
             raise HTTPException(422, {"errors": [str(p) for p in e.problems]}) from None

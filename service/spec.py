@@ -316,11 +316,22 @@ class _Loader(yaml.SafeLoader):
     strings, and `total_timesteps: 1e5` would be refused as not an integer."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes the strings `_Loader` would read as numbers ('9397861e0537', a hex
+    id), so that what rlgen writes reads back the same."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML that `load_spec`/`load_spec_text` read back as `data` (keys in their order)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def parse_yaml(raw: bytes, name: str) -> Source:
@@ -655,7 +666,7 @@ def resolved(spec: SpecBase) -> dict[str, Any]:
 
 
 def to_yaml(spec: SpecBase) -> str:
-    return yaml.safe_dump(resolved(spec), sort_keys=False)
+    return dump_yaml(resolved(spec))
 
 
 def spec_hash(spec: SpecBase) -> str:

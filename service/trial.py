@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from service.context import RunContext
 from service.metric_writer import ProcessWriter
 from service.registry import ALGORITHMS
-from service.spec import SpecBase, flatten, set_dotted, spec_model
+from service.spec import SpecBase, dump_yaml, flatten, set_dotted, spec_model
 from service.tracking import (
     ACTIVE,
     TAG_ERROR,
@@ -176,7 +175,7 @@ def run_trial(
                 "log params",
             )
             spec_file = workdir / "spec.yaml"
-            spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            spec_file.write_text(dump_yaml(resolved))
             writer.write_artifact(spec_file, "")
         else:
             logged_until = restore(client, previous, workdir)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from service.spec import SpecError, load_spec, spec_json_schema
 
@@ -277,3 +278,15 @@ def test_cuda_without_a_reserved_gpu_is_refused(tmp_path: Path) -> None:
         tmp_path, base % ""
     )
     assert load_spec(write(tmp_path, base % ", num_gpus: 0.5")).resources.num_gpus == 0.5
+
+
+def test_what_rlgen_writes_reads_back_the_same(tmp_path: Path) -> None:
+    """Strings that look like YAML 1.2 numbers (an API id '9397861e0537') are quoted when rlgen
+    writes a spec (API jobs, spec.yaml artifacts), or they would come back as floats."""
+    from service.spec import dump_yaml, load_spec_text, to_yaml
+
+    ids = {"a": "9397861e0537", "b": "1e5", "c": "0123", "d": "12", "e": "3e-4"}
+    spec = load_spec(write(tmp_path, "name: t\nalgorithm: rbm\n"))
+    spec = spec.model_copy(update={"tags": ids})
+    assert load_spec_text(to_yaml(spec).encode(), "x").tags == ids
+    assert yaml.load(dump_yaml({"tags": ids}), Loader=yaml.SafeLoader) == {"tags": ids}
