@@ -80,7 +80,8 @@ def start_ray(
 
 def set_preload_workers(count: int) -> None:
     """Tell the embedded cluster's workers that `count` of them should preload (no-op on other
-    clusters). Workers that reach their preload before this is said all preload."""
+    clusters). Until it is said, the first worker preloads and the others wait for it (up to
+    `service.preload.WAIT_S`, then they preload too)."""
     directory = os.environ.get(PRELOAD_DIR_ENV)
     if directory is None or not os.path.isdir(directory):
         return
