@@ -279,13 +279,14 @@ def build_network(
     return q
 
 
-def greedy_actor(q: QNetwork, device: torch.device) -> Any:
-    """obs (N, *obs_shape) numpy -> greedy actions (N,) numpy."""
+def greedy_actor(q: QNetwork, device: torch.device, start: int = 0) -> Any:
+    """obs (N, *obs_shape) numpy -> greedy actions (N,) numpy, as the env takes them: output
+    column i of the network is action `start + i` (Discrete(n, start=-1) takes -1..n-2)."""
 
     @torch.inference_mode()
     def act(obs: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        return q(x).argmax(dim=1).cpu().numpy()
+        return q(x).argmax(dim=1).cpu().numpy() + start
 
     return act
 
@@ -300,6 +301,8 @@ def train(config: Config, ctx: RunContext) -> None:
     n_envs = config.num_envs
     obs_shape = envs.single_observation_space.shape
     envs.action_space.seed(int(ctx.np_rng.integers(2**31)))
+    # Discrete(n, start): network column i is action start + i; the buffer holds column indices.
+    a0 = int(envs.single_action_space.start)  # type: ignore[attr-defined]
 
     q = build_network(config, envs, torch.Generator().manual_seed(ctx.seed)).to(device)
     target = copy.deepcopy(q).requires_grad_(False)
@@ -320,7 +323,7 @@ def train(config: Config, ctx: RunContext) -> None:
     )
     nstep = NStep(config.n_step, n_envs, config.gamma)
     loss_fn = F.smooth_l1_loss if config.loss == "huber" else F.mse_loss
-    act = greedy_actor(q, device)
+    act = greedy_actor(q, device, a0)
 
     # Counters (all in timesteps, except `updates`), restored from a checkpoint when one exists.
     step, updates, episodes = 0, 0, 0
@@ -431,7 +434,7 @@ def train(config: Config, ctx: RunContext) -> None:
             final = next_obs.copy()
             for e in np.flatnonzero(done):
                 final[e] = info["final_obs"][e]
-        buffer.add(nstep.push(obs, actions, rewards, final, terminated, done, valid))
+        buffer.add(nstep.push(obs, actions - a0, rewards, final, terminated, done, valid))
         k = int(valid.sum())
         step += k
         ep_return += rewards * valid
@@ -529,4 +532,5 @@ def load_policy(config: Config, state: dict[str, Any], env: gym.Env) -> Any:
     q = build_network(config, env)
     q.load_state_dict(state["q"])
     q.eval()
-    return greedy_actor(q, torch.device("cpu"))
+    actions: Any = getattr(env, "single_action_space", env.action_space)
+    return greedy_actor(q, torch.device("cpu"), int(actions.start))

@@ -479,3 +479,43 @@ def test_learns_a_deterministic_frozen_lake(tmp_path: Path) -> None:
     assert evals[-3:] == [1.0, 1.0, 1.0]  # every evaluation episode reaches the goal, and stays
     state = ctx.checkpoints.latest()
     assert state is not None and state["q"]["onehot_shift"].tolist() == [0]
+
+
+class ShiftedBandit(gym.Env):  # type: ignore[type-arg]
+    """One-step episodes; actions Discrete(3, start=-1), i.e. -1, 0, 1; only action 1 pays."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(3, start=-1)
+
+    def reset(self, *, seed: int | None = None, options: object = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action: object) -> tuple[np.ndarray, float, bool, bool, dict]:
+        assert self.action_space.contains(action), action
+        return np.zeros(1, np.float32), float(action == 1), True, False, {}
+
+
+def test_actions_of_a_discrete_space_with_a_start_offset(tmp_path: Path) -> None:
+    """Network column i is action start + i: the env only ever gets actions of its space, the
+    buffer column indices, and the greedy policy of a checkpoint picks the paying action."""
+    gym.register("RLGenTest/ShiftedBandit-v0", entry_point=ShiftedBandit)
+    try:
+        config = small_config(
+            gamma=0.0,
+            total_timesteps=600,
+            learning_starts=100,
+            train_freq=10,
+            eval_every=300,
+            checkpoint_every=300,
+            exploration_fraction=0.3,
+        )
+        ctx = run(config, tmp_path, env="RLGenTest/ShiftedBandit-v0")
+        evals = [v for _, v in ctx.writer.metrics["eval/return_mean"]]  # type: ignore[attr-defined]
+        assert evals[-1] == 1.0
+        state = ctx.checkpoints.latest()
+        assert state is not None
+        policy = dqn.load_policy(config, state, gym.make("RLGenTest/ShiftedBandit-v0"))
+        assert policy(np.zeros((2, 1), np.float32)).tolist() == [1, 1]
+    finally:
+        gym.registry.pop("RLGenTest/ShiftedBandit-v0", None)
