@@ -604,6 +604,13 @@ def check_env(env: EnvSpec, algo: Algorithm, source: Source) -> None:
     import agents  # noqa: F401  (registers rlgen/* envs)
 
     where = source.where(("env", "id"))
+    if env.kwargs.get("render_mode") == "human":  # trials run on Ray workers, without a display
+        loc = ("env", "kwargs", "render_mode")
+        msg = (
+            "'human' opens a window, and trials run headless on Ray workers; leave it out "
+            "(`rlgen evaluate RUN_ID --render gif` records an episode)"
+        )
+        raise SpecError([Problem(source.where(loc), _dotted(loc), msg)])
     if ":" in env.id:
         module = env.id.split(":", 1)[0]
         allowed = get_settings().allowed_env_modules

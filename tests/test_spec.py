@@ -116,6 +116,10 @@ BAD = {
         .replace("gamma: 0.9", "n_step: 0"),
         ":7: params.n_step: Input should be greater than or equal to 1",
     ),
+    "a window on a headless worker": (
+        GOOD.replace("{is_slippery: true}", "{is_slippery: true, render_mode: human}"),
+        ":5: env.kwargs.render_mode: 'human' opens a window",
+    ),
     "bad env kwargs": (
         GOOD.replace("is_slippery", "slippery"),
         ":5: env: cannot create 'FrozenLake-v1'",
