@@ -135,9 +135,11 @@ def _load_while_ray_starts(load: Any, address: str | None, tracking_uri: str | N
 def _spec_of_run(run_id: str, tracking_uri: str | None) -> bytes:
     from mlflow.exceptions import MlflowException
 
-    from service.tracking import client_for, resolve_tracking_uri
+    from service.tracking import check_store, client_for, resolve_tracking_uri
 
-    client = client_for(resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    check_store(uri, must_exist=True)  # never an empty store created to look for the run in
+    client = client_for(uri)
     try:
         with tempfile.TemporaryDirectory() as d:
             return Path(client.download_artifacts(run_id, "spec.yaml", d)).read_bytes()
@@ -320,7 +322,7 @@ def evaluate(
 
     uri = resolve_tracking_uri(tracking_uri)
     try:
-        check_store(uri)
+        check_store(uri, must_exist=True)
         result = evaluate_run(run_id, uri, episodes=episodes, seed=seed, render=render)
     except TrackingStoreError as e:
         raise _invalid(f"--tracking-uri: {e}") from None

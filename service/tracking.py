@@ -60,13 +60,16 @@ class TrackingStoreError(ValueError):
     """A tracking URI that cannot work: said before any run exists."""
 
 
-def check_store(uri: str, timeout_s: float = 10.0, *, reach: bool = True) -> None:
+def check_store(
+    uri: str, timeout_s: float = 10.0, *, reach: bool = True, must_exist: bool = False
+) -> None:
     """Fail fast, with the reason, when `uri` cannot work as a tracking store.
 
     Only at the start of a command: later, a store that goes away is waited for (the metric
     logger retries and keeps its buffer), but MLflow's own client would retry an address where no
     server ever answered for minutes, and show a file store's or a missing driver's error as a
-    traceback.
+    traceback. `must_exist`: the command reads runs (`evaluate`, `--from-run`), so a SQLite file
+    that is not there is a wrong path, not a store to create.
     """
     from urllib.parse import urlparse
 
@@ -94,6 +97,8 @@ def check_store(uri: str, timeout_s: float = 10.0, *, reach: bool = True) -> Non
             raise TrackingStoreError(f"no MLflow server answers at {shown} ({reason})") from None
         return
     if scheme == "sqlite" and not Path(uri.removeprefix("sqlite:///")).exists():
+        if must_exist:
+            raise TrackingStoreError(f"no tracking store at {shown}: the file does not exist")
         return  # created on first use (not before the spec is known to be valid)
     try:
         client_for(uri).search_experiments(max_results=1)

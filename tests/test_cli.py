@@ -240,6 +240,18 @@ def test_a_tracking_uri_that_cannot_work_exits_2_at_once(
     assert list(tmp_path.iterdir()) == []  # no store, no run, nothing
 
 
+def test_commands_that_read_runs_refuse_a_store_that_does_not_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped path is not a new, empty store to look for the run in."""
+    monkeypatch.chdir(tmp_path)
+    for args in (("evaluate", "0" * 32), ("run", "--from-run", "0" * 32, "--local")):
+        code, _, err = rlgen(*args, "--tracking-uri", "sqlite:///typo.db")
+        assert code == 2, err
+        assert "no tracking store at sqlite:///" in err and "typo.db" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_submit_and_serve_refuse_a_file_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -428,8 +440,6 @@ def test_evaluate_rolls_out_a_logged_policy_and_logs_a_gif(
 def test_evaluate_refuses_what_it_cannot_evaluate(
     tracking_uri: str, experiment_name: str, in_tmp: Path
 ) -> None:
-    code, _, stderr = rlgen("evaluate", "0" * 32, "--tracking-uri", tracking_uri)
-    assert code == 2 and "cannot read its spec.yaml" in stderr
     code, _, stderr = rlgen("evaluate", "x", "--render", "mp4", "--tracking-uri", tracking_uri)
     assert code == 2 and "--render" in stderr
     spec = str(ROOT / "experiments" / "rbm_digits.yaml")
@@ -450,3 +460,7 @@ def test_evaluate_refuses_what_it_cannot_evaluate(
     )
     code, _, stderr = rlgen("evaluate", out["trials"][0]["run_id"], "--tracking-uri", tracking_uri)
     assert code == 2 and "has no policy" in stderr
+    code, _, stderr = rlgen(
+        "evaluate", "0" * 32, "--tracking-uri", tracking_uri
+    )  # the store exists
+    assert code == 2 and "cannot read its spec.yaml" in stderr
