@@ -21,7 +21,7 @@ from service.context import RunContext
 class DPConfig(BaseModel):
     """Fields every dynamic-programming solver takes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gamma: float = Field(0.99, ge=0.0, lt=1.0, description="Discount factor, in [0, 1).")
     tol: float = Field(

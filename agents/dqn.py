@@ -38,7 +38,7 @@ class Config(BaseModel):
     """Defaults: the RL-Zoo3 (Raffin 2020) tuned DQN for CartPole-v1, with SB3's DQN defaults
     for what RL-Zoo does not set; every improvement off, so the defaults are plain DQN."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     total_timesteps: int = Field(50_000, gt=0, description="Transitions to collect.")
     learning_rate: float = Field(2.3e-3, gt=0, description="Adam step size.")

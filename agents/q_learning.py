@@ -33,7 +33,7 @@ from service.context import RunContext
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     total_timesteps: int = Field(200_000, gt=0, description="Env steps to learn from.")
     update: Literal["q_learning", "sarsa", "expected_sarsa"] = Field(

@@ -35,7 +35,7 @@ METRICS = ("pretrain/layer*/loss", "train/loss", "eval/recon_loss", "eval/probe_
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     layers: list[int] = Field(
         default_factory=lambda: [256, 64],

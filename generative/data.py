@@ -29,7 +29,7 @@ IDX_IMAGES, IDX_LABELS = 2051, 2049  # magic numbers: 0x00000803 (ubyte, 3 dims)
 
 
 class _DatasetBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     holdout: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction held out (seeded split).")
     binarize: Literal["none", "threshold", "stochastic"] = Field(

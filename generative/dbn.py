@@ -25,7 +25,7 @@ from service.context import RunContext
 class PretrainConfig(BaseModel):
     """Contrastive-divergence settings of one layer's RBM."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(10, gt=0, description="Passes over the data for this layer.")
     learning_rate: float = Field(0.05, gt=0, description="CD step size.")
@@ -47,7 +47,7 @@ METRICS = (
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     layers: list[int] = Field(
         default_factory=lambda: [500, 500, 2000],

@@ -34,7 +34,7 @@ METRICS = ("eval/fid", "eval/classifier_score", "eval/fid_floor", "eval/fid_clas
 class FIDConfig(BaseModel):
     """How a generative model's samples are scored (GAN and VAE alike)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(True, description="Score eval/fid (needs a labelled data set).")
     every: int = Field(5, ge=0, description="Every N epochs, and at the end (0: end only).")

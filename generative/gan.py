@@ -33,7 +33,7 @@ METRICS = ("losses/d", "losses/g", "charts/d_real", "charts/d_fake", "time/epoch
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     architecture: Literal["mlp", "dcgan"] = Field("mlp", description="Generator/discriminator.")
     latent_dim: int = Field(64, gt=0, description="Dimensions of the noise z ~ N(0, I).")

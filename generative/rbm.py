@@ -31,7 +31,7 @@ from service.context import RunContext
 
 
 class AISConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(False, description="Estimate held-out log-likelihood by AIS.")
     temperatures: int = Field(
@@ -56,7 +56,7 @@ METRICS = (
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_hidden: int = Field(256, gt=0, description="Hidden units.")
     visible: Literal["bernoulli", "gaussian"] = Field(

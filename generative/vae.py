@@ -40,7 +40,7 @@ METRICS = (
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     architecture: Literal["mlp", "conv"] = Field("mlp", description="Encoder/decoder networks.")
     latent_dim: int = Field(20, gt=0, description="Dimensions of z.")

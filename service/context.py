@@ -38,7 +38,7 @@ _METRIC_KEY = re.compile(r"^[A-Za-z0-9_\-. /]+$")
 class EnvSpec(BaseModel):
     """A gymnasium environment: a registered id and the keyword arguments for `gym.make`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     id: str = Field(
         description="Gymnasium environment id, e.g. FrozenLake-v1 or rlgen/GridWorld-v0."

@@ -75,7 +75,7 @@ class SpecError(Exception):
 
 # -- the spec models ------------------------------------------------------------------------------
 class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per trial (sets torch threads).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per trial; fractions share a GPU.")
@@ -98,7 +98,7 @@ class DriverResources(BaseModel):
     Job entrypoint. It only coordinates the trials, which reserve their own `resources`; these
     place it, e.g. `resources: {head: 1}` with a custom resource on the head node."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_cpus: float = Field(0.0, ge=0, description="CPUs the job's driver reserves.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs the job's driver reserves.")
@@ -112,7 +112,7 @@ class Distribution(BaseModel):
     grids and the seeds), `choice` (one at random per sample), `uniform` or `loguniform`
     ([low, high])."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     grid: list[Any] | None = Field(None, min_length=1, description="Every one of these values.")
     choice: list[Any] | None = Field(None, min_length=1, description="One of these at random.")
@@ -146,7 +146,7 @@ class Asha(BaseModel):
     """Asynchronous successive halving (Li et al. 2020): stops the trials whose `metric` trails
     at each rung. Time is counted in reports of `metric` (evaluations, epochs)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["asha"] = Field("asha", description="The scheduler.")
     metric: str = Field(description="The metric it compares, e.g. eval/return_mean.")
@@ -162,7 +162,7 @@ class Asha(BaseModel):
 
 
 class Sweep(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     params: dict[str, Distribution] = Field(
         min_length=1,
@@ -179,7 +179,7 @@ class Sweep(BaseModel):
 
 
 class SpecBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=200, description="MLflow experiment name.")
     algorithm: str = Field(description="Algorithm: one of `rlgen algorithms`.")

@@ -116,6 +116,14 @@ BAD = {
         .replace("gamma: 0.9", "n_step: 0"),
         ":7: params.n_step: Input should be greater than or equal to 1",
     ),
+    "a number that overflows to inf": (
+        GOOD.replace("gamma: 0.9", "tol: 1e999"),
+        ":7: params.tol: Input should be a finite number",
+    ),
+    "nan": (
+        GOOD.replace("[0, 1]", "[0, 1]\nresources: {num_cpus: .nan}"),
+        ":9: resources.num_cpus",
+    ),
     "a window on a headless worker": (
         GOOD.replace("{is_slippery: true}", "{is_slippery: true, render_mode: human}"),
         ":5: env.kwargs.render_mode: 'human' opens a window",
