@@ -148,9 +148,10 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
             if request.headers.get("content-type", "").startswith("application/json"):
                 try:
                     data = json.loads(body)
-                except ValueError as e:
-                    raise HTTPException(422, {"errors": [f"body: invalid JSON: {e}"]}) from None
-                body = dump_yaml(data).encode() if isinstance(data, dict) else body
+                    body = dump_yaml(data).encode() if isinstance(data, dict) else body
+                except (ValueError, RecursionError) as e:  # also: nested too deeply for either
+                    why = str(e) or "nested too deeply"
+                    raise HTTPException(422, {"errors": [f"body: invalid JSON: {why}"]}) from None
             spec = load_spec_text(body, "body")
         except SpecError as e:
             raise HTTPException(422, {"errors": [str(p) for p in e.problems]}) from None

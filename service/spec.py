@@ -200,7 +200,10 @@ class SpecBase(BaseModel):
         "and drawn as learning curves with bands; default: the headline metric.",
     )
     max_failures: int = Field(
-        0, ge=0, description="Restarts of a trial whose worker died (from its last checkpoint)."
+        0,
+        ge=0,
+        le=1000,
+        description="Restarts of a trial whose worker died (from its last checkpoint).",
     )
 
     @field_validator("seeds")
@@ -374,6 +377,10 @@ def parse_yaml(raw: bytes, name: str) -> Source:
         raise SpecError([Problem(where, "", f"YAML error: {msg}")]) from None
     except yaml.YAMLError as e:
         raise SpecError([Problem(name, "", f"YAML error: {e}")]) from None
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise SpecError([Problem(name, "", "the document is nested too deeply")]) from None
+    except ValueError as e:  # from constructing a value: an integer of over 4300 digits
+        raise SpecError([Problem(name, "", f"unreadable value: {str(e).split(';')[0]}")]) from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):

@@ -133,6 +133,7 @@ def test_json_bodies_are_accepted(api: Any, experiment_name: str, in_tmp: Path) 
         ("name: x\nalgorithm: dqnn\n", "body:2: algorithm: unknown algorithm 'dqnn'"),
         ("name: [unclosed\n", "YAML error"),
         ("a: &a [*a]\n", "recursive YAML alias"),
+        ("a: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
     ],
 )
 def test_invalid_specs_get_422_with_the_cli_messages(api: Any, body: str, fragment: str) -> None:
@@ -142,6 +143,19 @@ def test_invalid_specs_get_422_with_the_cli_messages(api: Any, body: str, fragme
     assert any(fragment in e for e in response.json()["detail"]["errors"]), response.text
     assert not jobs.submitted
     assert client.get("/experiments", headers=AUTH).json() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [("{bad", "invalid JSON"), ("[" * 5000 + "]" * 5000, "invalid JSON"), ("[1]", "not a list")],
+)
+def test_invalid_json_bodies_get_422(api: Any, body: str, fragment: str) -> None:
+    client, jobs, _ = api
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = client.post("/experiments", content=body, headers=headers)
+    assert response.status_code == 422, response.text
+    assert fragment in response.json()["detail"]["errors"][0], response.text
+    assert not jobs.submitted
 
 
 def test_oversized_bodies_get_413_and_change_nothing(api: Any) -> None:

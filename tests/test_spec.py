@@ -124,6 +124,14 @@ BAD = {
         GOOD.replace("[0, 1]", "[0, 1]\nresources: {num_cpus: .nan}"),
         ":9: resources.num_cpus",
     ),
+    "nested too deeply": (
+        GOOD + "tags: {a: " + "[" * 2000 + "]" * 2000 + "}\n",
+        "nested too deeply",
+    ),
+    "an integer Python will not read": (
+        GOOD.replace("[0, 1]", "[" + "9" * 5000 + "]"),
+        "unreadable value: Exceeds the limit (4300 digits)",
+    ),
     "a window on a headless worker": (
         GOOD.replace("{is_slippery: true}", "{is_slippery: true, render_mode: human}"),
         ":5: env.kwargs.render_mode: 'human' opens a window",
