@@ -235,16 +235,23 @@ class TrainTimer:
         try:
             yield
         finally:
+            if self._pause_depth == 1:
+                self._paused_s += self._paused_before(self._end())
             self._pause_depth -= 1
-            if self._pause_depth == 0:
-                self._paused_s += time.perf_counter() - self._pause_start
+
+    def _end(self) -> float:
+        return self._stopped_at if self._stopped_at is not None else time.perf_counter()
+
+    def _paused_before(self, t: float) -> float:
+        """Seconds of the pause in progress before `t`: none of a pause begun after `stop()`
+        (a final evaluation), only its first part if the timer stopped during it."""
+        return max(0.0, t - self._pause_start) if self._pause_depth else 0.0
 
     def elapsed(self) -> float:
         if self._start is None:
             return self._carried_s
-        end = self._stopped_at if self._stopped_at is not None else time.perf_counter()
-        pausing = end - self._pause_start if self._pause_depth and self._stopped_at is None else 0
-        return self._carried_s + end - self._start - self._paused_s - pausing
+        end = self._end()
+        return self._carried_s + end - self._start - self._paused_s - self._paused_before(end)
 
 
 class Checkpointer:

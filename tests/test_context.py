@@ -97,6 +97,20 @@ def test_train_timer_excludes_paused_time(tmp_path: Path) -> None:
     assert 0.04 < ctx.timer.elapsed() < 0.15
 
 
+def test_pauses_after_the_timer_stopped_take_nothing_off(tmp_path: Path) -> None:
+    """A final evaluation after `stop()` (DQN's) used to be subtracted: negative train time."""
+    timer = RunContext.in_memory(workdir=tmp_path).timer
+    timer.start()
+    time.sleep(0.1)
+    with timer.paused():
+        time.sleep(0.05)
+        timer.stop()  # stopped during a pause: the pause's first part still comes off
+        time.sleep(0.1)
+    with timer.paused():
+        time.sleep(0.2)
+    assert 0.09 < timer.elapsed() < 0.14
+
+
 def test_train_time_is_measured_without_a_pause_in_progress_and_carried_into_a_restart(
     tmp_path: Path,
 ) -> None:
