@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -438,17 +438,22 @@ def _dotted(loc: Loc) -> str:
     return out
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds: `X`, `X | None`, `X | list[X]` (dbn's
+    per-layer `pretraining`) -> X."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
-    """Names of the fields of the sub-model at `loc` (for 'did you mean' hints)."""
-    current: Any = model
+    """Names of the fields of the sub-model at `loc` (for 'did you mean' hints and sweeps)."""
+    current: type[BaseModel] | None = model
     for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        info = current.model_fields.get(str(part))
-        current = info.annotation if info else None
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
+        info = current.model_fields.get(str(part)) if current else None
+        current = _model_in(info.annotation) if info else None
+    return list(current.model_fields) if current else []
 
 
 def _problems(
@@ -575,7 +580,12 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
             continue
         for value in dist.examples():
             trial = json.loads(json.dumps(params))
-            set_dotted(trial, path, value)
+            try:
+                set_dotted(trial, path, value)
+            except ValueError as e:  # params give a list where the path needs a mapping
+                msg = f"cannot set '{path}': {e} in params (a per-layer list?)"
+                problems.append(Problem(source.where(loc), _dotted(loc), msg))
+                break
             try:
                 config_model.model_validate(trial)
             except ValidationError as e:

@@ -78,6 +78,37 @@ BAD_SWEEPS = {
 }
 
 
+DBN = """\
+name: x
+algorithm: dbn
+params:
+  layers: [32, 16]
+  pretraining: {pretraining}
+sweep:
+  params:
+    pretraining.learning_rate: {{grid: [0.01, 0.05]}}
+    pretraining.k: {{grid: [1, 3]}}
+"""
+
+
+def test_sweeps_reach_fields_of_nested_configs(tmp_path: Path) -> None:
+    """dbn's `pretraining` is `PretrainConfig | list[PretrainConfig]`: its fields sweep as
+    dotted paths; a per-layer list has no such path, and the error says so."""
+    spec = load_spec(write(tmp_path, DBN.format(pretraining="{epochs: 1}")))
+    trials = expand(spec)
+    swept = {
+        (t.overrides["pretraining.learning_rate"], t.overrides["pretraining.k"]) for t in trials
+    }
+    assert swept == {(0.01, 1), (0.01, 3), (0.05, 1), (0.05, 3)}
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, DBN.format(pretraining="[{epochs: 1}, {epochs: 2}]")))
+    assert ":8: sweep.params.pretraining.learning_rate: cannot set" in str(e.value)
+    assert "'pretraining' is not a mapping" in str(e.value)
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, DBN.format(pretraining="{}").replace("ing.k:", "ing.kk:")))
+    assert "'pretraining.kk' is not a field of dbn's params; did you mean" in str(e.value)
+
+
 @pytest.mark.parametrize("case", list(BAD_SWEEPS))
 def test_bad_sweeps_name_file_line_and_field(tmp_path: Path, case: str) -> None:
     line, fragment = BAD_SWEEPS[case]
