@@ -357,11 +357,15 @@ JobsAddress = Annotated[
 ]
 
 
+def _check_jobs_address(address: str) -> None:
+    if not address.startswith(("http://", "https://")):
+        raise _invalid(f"--address: expected the Jobs API URL http://HEAD:8265, not {address!r}")
+
+
 def _jobs(address: str) -> Any:
     from service.jobs import Jobs, JobsError
 
-    if not address.startswith(("http://", "https://")):
-        raise _invalid(f"--address: expected the Jobs API URL http://HEAD:8265, not {address!r}")
+    _check_jobs_address(address)
     try:
         return Jobs(address)
     except JobsError as e:
@@ -380,6 +384,7 @@ def submit(
     from service.jobs import JobsError
     from service.tracking import TrackingStoreError, check_store, resolve_tracking_uri
 
+    _check_jobs_address(address)  # before any warning about the spec
     spec = _load(spec_path, None, overrides or [], tracking_uri)
     uri = resolve_tracking_uri(tracking_uri)
     try:  # the form only: the cluster may reach a server this machine cannot

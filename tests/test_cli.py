@@ -252,6 +252,14 @@ def test_commands_that_read_runs_refuse_a_store_that_does_not_exist(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_jobs_commands_want_the_jobs_api_url() -> None:
+    """A GCS address (what `rlgen run --address` takes) is the usual mistake: said first."""
+    for args in (("submit", FROZEN), ("status",), ("logs", "j"), ("cancel", "j"), ("list",)):
+        code, _, err = rlgen(*args, "--address", "127.0.0.1:6379")
+        assert code == 2, err
+        assert err.startswith("error: --address: expected the Jobs API URL http://HEAD:8265"), err
+
+
 def test_submit_and_serve_refuse_a_file_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
