@@ -98,6 +98,12 @@ class Config(BaseModel):
     num_envs: int = Field(1, ge=1, le=1024, description="Envs stepped as one batch.")
     eval_every: int = Field(2_500, gt=0, description="Timesteps between evaluations.")
     eval_episodes: int = Field(10, ge=1, le=1000, description="Greedy episodes per evaluation.")
+    eval_max_steps: int = Field(
+        10_000,
+        gt=0,
+        description="Cap on an evaluation episode in envs without a time limit (CliffWalking), "
+        "where a greedy policy that loops would never end.",
+    )
     stop_at_return: float | None = Field(
         None, description="Stop once an evaluation's mean return reaches this."
     )
@@ -373,7 +379,7 @@ def train(config: Config, ctx: RunContext) -> None:
         with ctx.timer.paused():
             q.eval()
             returns, lengths = evaluate_vector(
-                eval_envs, act, config.eval_episodes, ctx.seed + 10_000
+                eval_envs, act, config.eval_episodes, ctx.seed + 10_000, config.eval_max_steps
             )
             q.train()
             evals.append((step, float(returns.mean()), float(returns.std())))

@@ -41,7 +41,11 @@ def evaluate_policy(
 
 
 def evaluate_vector(
-    envs: gym.vector.VectorEnv, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int
+    envs: gym.vector.VectorEnv,
+    act: Callable[[np.ndarray], np.ndarray],
+    episodes: int,
+    seed: int,
+    max_steps: int = DEFAULT_MAX_STEPS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One episode in each of `envs.num_envs == episodes` envs, stepped as a batch.
 
@@ -49,6 +53,7 @@ def evaluate_vector(
     same start states, so successive evaluations differ only by the policy. Each env's first
     episode counts (never "the first `episodes` to finish", which would favour short episodes);
     an env that is done keeps being stepped by the vector env, but its rewards are ignored.
+    Episodes end at the env's time limit, or after `max_steps` in envs without one.
     """
     if envs.num_envs != episodes:
         raise ValueError(f"need one env per episode: {envs.num_envs} envs, {episodes} episodes")
@@ -57,7 +62,7 @@ def evaluate_vector(
     lengths = np.zeros(episodes, dtype=np.int64)
     running = np.ones(episodes, dtype=bool)
     limit = envs.spec.max_episode_steps if envs.spec and envs.spec.max_episode_steps else None
-    for _ in range(limit or DEFAULT_MAX_STEPS):
+    for _ in range(limit or max_steps):
         obs, reward, terminated, truncated, _ = envs.step(act(obs))
         returns += reward * running
         lengths += running

@@ -519,3 +519,16 @@ def test_actions_of_a_discrete_space_with_a_start_offset(tmp_path: Path) -> None
         assert policy(np.zeros((2, 1), np.float32)).tolist() == [1, 1]
     finally:
         gym.registry.pop("RLGenTest/ShiftedBandit-v0", None)
+
+
+def test_evaluation_episodes_are_capped_in_envs_without_a_time_limit(tmp_path: Path) -> None:
+    """CliffWalking has no time limit; an untrained greedy policy walks in circles."""
+    config = small_config(total_timesteps=400, eval_every=200, eval_max_steps=50)
+    ctx = RunContext.in_memory(seed=0, workdir=tmp_path, env=EnvSpec(id="CliffWalking-v1"))
+    ctx.timer.start()
+    dqn.train(config, ctx)
+    ctx.close()
+    metrics = ctx.writer.metrics  # type: ignore[attr-defined]
+    lengths = [v for _, v in metrics["eval/length_mean"]]
+    assert len(lengths) == 2 and max(lengths) <= 50
+    assert metrics["time/train_s"][-1][1] > 0  # the final evaluation is not subtracted
