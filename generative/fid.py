@@ -38,7 +38,7 @@ class FIDConfig(BaseModel):
 
     enabled: bool = Field(True, description="Score eval/fid (needs a labelled data set).")
     every: int = Field(5, ge=0, description="Every N epochs, and at the end (0: end only).")
-    samples: int = Field(1000, gt=0, description="Generated images scored.")
+    samples: int = Field(1000, ge=2, description="Generated images scored.")
     classifier_epochs: int = Field(5, gt=0, description="Epochs of the feature classifier.")
     cache: str = Field("~/.cache/rlgen/fid", description="Classifier cache, by data set and seed.")
 
@@ -55,6 +55,9 @@ def setup(config: FIDConfig, ds: Dataset, spec: BaseModel, ctx: RunContext) -> S
         return None
     if ds.y_train is None:
         ctx.log.warning("no eval/fid: the data set has no labels to train FID's feature classifier")
+        return None
+    if min(len(ds.x_train), len(ds.x_test)) < 2:  # a covariance needs two examples
+        ctx.log.warning("no eval/fid: the data set has fewer than 2 training or held-out images")
         return None
     score = scorer(
         ds, ctx.seed, Path(config.cache), spec.model_dump_json(), config.classifier_epochs
@@ -129,10 +132,22 @@ def frechet_distance(
     Tr((S1 S2)^(1/2)) is computed as the sum of sqrt(eigenvalues) of the symmetric
     S1^(1/2) S2 S1^(1/2), which is stable where a general matrix square root is not.
     """
-    vals, vecs = torch.linalg.eigh(cov1)
-    sqrt1 = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
-    middle = torch.linalg.eigvalsh(sqrt1 @ cov2 @ sqrt1).clamp_min(0).sqrt().sum()
-    return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * middle)
+    if not all(bool(t.isfinite().all()) for t in (mu1, cov1, mu2, cov2)):
+        return float("nan")  # e.g. a generator that diverged; eigh would raise
+    d = len(cov1)
+    # eigh may not converge on a badly conditioned matrix: then once more with both
+    # covariances + jitter * I, which leaves the distance of a set to itself 0.
+    for jitter in (0.0, 1e-6 * float(cov1.trace() + cov2.trace()) / d):
+        eye = torch.eye(d, dtype=cov1.dtype)
+        try:
+            vals, vecs = torch.linalg.eigh(cov1 + jitter * eye)
+            sqrt1 = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+            middle = torch.linalg.eigvalsh(sqrt1 @ (cov2 + jitter * eye) @ sqrt1)
+        except torch.linalg.LinAlgError:
+            continue
+        traces = cov1.trace() + cov2.trace() + 2 * jitter * d
+        return float((mu1 - mu2).pow(2).sum() + traces - 2 * middle.clamp_min(0).sqrt().sum())
+    return float("nan")
 
 
 def scorer(ds: Dataset, seed: int, cache_dir: Path, dataset_key: str, epochs: int = 5) -> Scorer:

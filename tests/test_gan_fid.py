@@ -45,6 +45,25 @@ def test_fid_between_gaussians_matches_the_closed_form() -> None:
     assert fid.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(ref, rel=1e-7)
 
 
+def test_fid_of_statistics_it_cannot_use_is_nan_not_an_exception() -> None:
+    mu, cov = fid.feature_stats(torch.randn(1, 4))  # one example: its covariance is nan
+    assert not bool(cov.isfinite().all())
+    assert math.isnan(fid.frechet_distance(mu, cov, torch.zeros(4), torch.eye(4)))
+
+
+def test_sets_too_small_for_fid_train_without_it(tmp_path: Path) -> None:
+    """Five digits hold out one: no covariance to compare against, so no FID (it used to fail
+    the trial with a LinAlgError)."""
+    config = gan.Config(epochs=2, fid=fid.FIDConfig(every=1, cache=str(tmp_path / "cache")))
+    ctx = RunContext.in_memory(
+        workdir=tmp_path / "run", dataset=data.DigitsDataset(limit=5), seed=0
+    )
+    ctx.timer.start()
+    gan.train(config, ctx)
+    ctx.close()
+    assert "eval/fid" not in ctx.writer.metrics and "losses/d" in ctx.writer.metrics
+
+
 def test_classifier_is_sane_cached_and_floor_is_small(tmp_path: Path) -> None:
     ds = data.load(data.DigitsDataset(), 0)
     score = fid.scorer(ds, 0, tmp_path, "digits", epochs=5)
