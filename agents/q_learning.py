@@ -42,7 +42,12 @@ class Config(BaseModel):
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
     learning_rate: float = Field(0.5, gt=0, le=1, description="Initial step size alpha.")
     final_learning_rate: float = Field(
-        0.01, gt=0, le=1, description="Step size reached at the end (linear decay)."
+        0.001,
+        gt=0,
+        le=1,
+        # 0.01 left the greedy policy flipping between near-tied actions at the end (slippery
+        # FrozenLake: 1 seed in 24 ended 0.12 below the optimum; 0.001: 0 in 30).
+        description="Step size reached at the end (linear decay).",
     )
     exploration_initial_eps: float = Field(1.0, ge=0, le=1, description="Initial epsilon.")
     exploration_final_eps: float = Field(0.05, ge=0, le=1, description="Final epsilon.")
