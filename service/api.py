@@ -2,7 +2,8 @@
 
     POST /experiments              validate and submit; 202 with an id (422: the CLI's messages)
     GET  /experiments              every experiment this service submitted, with its job status
-    GET  /experiments/{id}         status, MLflow runs (ids, statuses, UI links)
+    GET  /experiments/{id}         status, MLflow runs (ids, statuses, UI links; runs_error when the
+                                   tracking store cannot be read)
     POST /experiments/{id}/cancel  stop its Ray job
     GET  /experiments/{id}/logs    the job driver's output
     GET  /healthz                  liveness (no token)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import sqlite3
 import time
 import uuid
@@ -33,7 +35,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.jobs import JobInfo, JobsError
 from service.spec import MAX_SPEC_BYTES, SpecError, dump_yaml, load_spec_text
-from service.tracking import client_for
+from service.tracking import check_store, client_for
+
+log = logging.getLogger(__name__)
 
 TAG_API_ID = "rlgen.api_id"
 
@@ -198,31 +202,45 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
             for row in table.all()
         ]
 
+    def mlflow_runs(row: dict[str, Any]) -> list[dict[str, Any]]:
+        uri = config.tracking_uri
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+            return []  # no job has logged yet; a GET creates no store
+        client = client_for(uri)
+        experiment = client.get_experiment_by_name(row["name"])
+        if experiment is None:
+            return []
+        return [
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "status": run.info.status,
+                "trial": run.data.tags.get("rlgen.trial"),
+                "metrics": run.data.metrics,
+                "url": f"{ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}",
+            }
+            for run in client.search_runs(
+                [experiment.experiment_id], filter_string=f"tags.`{TAG_API_ID}` = '{row['id']}'"
+            )
+        ]
+
     @app.get("/experiments/{exp_id}", dependencies=[Depends(authorized)])
     def get_experiment(exp_id: str) -> dict[str, Any]:
         row = row_or_404(exp_id)
-        client = client_for(config.tracking_uri)
-        runs = []
-        experiment = client.get_experiment_by_name(row["name"])
-        if experiment is not None:
-            for run in client.search_runs(
-                [experiment.experiment_id], filter_string=f"tags.`{TAG_API_ID}` = '{exp_id}'"
-            ):
-                runs.append(
-                    {
-                        "run_id": run.info.run_id,
-                        "name": run.info.run_name,
-                        "status": run.info.status,
-                        "trial": run.data.tags.get("rlgen.trial"),
-                        "metrics": run.data.metrics,
-                        "url": f"{ui}/#/experiments/{experiment.experiment_id}"
-                        f"/runs/{run.info.run_id}",
-                    }
-                )
-        return {k: row[k] for k in ("id", "job_id", "name", "algorithm", "created")} | {
-            **job_status(row),
-            "runs": runs,
-        }
+        detail = {k: row[k] for k in ("id", "job_id", "name", "algorithm", "created")}
+        try:
+            # One quick request first: MLflow's client retries a server that is down for minutes.
+            check_store(config.tracking_uri, timeout_s=3.0)
+            runs, runs_error = mlflow_runs(row), None
+        except Exception as e:  # the job's status is still worth answering with
+            log.warning("experiment %s: cannot read its MLflow runs: %s", exp_id, e)
+            runs, runs_error = [], f"cannot read the MLflow runs: {e}"
+        return (
+            detail
+            | job_status(row)
+            | {"runs": runs}
+            | ({"runs_error": runs_error} if runs_error else {})
+        )
 
     @app.post("/experiments/{exp_id}/cancel", dependencies=[Depends(authorized)])
     def cancel(exp_id: str) -> dict[str, Any]:

@@ -158,6 +158,33 @@ def test_invalid_json_bodies_get_422(api: Any, body: str, fragment: str) -> None
     assert not jobs.submitted
 
 
+def test_an_unreachable_tracking_server_leaves_the_job_status_readable(
+    tmp_path: Path, in_tmp: Path
+) -> None:
+    """MLflow's client would retry a server that is down for minutes, then fail with a 500."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # free: nothing answers there
+    config = ApiConfig(
+        token=TOKEN, tracking_uri=f"http://127.0.0.1:{port}", db_path=tmp_path / "a.db"
+    )
+    jobs = LocalJobs()
+    jobs.submit = lambda spec, uri: "job_0"  # type: ignore[method-assign]  # runs nothing
+    jobs.jobs["job_0"] = JobInfo("job_0", "RUNNING", "x", "q_learning", "", 0.0, None)
+    client = TestClient(create_app(config, jobs))
+    exp_id = client.post("/experiments", content=SPEC, headers=AUTH).json()["id"]
+    t = time.monotonic()
+    response = client.get(f"/experiments/{exp_id}", headers=AUTH)
+    assert time.monotonic() - t < 10
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "RUNNING" and body["runs"] == []
+    assert f"no MLflow server answers at http://127.0.0.1:{port}" in body["runs_error"]
+
+
 def test_oversized_bodies_get_413_and_change_nothing(api: Any) -> None:
     client, jobs, _ = api
     response = client.post("/experiments", content="#" * 30_000, headers=AUTH)
