@@ -8,6 +8,7 @@ MLflow run stays RUNNING forever. Results are read back from MLflow, the single 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -189,10 +190,16 @@ def launch(
             experiment_id, run_name=spec.name, tags={**tags, **spec.tags, TAG_LAUNCH: launch_id}
         )
         parent_run_id = parent.info.run_id
-        client.log_batch(
-            parent_run_id, params=params_batch(flatten(resolved(spec))), synchronous=True
-        )
-        client.log_text(parent_run_id, to_yaml(spec), "spec.yaml")
+        try:
+            client.log_batch(
+                parent_run_id, params=params_batch(flatten(resolved(spec))), synchronous=True
+            )
+            client.log_text(parent_run_id, to_yaml(spec), "spec.yaml")
+        except Exception as e:  # no trial has started: end the parent rather than leave it RUNNING
+            with contextlib.suppress(Exception):
+                client.set_tag(parent_run_id, TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
+                client.set_terminated(parent_run_id, "FAILED")
+            raise
 
     request = TrialRequest(
         spec=resolved(spec),

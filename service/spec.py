@@ -43,6 +43,7 @@ from generative.data import DatasetSpec, DigitsDataset
 from service.context import EnvSpec
 from service.registry import ALGORITHMS, Algorithm
 from service.settings import get_settings
+from service.tracking import mlflow_name_problem
 
 MAX_SPEC_BYTES = 1_000_000
 MAX_YAML_NODES = 10_000  # a real spec has a few hundred; aliases expanding past this are a bomb
@@ -214,6 +215,21 @@ class SpecBase(BaseModel):
         if len(set(seeds)) != len(seeds):
             raise ValueError("seeds must be distinct")
         return seeds
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        for key in tags:
+            if why := _bad_tag_key(key):
+                raise ValueError(f"tag {key[:60]!r}: {why}")
+        return tags
+
+
+def _bad_tag_key(key: str) -> str | None:
+    # Checked here, so that a bad name is a spec error and not a run left half-created.
+    if key.startswith("mlflow."):  # mlflow.runName, mlflow.parentRunId: MLflow's own
+        return "the mlflow.* tags are MLflow's own (the run name is the spec's name)"
+    return mlflow_name_problem(key)
 
 
 class RLSpecBase(SpecBase):

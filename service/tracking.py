@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import posixpath
+import re
 import subprocess
 import tempfile
 import time
@@ -272,6 +274,27 @@ def git_commit(*dirs: Path) -> str | None:
 
 
 def params_batch(flat: dict[str, str]) -> list[Any]:
+    """MLflow params of a flattened spec. Keys from free-form mappings (`env.kwargs`,
+    `driver.resources`) may hold what MLflow refuses in a name: those characters become `_`."""
     from mlflow.entities import Param
 
-    return [Param(k, v[:6000]) for k, v in flat.items()]
+    params: dict[str, str] = {}
+    for key, value in flat.items():
+        name = re.sub(r"[^\w.\- :]", "_", key)[:250] if mlflow_name_problem(key) else key
+        params.setdefault(name, value[:6000])
+    return [Param(k, v) for k, v in params.items()]
+
+
+def mlflow_name_problem(name: str) -> str | None:
+    """Why MLflow would refuse `name` as a tag, param or metric name (None: it would not):
+    letters, digits, _ - . space : /, at most 250 characters, and a path that does not
+    normalise to another name ("a//b", "../x")."""
+    if not name:
+        return "empty"
+    if len(name) > 250:
+        return "longer than MLflow's 250 characters"
+    if not re.fullmatch(r"[/\w.\- :]+", name):
+        return "MLflow names hold only letters, digits, _ - . space : and /"
+    if posixpath.normpath(name) != name or name.startswith(".."):
+        return f"reads as the path {posixpath.normpath(name)!r} in MLflow"
+    return None

@@ -132,6 +132,8 @@ BAD = {
         GOOD.replace("[0, 1]", "[" + "9" * 5000 + "]"),
         "unreadable value: Exceeds the limit (4300 digits)",
     ),
+    "a tag MLflow refuses": (GOOD + "tags: {'a,b': x}\n", ":9: tags: tag 'a,b': MLflow names"),
+    "a tag MLflow sets": (GOOD + "tags: {mlflow.runName: x}\n", ":9: tags: tag 'mlflow.runName'"),
     "a window on a headless worker": (
         GOOD.replace("{is_slippery: true}", "{is_slippery: true, render_mode: human}"),
         ":5: env.kwargs.render_mode: 'human' opens a window",

@@ -141,3 +141,44 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path: Path
     ]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
+
+
+def test_param_names_mlflow_refuses_are_made_valid(tracking_uri: str, experiment_name: str) -> None:
+    """Keys of free-form mappings (env.kwargs, driver.resources) become param names."""
+    from service.tracking import mlflow_name_problem, params_batch
+
+    flat = {
+        "env.kwargs.a,b": "1",
+        "driver.resources.x/../y": "2",
+        "ok/name: 1": "3",
+        "k" * 300: "4",
+    }
+    params = params_batch(flat)
+    assert [p.key for p in params][2] == "ok/name: 1"  # valid names stay as they are
+    assert all(mlflow_name_problem(p.key) is None for p in params), [p.key for p in params]
+    client, run_id = new_run(tracking_uri, experiment_name)
+    client.log_batch(run_id, params=params, synchronous=True)  # MLflow takes them all
+    assert len(client.get_run(run_id).data.params) == 4
+
+
+def test_a_parent_run_that_cannot_be_set_up_ends_failed_not_running(
+    tracking_uri: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.entities import Param
+
+    from service import execution
+    from service.spec import load_spec_text
+
+    spec = load_spec_text(
+        f"name: {experiment_name}\nalgorithm: value_iteration\nenv: {{id: FrozenLake-v1}}\n"
+        "seeds: [0, 1]\n".encode(),
+        "spec",
+    )
+    monkeypatch.setattr(execution, "params_batch", lambda flat: [Param("a,b", "refused")])
+    with pytest.raises(Exception, match="Invalid value"):
+        execution.launch(spec, mode="local", tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]  # the parent; no trial started
