@@ -21,6 +21,9 @@ from scipy import ndimage
 from agents.mdp import FROZENLAKE_MOVES, TabularMDP
 
 MOVES = np.array(FROZENLAKE_MOVES)  # action -> (d_row, d_col): LEFT, DOWN, RIGHT, UP
+# 4096^2 = 16.8M states: the transition model's ~200M entries take ~6 GB. Beyond it, building even
+# the layout (size^2 random draws) at validation would exhaust the memory of the process asking.
+MAX_SIZE = 4096
 
 
 class GridWorldEnv(gym.Env):
@@ -35,8 +38,8 @@ class GridWorldEnv(gym.Env):
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
     ):
-        if not isinstance(size, int) or size < 2:
-            raise ValueError(f"size must be an integer >= 2, got {size!r}")
+        if not isinstance(size, int) or not 2 <= size <= MAX_SIZE:
+            raise ValueError(f"size must be an integer in [2, {MAX_SIZE}], got {size!r}")
         if not 0.0 <= slip <= 1.0:
             raise ValueError(f"slip must lie in [0, 1], got {slip!r}")
         if not 0.0 <= obstacle_density < 1.0:

@@ -150,6 +150,15 @@ def test_gridworld_layout_keeps_goal_reachable() -> None:
         assert sol.V[0].item() > -99.0  # -1/(1-gamma) = -100 would mean the goal is unreachable
 
 
+def test_gridworld_sizes_beyond_memory_are_refused_before_anything_is_built() -> None:
+    """size 100000 would draw 10^10 random numbers just for the layout, at validation."""
+    from agents.gridworld import MAX_SIZE
+
+    for size in (1, MAX_SIZE + 1, 100_000, 2.5):
+        with pytest.raises(ValueError, match=r"size must be an integer in \[2, 4096\]"):
+            GridWorldEnv(size=size)  # type: ignore[arg-type]
+
+
 def test_gridworld_deterministic_optimum_is_shortest_path() -> None:
     env = GridWorldEnv(size=10, slip=0.0, obstacle_density=0.0, seed=0)
     sol = value_iteration.solve(
