@@ -47,6 +47,7 @@ from service.tracking import mlflow_name_problem
 
 MAX_SPEC_BYTES = 1_000_000
 MAX_YAML_NODES = 10_000  # a real spec has a few hundred; aliases expanding past this are a bomb
+MAX_TRIALS = 10_000  # seeds x grid points x samples of one spec (a grid of 7 x 20 values: 1.3e9)
 
 Loc = tuple[str | int, ...]
 
@@ -580,6 +581,15 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
     valid there, so no trial of a sweep can fail on its config."""
     if spec.sweep is None:
         return
+    count = len(spec.seeds) * spec.sweep.num_samples
+    for dist in spec.sweep.params.values():
+        count *= len(dist.grid) if dist.grid is not None else 1
+    if count > MAX_TRIALS:
+        msg = (
+            f"expands to {count:,} trials (seeds x grid points x num_samples); at most "
+            f"{MAX_TRIALS:,}: sample the space (choice, uniform, num_samples) instead"
+        )
+        raise SpecError([Problem(source.where(("sweep",)), "sweep", msg)])
     config_model = ALGORITHMS[spec.algorithm].config
     params = spec.params.model_dump(mode="json")  # type: ignore[attr-defined]
     problems = []

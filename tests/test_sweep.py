@@ -71,6 +71,13 @@ BAD_SWEEPS = {
         "    learning_rate: {loguniform: [0.0, 0.5]}\n",
         "loguniform: bounds must be positive",
     ),
+    "too many trials": (
+        "".join(
+            f"    {k}: {{grid: [{', '.join(str(0.01 * (i + 1)) for i in range(20))}]}}\n"
+            for k in ("learning_rate", "exploration_fraction", "final_learning_rate", "gamma")
+        ),
+        ":10: sweep: expands to 320,000 trials (seeds x grid points x num_samples); at most",
+    ),
     "bad literal": (
         "    update: {choice: [q_learning, dqn]}\n",
         ":12: sweep.params.update: 'dqn': Input should be 'q_learning', 'sarsa' or 'expected_sarsa'",
