@@ -66,7 +66,10 @@ def expand(spec: SpecBase) -> list[Trial]:
 
     Random values are drawn here, once per grid point and sample, from a generator seeded by the
     spec's hash: the seeds of one configuration replicate it exactly (that is what the parent
-    aggregates), and the same spec expands to the same trials in --local and Ray modes.
+    aggregates), and the same spec expands to the same trials in --local and Ray modes. Draws
+    from `uniform`/`loguniform` keep 4 significant digits (what the labels show). A trial that
+    repeats an earlier one exactly (a `choice` drawn the same way twice, a repeated grid value)
+    runs once: trials are deterministic, and each one's label names its MLflow run.
     """
     if spec.sweep is None:
         return [Trial(seed, {}) for seed in spec.seeds]
@@ -80,12 +83,20 @@ def expand(spec: SpecBase) -> list[Trial]:
                 if dist.choice is not None:
                     overrides[path] = dist.choice[int(rng.integers(len(dist.choice)))]
                 elif dist.uniform is not None:
-                    overrides[path] = float(rng.uniform(*dist.uniform))
+                    overrides[path] = _round_within(rng.uniform(*dist.uniform), *dist.uniform)
                 elif dist.loguniform is not None:
                     low, high = np.log(dist.loguniform)
-                    overrides[path] = float(np.exp(rng.uniform(low, high)))
+                    value = np.exp(rng.uniform(low, high))
+                    overrides[path] = _round_within(value, *dist.loguniform)
             trials += [Trial(seed, overrides) for seed in spec.seeds]
-    return trials
+    unique = {t.label: t for t in reversed(trials)}  # the first of equal trials, in order
+    return [t for t in trials if unique[t.label] is t]
+
+
+def _round_within(value: float, low: float, high: float) -> float:
+    """`value` to 4 significant digits, unless that leaves [low, high] (e.g. 0.99999 -> 1.0)."""
+    rounded = float(f"{value:.4g}")
+    return rounded if low <= rounded <= high else float(value)
 
 
 @dataclass

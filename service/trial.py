@@ -69,7 +69,9 @@ def trial_label(seed: int, overrides: dict[str, Any]) -> str:
     """`s0`, or `s0 learning_rate=0.001 n_step=3` for a trial of a sweep."""
     parts = [f"s{seed}"]
     for path, value in sorted(overrides.items()):
-        shown = f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
+        # 4 significant digits when they are the whole value, so that labels never collide.
+        short = isinstance(value, float) and float(f"{value:.4g}") == value
+        shown = f"{value:.4g}" if short else json.dumps(value)
         parts.append(f"{path}={shown}")
     return " ".join(parts)
 

@@ -53,6 +53,29 @@ def test_expansion_crosses_grid_samples_and_seeds(tmp_path: Path) -> None:
     assert trials[0].label.startswith("s0 exploration_fraction=")
 
 
+def test_every_trial_of_an_expansion_is_distinct_and_named_apart(tmp_path: Path) -> None:
+    """Trial labels name the MLflow runs: equal labels made a finished sweep's parent FAILED
+    (--local) and lost a trial's report (Ray). Repeats of a choice run once; random draws keep
+    the 4 significant digits their labels show; close grid values get labels apart."""
+    from service.trial import trial_label
+
+    text = SWEEP.format(name="x").replace(
+        "    learning_rate: {grid: [0.1, 0.5]}\n    exploration_fraction: {uniform: [0.2, 0.8]}\n",
+        "    update: {choice: [q_learning, sarsa]}\n"
+        "    learning_rate: {loguniform: [0.1, 0.1002]}\n",
+    )
+    trials = expand(load_spec(write(tmp_path, text), ["sweep.num_samples=200"]))
+    labels = [t.label for t in trials]
+    assert len(set(labels)) == len(labels)
+    assert len({(t.seed, *sorted(t.overrides.items())) for t in trials}) == len(trials)
+    assert 2 * 2 <= len(trials) < 2 * 200  # 2 seeds x (2 updates x a few 4-digit rates)
+    assert all(
+        float(f"{t.overrides['learning_rate']:.4g}") == t.overrides["learning_rate"] for t in trials
+    )
+    assert trial_label(0, {"lr": 0.00012345}) != trial_label(0, {"lr": 0.00012346})
+    assert trial_label(0, {"lr": 0.001}) == "s0 lr=0.001"
+
+
 BAD_SWEEPS = {
     "unknown field": (
         "    learning_rat: {grid: [0.1]}\n",
