@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gymnasium.vector import AutoresetMode
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
 from agents.evaluation import evaluate_vector
@@ -51,7 +51,7 @@ class Config(BaseModel):
     batch_size: int = Field(64, gt=0, description="Transitions per gradient step.")
     buffer_size: int = Field(100_000, gt=0, description="Replay capacity in transitions.")
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
-    hidden_sizes: list[int] = Field(
+    hidden_sizes: list[PositiveInt] = Field(
         default_factory=lambda: [256, 256], description="Widths of the Q-network's hidden layers."
     )
     learning_starts: int = Field(

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from generative import data
 from generative.plots import image_grid
@@ -37,7 +37,7 @@ METRICS = ("pretrain/layer*/loss", "train/loss", "eval/recon_loss", "eval/probe_
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    layers: list[int] = Field(
+    layers: list[PositiveInt] = Field(
         default_factory=lambda: [256, 64],
         min_length=1,
         description="Encoder widths; the last is the code. The decoder mirrors them.",

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from generative import data, rbm
 from service.context import RunContext
@@ -49,7 +49,7 @@ METRICS = (
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    layers: list[int] = Field(
+    layers: list[PositiveInt] = Field(
         default_factory=lambda: [500, 500, 2000],
         min_length=1,
         description="Hidden layer widths (Hinton 2006: 500-500-2000 for MNIST).",

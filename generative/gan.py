@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from generative import data, fid
 from generative.fid import FIDConfig
@@ -37,7 +37,7 @@ class Config(BaseModel):
 
     architecture: Literal["mlp", "dcgan"] = Field("mlp", description="Generator/discriminator.")
     latent_dim: int = Field(64, gt=0, description="Dimensions of the noise z ~ N(0, I).")
-    hidden: list[int] = Field(
+    hidden: list[PositiveInt] = Field(
         default_factory=lambda: [256, 256], min_length=1, description="mlp: hidden widths."
     )
     channels: int = Field(64, gt=0, description="dcgan: channels of the widest conv layer.")

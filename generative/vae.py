@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from generative import data, fid
 from generative.fid import FIDConfig
@@ -44,12 +44,12 @@ class Config(BaseModel):
 
     architecture: Literal["mlp", "conv"] = Field("mlp", description="Encoder/decoder networks.")
     latent_dim: int = Field(20, gt=0, description="Dimensions of z.")
-    hidden: list[int] = Field(
+    hidden: list[PositiveInt] = Field(
         default_factory=lambda: [400],
         min_length=1,
         description="MLP hidden widths (Kingma & Welling: one layer of 400 for MNIST).",
     )
-    channels: list[int] = Field(
+    channels: list[PositiveInt] = Field(
         default_factory=lambda: [32, 64],
         min_length=1,
         description="conv: channels of the stride-2 convolutions (each halves H and W).",

@@ -138,6 +138,13 @@ BAD = {
         GOOD.replace("{is_slippery: true}", "{is_slippery: true, render_mode: human}"),
         ":5: env.kwargs.render_mode: 'human' opens a window",
     ),
+    "a layer of width 0": (
+        GOOD.replace("value_iteration", "dqn")
+        .replace("FrozenLake-v1", "CartPole-v1")
+        .replace("{is_slippery: true}", "{}")
+        .replace("gamma: 0.9", "hidden_sizes: [64, 0]"),
+        ":7: params.hidden_sizes[1]: Input should be greater than 0",
+    ),
     "bad env kwargs": (
         GOOD.replace("is_slippery", "slippery"),
         ":5: env: cannot create 'FrozenLake-v1'",
