@@ -47,7 +47,7 @@ class Config(BaseModel):
     gp_weight: float = Field(10.0, ge=0, description="wgan_gp: gradient-penalty lambda.")
     n_critic: int = Field(5, gt=0, description="wgan_gp: critic steps per generator step.")
     epochs: int = Field(50, gt=0, description="Passes over the training split.")
-    batch_size: int = Field(64, gt=0, description="Images per step.")
+    batch_size: int = Field(64, ge=2, description="Images per step (batch norm needs 2).")
     learning_rate: float = Field(2e-4, gt=0, description="Adam step size (DCGAN: 2e-4).")
     beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (DCGAN: 0.5).")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
@@ -156,6 +156,8 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
         sums = {"losses/d": 0.0, "losses/g": 0.0, "charts/d_real": 0.0, "charts/d_fake": 0.0}
         batches = g_steps = 0
         for idx in torch.randperm(len(x_train), generator=g, device=dev).split(config.batch_size):
+            if len(idx) < 2:  # a last batch of one: BatchNorm1d cannot normalise a single row
+                continue
             real = x_train[idx]
             z = torch.randn(len(real), config.latent_dim, generator=g, device=dev)
             # (1) Discriminator / critic: the fake batch is detached, G gets no gradient here.

@@ -65,6 +65,17 @@ def test_sets_too_small_for_fid_train_without_it(tmp_path: Path) -> None:
     assert "eval/fid" not in ctx.writer.metrics and "losses/d" in ctx.writer.metrics
 
 
+def test_a_last_batch_of_one_image_is_skipped(tmp_path: Path) -> None:
+    """161 digits leave 129 to train on, 2 x 64 + 1: BatchNorm1d cannot take the lone image."""
+    spec = data.DigitsDataset(limit=161)
+    assert len(data.load(spec, 0).x_train) % 64 == 1
+    ctx = RunContext.in_memory(workdir=tmp_path, dataset=spec, seed=0)
+    ctx.timer.start()
+    gan.train(gan.Config(epochs=1, batch_size=64, fid=fid.FIDConfig(enabled=False)), ctx)
+    ctx.close()
+    assert math.isfinite(ctx.writer.metrics["losses/d"][0][1])
+
+
 def test_classifier_is_sane_cached_and_floor_is_small(tmp_path: Path) -> None:
     ds = data.load(data.DigitsDataset(), 0)
     score = fid.scorer(ds, 0, tmp_path, "digits", epochs=5)
