@@ -92,10 +92,20 @@ def set_preload_workers(count: int) -> None:
 
 
 def _check_reachable(target: str, timeout: float = 5.0) -> None:
-    """Fail fast when nothing listens at an explicit `host:port` (or `ray://host:port`): ray.init
-    would retry the GCS for minutes before giving up."""
+    """Fail fast when nothing listens at an explicit `host:port` (or `ray://host:port`), or at
+    the cluster `auto` finds (the last `ray start` on this machine, which may be long gone):
+    ray.init would retry the GCS for minutes before giving up."""
+    if target == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+        except ImportError:  # Ray's internals moved: ray.init resolves and reports it
+            return
+        try:
+            target = canonicalize_bootstrap_address_or_die("auto")  # ConnectionError: none found
+        except ValueError:  # e.g. RAY_ADDRESS=ray://...: Ray Client, which ray.init handles
+            return
     host, sep, port = target.removeprefix("ray://").rpartition(":")
-    if target in ("local", "auto") or not sep or not port.isdigit() or "/" in host:
+    if target == "local" or not sep or not port.isdigit() or "/" in host:
         return  # ray.init resolves or reports these itself
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()

@@ -286,6 +286,28 @@ def test_invalid_file_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "x.db").exists()
 
 
+def test_auto_is_checked_where_it_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--address auto` reads the last `ray start`'s address, which may be long dead: ray.init
+    would wait on it for minutes (seen with a stale /tmp/ray/ray_current_cluster)."""
+    import ray._private.services as services
+
+    from service.cluster import _check_reachable
+
+    port = _free_port()
+    monkeypatch.setattr(
+        services, "canonicalize_bootstrap_address_or_die", lambda addr: f"127.0.0.1:{port}"
+    )
+    with pytest.raises(ConnectionError, match=f"nothing answers at 127.0.0.1:{port}"):
+        _check_reachable("auto")
+
+    def none_found(addr: str) -> str:
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address_or_die", none_found)
+    with pytest.raises(ConnectionError, match="Could not find any running Ray instance"):
+        _check_reachable("auto")
+
+
 def test_an_address_where_nothing_listens_exits_2_at_once(tmp_path: Path) -> None:
     """ray.init would retry an unreachable GCS for minutes; rlgen checks the port first."""
     port = _free_port()
