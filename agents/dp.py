@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents.evaluation import evaluate_policy
-from agents.mdp import TabularMDP, TorchMDP
+from agents.mdp import TabularMDP, TorchMDP, unmodelled_dynamics
 from agents.plots import residual_curve, value_heatmap
 from service.context import RunContext
 
@@ -67,7 +67,7 @@ def check_env(env: Any) -> str | None:
     """Why dynamic programming cannot run on `env` (it needs the transition model), or None."""
     base = env.unwrapped
     if hasattr(base, "transition_model") or hasattr(base, "P"):
-        return None
+        return unmodelled_dynamics(env)
     return (
         "exposes no transition model; dynamic programming needs a tabular env "
         "(FrozenLake-v1, Taxi-v4, CliffWalking-v1, rlgen/GridWorld-v0)"

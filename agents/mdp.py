@@ -29,6 +29,17 @@ FROZENLAKE_MOVES = ((0, -1), (1, 0), (0, 1), (-1, 0))  # LEFT, DOWN, RIGHT, UP
 CLIFFWALKING_MOVES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # UP, RIGHT, DOWN, LEFT
 
 
+def unmodelled_dynamics(env: gym.Env) -> str | None:
+    """What an env does that its `P` leaves out, for the options gymnasium keeps out of it; None
+    when `P` is the whole story. Solving such a `P` would give the optimum of another MDP."""
+    if getattr(env.unwrapped, "fickle_passenger", False):
+        return (
+            "Taxi's fickle passenger (fickle_passenger=True) changes destination in step(), "
+            "outside the transition model P"
+        )
+    return None
+
+
 @dataclass
 class TabularMDP:
     P: sp.csr_matrix
@@ -111,8 +122,10 @@ class TabularMDP:
             raise ValueError(
                 f"{env.spec.id if env.spec else type(base).__name__} exposes no transition model "
                 "(`unwrapped.P`); dynamic programming needs a tabular env such as FrozenLake-v1, "
-                "Taxi-v3, CliffWalking-v1 or rlgen/GridWorld-v0"
+                "Taxi-v4, CliffWalking-v1 or rlgen/GridWorld-v0"
             )
+        if (reason := unmodelled_dynamics(env)) is not None:
+            raise ValueError(reason)
         if not isinstance(base.observation_space, gym.spaces.Discrete) or not isinstance(
             base.action_space, gym.spaces.Discrete
         ):

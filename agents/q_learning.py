@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agents.dqn import linear_schedule
 from agents.evaluation import evaluate_policy
-from agents.mdp import TabularMDP
+from agents.mdp import TabularMDP, unmodelled_dynamics
 from agents.plots import learning_curve
 from agents.policy_iteration import evaluate_exact
 from agents.value_iteration import solve
@@ -155,6 +155,8 @@ class ValueGap:
         has_model = hasattr(base, "transition_model") or hasattr(base, "P")
         if gamma >= 1.0 or not has_model or not hasattr(base, "initial_state_distrib"):
             return None  # undiscounted values of a policy that never ends are infinite
+        if unmodelled_dynamics(env) is not None:
+            return None  # the model's optimum is not this env's
         return cls(env, gamma)
 
     def __call__(self, policy: np.ndarray) -> float:

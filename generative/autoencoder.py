@@ -151,6 +151,11 @@ def fit_layer(
         ctx.log_metrics({f"pretrain/layer{layer}/loss": total / len(x)}, step=epoch + 1)
 
 
+def check_data(config: Config, dataset: data.DatasetSpec | None) -> str | None:
+    """Why the autoencoder cannot model `dataset`, or None (checked when a spec is validated)."""
+    return data.needs_unit_pixels(dataset, "the reconstruction loss (Bernoulli likelihood)")
+
+
 def train(config: Config, ctx: RunContext) -> None:
     ds = data.load(ctx.dataset or data.DigitsDataset(), ctx.seed)
     dev, g = ctx.device, ctx.torch_rng

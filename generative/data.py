@@ -151,6 +151,15 @@ def check(spec: DatasetSpec) -> None:
             ) from None
 
 
+def needs_unit_pixels(spec: DatasetSpec | None, model: str) -> str | None:
+    """Why `spec` does not suit a model of pixels in [0, 1] (`model` says which part of it), or
+    None: a Bernoulli likelihood or a sigmoid output cannot fit standardised pixels, which lie
+    outside [0, 1] (the loss is unbounded below, samples never match the data)."""
+    if spec is None or spec.scale != "standardize":
+        return None
+    return f"{model} models pixels in [0, 1]; dataset.scale: standardize moves them outside"
+
+
 def has_labels(spec: DatasetSpec) -> bool:
     return not isinstance(spec, BarsAndStripesDataset) and not (
         isinstance(spec, IdxDataset) and spec.labels is None

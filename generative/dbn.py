@@ -128,6 +128,14 @@ def pretrain(config: Config, ds: data.Dataset, net: torch.nn.Sequential, ctx: Ru
             return
 
 
+def check_data(config: Config, dataset: data.DatasetSpec | None) -> str | None:
+    """Why this DBN cannot model `dataset`, or None (checked when a spec is validated)."""
+    if config.pretrain:
+        reason = data.needs_unit_pixels(dataset, "pretraining's first RBM (Bernoulli visibles)")
+        return reason and f"{reason} (use dataset.scale: unit, or pretrain: false)"
+    return None
+
+
 def train(config: Config, ctx: RunContext) -> None:
     fit(config, data.load(ctx.dataset or data.DigitsDataset(), ctx.seed), ctx)
 

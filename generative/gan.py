@@ -132,6 +132,11 @@ def gradient_penalty(
     return ((grad.norm(2, dim=1) - 1) ** 2).mean()
 
 
+def check_data(config: Config, dataset: data.DatasetSpec | None) -> str | None:
+    """Why the GAN cannot model `dataset`, or None (checked when a spec is validated)."""
+    return data.needs_unit_pixels(dataset, "the generator's sigmoid output")
+
+
 def train(config: Config, ctx: RunContext) -> None:
     spec = ctx.dataset or data.DigitsDataset()
     fit(config, data.load(spec, ctx.seed), ctx, spec)

@@ -345,6 +345,14 @@ def learning_rate(config: Config, progress: float) -> float:
     return config.learning_rate
 
 
+def check_data(config: Config, dataset: data.DatasetSpec | None) -> str | None:
+    """Why this RBM cannot model `dataset`, or None (checked when a spec is validated)."""
+    if config.visible == "bernoulli":
+        reason = data.needs_unit_pixels(dataset, "visible: bernoulli")
+        return reason and f"{reason} (use visible: gaussian, which standardises itself)"
+    return None
+
+
 def train(config: Config, ctx: RunContext) -> None:
     ds = data.load(ctx.dataset or data.DigitsDataset(), ctx.seed)
     model, _ = fit(config, ds, ctx)

@@ -201,6 +201,14 @@ def nll_iwae(model: VAE, x: torch.Tensor, k: int, g: torch.Generator, chunk: int
     return -total / len(x)
 
 
+def check_data(config: Config, dataset: data.DatasetSpec | None) -> str | None:
+    """Why this VAE cannot model `dataset`, or None (checked when a spec is validated)."""
+    if config.likelihood == "bernoulli":
+        reason = data.needs_unit_pixels(dataset, "likelihood: bernoulli")
+        return reason and f"{reason} (use likelihood: gaussian)"
+    return None
+
+
 def train(config: Config, ctx: RunContext) -> None:
     spec = ctx.dataset or data.DigitsDataset()
     fit(config, data.load(spec, ctx.seed), ctx, spec)

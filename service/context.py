@@ -10,6 +10,8 @@ and the service plugs an MLflow writer in behind the same interface.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import re
 import threading
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.points import MetricPoint
 
@@ -46,6 +48,30 @@ class EnvSpec(BaseModel):
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments passed to gymnasium.make."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _draw_random_lake(cls, data: Any) -> Any:
+        """FrozenLake with `map_name: null` and no `desc` draws a random lake at every `gym.make`
+        from numpy's global RNG: the training env, the evaluation env and the model dynamic
+        programming solves would be different lakes, and different again on every run. The lake
+        is drawn here once instead, seeded by the env section itself, and kept as `kwargs.desc`:
+        every env of every seed is the same lake, and the run's resolved spec records it."""
+        if not isinstance(data, dict) or not isinstance(data.get("kwargs"), dict):
+            return data
+        kwargs = data["kwargs"]
+        if "map_name" not in kwargs or kwargs["map_name"] is not None or kwargs.get("desc"):
+            return data
+        import gymnasium as gym
+
+        registered = gym.registry.get(str(data.get("id")))
+        if registered is None or not str(registered.entry_point).endswith(":FrozenLakeEnv"):
+            return data
+        from gymnasium.envs.toy_text.frozen_lake import generate_random_map
+
+        text = json.dumps({"id": data["id"], "kwargs": kwargs}, sort_keys=True, default=str)
+        seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+        return {**data, "kwargs": {**kwargs, "desc": generate_random_map(seed=seed)}}
 
     def make(self, **overrides: Any) -> gym.Env:
         import gymnasium as gym

@@ -26,6 +26,8 @@ class Algorithm:
     # RL: (config, checkpoint, env) -> greedy policy, obs batch -> actions; for `rlgen evaluate`.
     load_policy: Callable[[Any, dict[str, Any], Any], Callable[[Any], Any]] | None = None
     needs_labels: bool = False  # needs a labelled data set
+    # Generative: (config, dataset spec or None) -> why the model cannot fit that data, or None.
+    check_data: Callable[[Any, Any], str | None] | None = None
     # The metric keys a run may log (fnmatch patterns: pretrain/layer*/...), for the spec's
     # `sweep.scheduler.metric` and `report`; besides them every run logs time/train_s.
     metrics: tuple[str, ...] = ()
@@ -87,6 +89,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             rbm.Config,
             rbm.train,
             metrics=rbm.METRICS,
+            check_data=rbm.check_data,
         ),
         Algorithm(
             "dbn",
@@ -95,6 +98,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             dbn.Config,
             dbn.train,
             metrics=dbn.METRICS,
+            check_data=dbn.check_data,
             needs_labels=True,
         ),
         Algorithm(
@@ -104,6 +108,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             autoencoder.Config,
             autoencoder.train,
             metrics=autoencoder.METRICS,
+            check_data=autoencoder.check_data,
         ),
         Algorithm(
             "vae",
@@ -112,6 +117,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             vae.Config,
             vae.train,
             metrics=vae.METRICS,
+            check_data=vae.check_data,
         ),
         Algorithm(
             "gan",
@@ -120,6 +126,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             gan.Config,
             gan.train,
             metrics=gan.METRICS,
+            check_data=gan.check_data,
         ),
     ]
 }

@@ -536,10 +536,21 @@ def validate(source: Source) -> SpecBase:
         spec = model.model_validate(data)
     except ValidationError as e:
         raise SpecError(_problems(e, source, model)) from None
+    check_data(spec, source)
     check_sweep(spec, source)
     check_metrics(spec, source)
     check_world(spec, source)
     return spec
+
+
+def check_data(spec: SpecBase, source: Source) -> None:
+    """The data set suits the model (e.g. a Bernoulli likelihood needs pixels in [0, 1])."""
+    check = ALGORITHMS[spec.algorithm].check_data
+    params = spec.params  # type: ignore[attr-defined]
+    if check is None or (reason := check(params, getattr(spec, "dataset", None))) is None:
+        return
+    loc = ("dataset", "scale") if "scale" in source.data.get("dataset", {}) else ("dataset",)
+    raise SpecError([Problem(source.where(loc), _dotted(loc), reason)])
 
 
 def check_metrics(spec: SpecBase, source: Source) -> None:
@@ -591,6 +602,7 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
         )
         raise SpecError([Problem(source.where(("sweep",)), "sweep", msg)])
     config_model = ALGORITHMS[spec.algorithm].config
+    check_data, dataset = ALGORITHMS[spec.algorithm].check_data, getattr(spec, "dataset", None)
     params = spec.params.model_dump(mode="json")  # type: ignore[attr-defined]
     problems = []
     for path, dist in spec.sweep.params.items():
@@ -613,12 +625,17 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
                 problems.append(Problem(source.where(loc), _dotted(loc), msg))
                 break
             try:
-                config_model.model_validate(trial)
+                config = config_model.model_validate(trial)
             except ValidationError as e:
                 first = e.errors(include_url=False)[0]
                 msg = first["msg"].removeprefix("Value error, ")
                 problems.append(
                     Problem(source.where((*loc, dist.kind)), _dotted(loc), f"{value!r}: {msg}")
+                )
+                break
+            if check_data is not None and (reason := check_data(config, dataset)) is not None:
+                problems.append(
+                    Problem(source.where((*loc, dist.kind)), _dotted(loc), f"{value!r}: {reason}")
                 )
                 break
     if problems:

@@ -201,3 +201,18 @@ def test_epsilon_bound_holds_at_scale() -> None:
     pi = policy_iteration.solve(mdp, model, 0.99, tol, evaluation="exact")
     assert vi.converged and pi.converged
     assert float((vi.V - pi.V).abs().max()) <= tol
+
+
+def test_dynamics_outside_the_model_are_refused() -> None:
+    """Taxi's fickle passenger changes destination in step(), not in P: dynamic programming would
+    solve another MDP, and Q-learning's value gap would measure against the wrong optimum."""
+    from agents import dp
+    from agents.q_learning import ValueGap
+
+    fickle = gym.make("Taxi-v4", fickle_passenger=True)
+    assert "fickle_passenger" in (dp.check_env(fickle) or "")
+    with pytest.raises(ValueError, match="fickle"):
+        TabularMDP.from_env(fickle)
+    assert ValueGap.of(fickle, 0.99) is None
+    plain = gym.make("Taxi-v4", is_rainy=True)  # rain is in P
+    assert dp.check_env(plain) is None and ValueGap.of(plain, 0.99) is not None

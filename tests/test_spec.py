@@ -319,3 +319,58 @@ def test_what_rlgen_writes_reads_back_the_same(tmp_path: Path) -> None:
     spec = spec.model_copy(update={"tags": ids})
     assert load_spec_text(to_yaml(spec).encode(), "x").tags == ids
     assert yaml.load(dump_yaml({"tags": ids}), Loader=yaml.SafeLoader) == {"tags": ids}
+
+
+def test_frozenlake_random_lake_is_drawn_once_and_recorded(tmp_path: Path) -> None:
+    """`map_name: null` makes gymnasium draw a random lake from numpy's global RNG at every
+    gym.make: value iteration solved one lake and was evaluated on another (return 0 on a
+    deterministic lake it had solved). The lake is drawn once, at load, into `kwargs.desc`."""
+    from agents import value_iteration
+    from service.context import RunContext
+    from service.spec import load_spec_text, to_yaml
+
+    text = (
+        b"name: t\nalgorithm: value_iteration\n"
+        b"env: {id: FrozenLake-v1, kwargs: {map_name: null, is_slippery: false}}\n"
+    )
+    spec = load_spec_text(text, "lake.yaml")
+    desc = spec.env.kwargs["desc"]  # type: ignore[attr-defined]
+    assert len(desc) == 8 and desc[0][0] == "S" and desc[-1][-1] == "G"
+    assert load_spec_text(text, "again.yaml").env.kwargs["desc"] == desc  # type: ignore[attr-defined]
+    assert load_spec_text(to_yaml(spec).encode(), "resolved.yaml") == spec  # what a trial reads
+    for _ in range(2):  # the training env and the evaluation env
+        lake = spec.env.make().unwrapped.desc.astype(str)  # type: ignore[attr-defined]
+        assert ["".join(row) for row in lake] == desc
+
+    ctx = RunContext.in_memory(workdir=tmp_path, env=spec.env)  # type: ignore[attr-defined]
+    value_iteration.train(spec.params, ctx)  # type: ignore[attr-defined]
+    ctx.close()
+    assert ctx.writer.metrics["eval/return_mean"][-1][1] == 1.0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "params", "fix"),
+    [
+        ("rbm", "{}", "{visible: gaussian}"),
+        ("dbn", "{}", "{pretrain: false}"),
+        ("vae", "{}", "{likelihood: gaussian}"),
+        ("autoencoder", "{}", None),
+        ("gan", "{}", None),
+    ],
+)
+def test_models_of_unit_pixels_refuse_standardised_data(
+    tmp_path: Path, algorithm: str, params: str, fix: str | None
+) -> None:
+    """A Bernoulli likelihood or a sigmoid output cannot fit pixels outside [0, 1]: the trial
+    used to run to its end on a loss unbounded below."""
+    text = f"name: t\nalgorithm: {algorithm}\ndataset:\n  name: digits\n  scale: standardize\n"
+    msg = problems(tmp_path, text + f"params: {params}\n")
+    assert "spec.yaml:5: dataset.scale:" in msg and "[0, 1]" in msg
+    assert load_spec(write(tmp_path, text.replace("standardize", "unit") + f"params: {params}\n"))
+    if fix is not None:
+        assert load_spec(write(tmp_path, text + f"params: {fix}\n"))
+        swept = text + f"params: {fix}\nsweep:\n  params:\n"
+        field, value = fix.strip("{}").split(": ")
+        other = {"gaussian": "bernoulli", "false": "true"}[value]
+        msg = problems(tmp_path, swept + f"    {field}: {{grid: [{value}, {other}]}}\n")
+        assert f"spec.yaml:9: sweep.params.{field}: " in msg and "[0, 1]" in msg
