@@ -341,7 +341,7 @@ def evaluate(
         return
     sys.stdout.write(
         f"{run_id}: return {summary['return_mean']:.2f} +- {summary['return_std']:.2f}, "
-        f"length {summary['length_mean']:.1f} over {episodes} episodes"
+        f"length {summary['length_mean']:.1f} over {episodes} episode{'s' * (episodes != 1)}"
         + (f"; logged {result.gif}" if result.gif else "")
         + "\n"
     )

@@ -8,6 +8,7 @@ greedy policy. With `render="gif"` the first episode is recorded as `videos/eval
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ def evaluate_run(
         local = client.download_artifacts(run_id, max(checkpoints), str(workdir))
         state = torch.load(local, map_location="cpu", weights_only=True)
 
+        if render:  # off-screen frames: SDL (pygame, toy-text envs) must not look for a display
+            os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
         env = spec.env.make(render_mode="rgb_array" if render else None)  # type: ignore[attr-defined]
         try:
             policy = algo.load_policy(spec.params, state, env)  # type: ignore[attr-defined]

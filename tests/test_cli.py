@@ -467,6 +467,27 @@ def test_evaluate_rolls_out_a_logged_policy_and_logs_a_gif(
     assert "over 50 episodes" in stdout
 
 
+def test_evaluate_renders_toy_text_envs_headless(
+    tracking_uri: str,
+    experiment_name: str,
+    in_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """FrozenLake draws with pygame: SDL looked for a display and wrote 'error: XDG_RUNTIME_DIR
+    is invalid' to the terminal (its own stderr, past Python), under a successful evaluation."""
+    monkeypatch.delenv("SDL_VIDEODRIVER", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    vi = run_json(FROZEN, "--local", *common(tracking_uri, experiment_name), "--set", "seeds=[0]")
+    code, stdout, stderr = rlgen(
+        "evaluate", vi["trials"][0]["run_id"], "--episodes", "1", "--render", "gif",
+        "--tracking-uri", tracking_uri,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "over 1 episode;" in stdout and "videos/evaluate.gif" in stdout
+    assert "error" not in capfd.readouterr().err.lower()
+
+
 def test_evaluate_refuses_what_it_cannot_evaluate(
     tracking_uri: str, experiment_name: str, in_tmp: Path
 ) -> None:
