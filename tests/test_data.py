@@ -64,6 +64,27 @@ def test_idx_errors(tmp_path: Path) -> None:
     assert e.value.field == "labels"
 
 
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_whose_data_disagrees_with_its_header_fails_validation(
+    tmp_path: Path, compress: bool
+) -> None:
+    """A truncated download validated (only the header was read) and failed in the trial."""
+    images = np.arange(4 * 3 * 3, dtype=np.uint8).reshape(4, 3, 3)
+    good = write_idx(tmp_path / "good", images, data.IDX_IMAGES, compress)
+    data.check(data.IdxDataset(images=good))
+    payload = gzip.decompress(good.read_bytes()) if compress else good.read_bytes()
+    for name, body in (("short", payload[:-5]), ("long", payload + b"xy")):
+        bad = tmp_path / name
+        bad.write_bytes(gzip.compress(body) if compress else body)
+        with pytest.raises(data.DatasetError, match="header says") as e:
+            data.check(data.IdxDataset(images=bad))
+        assert e.value.field == "images"
+    cut = tmp_path / "cut"  # a gzip stream cut off mid-way, as by an interrupted download
+    cut.write_bytes(gzip.compress(payload)[:-12])
+    with pytest.raises(data.DatasetError, match="truncated"):
+        data.check(data.IdxDataset(images=cut))
+
+
 def test_bars_and_stripes_patterns() -> None:
     for n in (2, 3, 4):
         patterns = data.bars_and_stripes_patterns(n)
