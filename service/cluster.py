@@ -63,6 +63,12 @@ def start_ray(
                 set_preload_workers(preload_workers)
         init_kwargs["_system_config"] = {
             "preload_python_modules": ["service.preload"],
+            # Ray retires idle workers beyond the node's *available* CPUs. Tune reserves a
+            # trial's CPUs (its placement group) before the trial's actor takes a worker, so now
+            # and then both warm workers were retired in between and the trials waited ~3 s for
+            # fresh processes to import everything. This cluster lives as long as the command:
+            # it keeps its workers.
+            "kill_idle_workers_interval_ms": 0,
             **init_kwargs.get("_system_config", {}),
         }
     ray.init(
