@@ -368,9 +368,8 @@ def _jobs(address: str) -> Any:
     _check_jobs_address(address)
     try:
         return Jobs(address)
-    except JobsError as e:
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
-        raise typer.Exit(EXIT_FAILED) from None
+    except JobsError as e:  # nothing answers there: a wrong --address, as for `rlgen run`
+        raise _invalid(str(e)) from None
 
 
 @app.command()
@@ -391,6 +390,7 @@ def submit(
         check_store(uri, reach=False)
     except TrackingStoreError as e:
         raise _invalid(f"--tracking-uri: {e}") from None
+    jobs = _jobs(address)  # an unreachable cluster is the error to report, before any warning
     if uri.startswith("sqlite:"):
         err.print(
             f"[yellow]warning:[/yellow] {uri} is a file on the cluster's head node; "
@@ -399,7 +399,7 @@ def submit(
             highlight=False,
         )
     try:
-        job_id = _jobs(address).submit(spec, uri)
+        job_id = jobs.submit(spec, uri)
     except JobsError as e:
         err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         raise typer.Exit(EXIT_FAILED) from None

@@ -325,6 +325,17 @@ def test_an_address_where_nothing_listens_exits_2_at_once(tmp_path: Path) -> Non
     assert not db.exists()
 
 
+def test_jobs_commands_against_a_cluster_that_does_not_answer_exit_2(in_tmp: Path) -> None:
+    """A wrong --address is bad input, as for `rlgen run`: exit 2, and submit reports it before
+    its warning about a SQLite store on the head node."""
+    address = f"http://127.0.0.1:{_free_port()}"
+    for args in (["submit", FROZEN], ["status"], ["list"], ["logs", "x"], ["cancel", "x"]):
+        code, _, stderr = rlgen(*args, "--address", address)
+        assert code == 2, (args, stderr)
+        assert f"cannot reach the Ray Jobs API at {address}" in stderr.replace("\n", "")
+        assert "warning" not in stderr
+
+
 def test_schema_validate_and_algorithms_commands(tmp_path: Path) -> None:
     code, out, _ = rlgen("schema")
     assert code == 0 and json.loads(out)["title"] == "rlgen experiment spec"
