@@ -208,6 +208,13 @@ class SpecBase(BaseModel):
         description="Restarts of a trial whose worker died (from its last checkpoint).",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not name.strip():  # an experiment nobody could find by name in the MLflow UI
+            raise ValueError("must not be blank")
+        return name
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, seeds: list[int]) -> list[int]:

@@ -84,6 +84,7 @@ BAD = {
     ),
     "missing algorithm": ("name: t\nenv: {id: FrozenLake-v1}\n", "algorithm: field required"),
     "missing env": ("name: t\nalgorithm: value_iteration\n", "env: field required"),
+    "blank name": (GOOD.replace("name: t", "name: '  '"), "spec.yaml:1: name: must not be blank"),
     "unknown env id": (
         GOOD.replace("FrozenLake-v1", "FrozenLak-v1"),
         ":4: env.id: unknown environment 'FrozenLak-v1'; did you mean 'FrozenLake-v1'?",
