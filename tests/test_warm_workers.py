@@ -36,29 +36,30 @@ def idle_workers() -> dict[int, bool]:
         except (OSError, ValueError, IndexError):
             pass
     return found
+
+
+def wait_for_idle(count: int, timeout: float = 60.0) -> dict[int, bool]:
+    deadline = time.monotonic() + timeout
+    while len(found := idle_workers()) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
 """
 
-# In a fresh process: the test session's own Ray is not the embedded cluster `start_ray` makes.
-SCRIPT = (
-    r"""
-import json, os, sys, time
-from pathlib import Path
 
-import ray
-from mlflow.tracking import MlflowClient
+def embedded_script(body: str, imports: str = "", start: str = "start_ray(num_cpus=2)") -> str:
+    """A script for a fresh process (the test session's own Ray is not the embedded cluster
+    `start_ray` makes): `imports`, the embedded cluster, the idle-worker helpers, then `body`."""
+    head = "import json, os, sys, time\nfrom pathlib import Path\n\nimport ray\n"
+    return (
+        f"{head}{imports}\nfrom service.cluster import start_ray\n\n{start}\n{IDLE_WORKERS}{body}"
+    )
 
-from service.cluster import embedded, start_ray
-from service.execution import launch
-from service.spec import load_spec
 
-start_ray(num_cpus=2)
-"""
-    + IDLE_WORKERS
-    + r"""
-
-deadline = time.monotonic() + 60
-while len(idle := idle_workers()) < 2 and time.monotonic() < deadline:
-    time.sleep(0.2)
+SCRIPT = embedded_script(
+    imports="from mlflow.tracking import MlflowClient\n\nfrom service.cluster import embedded\n"
+    "from service.execution import launch\nfrom service.spec import load_spec\n",
+    body=r"""
+idle = wait_for_idle(2)
 
 
 @ray.remote(num_cpus=0)
@@ -79,7 +80,7 @@ for seeds in ("[0]", "[0, 1]"):  # one trial: a Ray task; two: Ray Tune
         if t.status == "FINISHED"
     ]
 print(json.dumps({"embedded": embedded(), "idle": sorted(idle), "warm": warm, "workers": workers}))
-"""
+""",
 )
 
 
@@ -113,29 +114,15 @@ def test_trials_run_in_prestarted_preloaded_workers(tmp_path: Path) -> None:
     assert set(result["workers"]["[0, 1]"]) <= idle, result
 
 
-RESERVED = (
-    r"""
-import json, os, time
-from pathlib import Path
-
-import ray
-from ray.util.placement_group import placement_group
-
-from service.cluster import start_ray
-
-start_ray(num_cpus=2)
-"""
-    + IDLE_WORKERS
-    + r"""
-
-deadline = time.monotonic() + 60
-while len(before := idle_workers()) < 2 and time.monotonic() < deadline:
-    time.sleep(0.2)
+RESERVED = embedded_script(
+    imports="from ray.util.placement_group import placement_group\n",
+    body=r"""
+before = wait_for_idle(2)
 pg = placement_group([{"CPU": 1}, {"CPU": 1}])  # what Tune reserves before its actors start
 ray.get(pg.ready())
 time.sleep(3)  # Ray's reaper looks every 0.2 s for workers idle over 1 s
 print(json.dumps({"before": sorted(before), "after": sorted(idle_workers())}))
-"""
+""",
 )
 
 
@@ -192,24 +179,15 @@ def test_only_as_many_workers_preload_as_the_driver_says(
     assert preload.should_preload(str(never)) and preload.should_preload(str(never))
 
 
-LIGHT = (
-    r"""
-import json, os, sys, time
-from pathlib import Path
-
-from service.cluster import start_ray
-
-start_ray(num_cpus=2, preload_workers=1)
-"""
-    + IDLE_WORKERS
-    + r"""
-
+LIGHT = embedded_script(
+    start="start_ray(num_cpus=2, preload_workers=1)",
+    body=r"""
 deadline = time.monotonic() + 90
 while sum(idle_workers().values()) < 1 and time.monotonic() < deadline:
     time.sleep(0.2)
 time.sleep(5)  # the light one decided long ago: it stays light
 print(json.dumps(idle_workers()))
-"""
+""",
 )
 
 
