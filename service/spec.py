@@ -112,9 +112,14 @@ class DriverResources(BaseModel):
 class Distribution(BaseModel):
     """Values one swept field takes: exactly one of `grid` (every value, crossed with the other
     grids and the seeds), `choice` (one at random per sample), `uniform` or `loguniform`
-    ([low, high])."""
+    ([low, high]). A bare list is a grid: `gamma: [0.9, 0.99]`."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_list_is_a_grid(cls, data: Any) -> Any:
+        return {"grid": data} if isinstance(data, list) else data
 
     grid: list[Any] | None = Field(None, min_length=1, description="Every one of these values.")
     choice: list[Any] | None = Field(None, min_length=1, description="One of these at random.")

@@ -375,3 +375,15 @@ def test_models_of_unit_pixels_refuse_standardised_data(
         other = {"gaussian": "bernoulli", "false": "true"}[value]
         msg = problems(tmp_path, swept + f"    {field}: {{grid: [{value}, {other}]}}\n")
         assert f"spec.yaml:9: sweep.params.{field}: " in msg and "[0, 1]" in msg
+
+
+def test_a_bare_list_in_a_sweep_is_a_grid(tmp_path: Path) -> None:
+    from service.execution import expand
+
+    base = GOOD + "sweep:\n  params:\n    gamma: %s\n"
+    bare = load_spec(write(tmp_path, base % "[0.9, 0.99]"))
+    explicit = load_spec(write(tmp_path, base % "{grid: [0.9, 0.99]}"))
+    assert bare == explicit and len(expand(bare)) == 4  # 2 values x 2 seeds
+    assert "spec.yaml:11: sweep.params.gamma: 1.5: Input should be less than 1" in problems(
+        tmp_path, base % "[0.9, 1.5]"
+    )
