@@ -123,19 +123,18 @@ def idx_header(path: Path) -> tuple[int, tuple[int, ...]]:
     return struct.unpack(">I", head)[0], dims
 
 
-def idx_data_size(path: Path, header: int) -> int:
-    """Bytes of data after the `header` of an IDX file, without reading a raw file. A gzip file's
-    trailer holds its uncompressed size (mod 2^32, last member only); only when that disagrees
-    with what a header expects is the whole stream decompressed and counted."""
+def idx_data_size(path: Path, header: int, expected: int) -> int:
+    """Bytes of data after the `header` bytes of an IDX file, which should be `expected`, without
+    reading a raw file. A gzip file's trailer holds its uncompressed size (mod 2^32, last member
+    only); only when that disagrees is the whole stream decompressed and counted."""
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
         if not gzipped:
             return path.stat().st_size - header
         f.seek(-4, os.SEEK_END)
         (trailer,) = struct.unpack("<I", f.read(4))
-    _, dims = idx_header(path)
-    if trailer == (header + int(np.prod(dims))) % 2**32:
-        return int(np.prod(dims))
+    if trailer == (header + expected) % 2**32:
+        return expected
     size = 0
     try:
         with gzip.open(path, "rb") as g:
@@ -200,7 +199,8 @@ def _check_idx(field: str, path: Path, magic: int) -> tuple[int, ...]:
     if found != magic:
         kind = "image" if magic == IDX_IMAGES else "label"
         raise DatasetError(field, f"{path} is not an IDX {kind} file (magic number {found})")
-    size, expected = idx_data_size(path, 4 + 4 * len(dims)), int(np.prod(dims))
+    expected = int(np.prod(dims))
+    size = idx_data_size(path, 4 + 4 * len(dims), expected)
     if size != expected:
         what = "truncated" if size < expected else "longer than its header says"
         raise DatasetError(field, f"{path}: {what}: {size} bytes of data, header says {dims}")
