@@ -45,6 +45,8 @@ TrackingOpt = Annotated[
         help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db]",
     ),
 ]
+STDIN = Path("-")  # as SPEC: the spec on standard input (`... | rlgen run -`)
+SPEC_ARG = typer.Argument(metavar="SPEC", help="Experiment YAML file (- reads standard input).")
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a field, e.g. --set params.gamma=0.95 (repeatable)."),
@@ -74,6 +76,8 @@ def _load(
             )
         if spec_path is None:
             raise _invalid("give a SPEC file or --from-run RUN_ID")
+        if spec_path == STDIN:
+            return load_spec_text(sys.stdin.buffer.read(), "<stdin>", overrides)
         return load_spec(spec_path, overrides)
     except SpecError as e:
         for problem in e.problems:
@@ -209,9 +213,7 @@ class ProgressTable:
 
 @app.command()
 def run(
-    spec_path: Annotated[
-        Path | None, typer.Argument(metavar="SPEC", help="Experiment YAML.")
-    ] = None,
+    spec_path: Annotated[Path | None, SPEC_ARG] = None,
     overrides: SetOpt = None,
     from_run: Annotated[
         str | None, typer.Option("--from-run", help="Re-run the spec logged by an MLflow run.")
@@ -265,7 +267,8 @@ def run(
 
     if not local:  # before the progress table: an unrunnable spec gets its error alone
         try:
-            check_resources(spec, address, str(spec_path or "spec"))
+            where = "<stdin>" if spec_path == STDIN else str(spec_path or "spec")
+            check_resources(spec, address, where)
         except SpecError as e:
             raise _invalid(str(e)) from None
     table = ProgressTable([t.label for t in expand(spec)], f"{spec.name}: {spec.algorithm}")
@@ -374,7 +377,7 @@ def _jobs(address: str) -> Any:
 
 @app.command()
 def submit(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Experiment YAML file.")],
+    spec_path: Annotated[Path, SPEC_ARG],
     address: JobsAddress,
     overrides: SetOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -509,7 +512,7 @@ def serve(
 
 @app.command()
 def validate(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC")],
+    spec_path: Annotated[Path, SPEC_ARG],
     overrides: SetOpt = None,
 ) -> None:
     """Check SPEC without running it; print the resolved spec (every default filled in)."""

@@ -336,6 +336,18 @@ def test_jobs_commands_against_a_cluster_that_does_not_answer_exit_2(in_tmp: Pat
         assert "warning" not in stderr
 
 
+def test_spec_on_standard_input(tracking_uri: str, experiment_name: str, in_tmp: Path) -> None:
+    text = Path(FROZEN).read_text()
+    done = CliRunner().invoke(app, ["validate", "-"], input=text)
+    assert done.exit_code == 0 and "name: frozenlake-dp" in done.stdout
+    bad = CliRunner().invoke(app, ["run", "-"], input="name: t\nalgorithm: nope\n")
+    assert bad.exit_code == 2 and "<stdin>:2: algorithm: unknown algorithm" in bad.stderr
+    args = ["run", "-", "--local", "--json", *common(tracking_uri, experiment_name)]
+    done = CliRunner().invoke(app, [*args, "--set", "seeds=[0]"], input=text)
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["trials"][0]["status"] == "FINISHED"
+
+
 def test_schema_validate_and_algorithms_commands(tmp_path: Path) -> None:
     code, out, _ = rlgen("schema")
     assert code == 0 and json.loads(out)["title"] == "rlgen experiment spec"
