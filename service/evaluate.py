@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from agents.evaluation import DEFAULT_MAX_STEPS
 from service.registry import ALGORITHMS
 from service.spec import SpecError, load_spec_text
-from service.tracking import client_for
+from service.tracking import TAG_LAUNCH, TAG_SEED, TAG_TRIAL, client_for, runs_of_launch
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ def evaluate_run(
             spec = load_spec_text(Path(spec_file).read_bytes(), f"run {run_id}:spec.yaml")
         except SpecError as e:
             raise EvaluateError(str(e)) from None
+        tags = run.data.tags
+        if TAG_LAUNCH in tags and TAG_SEED not in tags:  # a sweep's (or seeds') parent run
+            trials = runs_of_launch(client, run.info.experiment_id, tags[TAG_LAUNCH])
+            ids = ", ".join(f"{r.info.run_id} ({r.data.tags.get(TAG_TRIAL)})" for r in trials)
+            raise EvaluateError(
+                f"run {run_id} is the parent of several trials; evaluate one of them: {ids}"
+            )
         algo = ALGORITHMS[spec.algorithm]
         if algo.load_policy is None or getattr(spec, "env", None) is None:
             raise EvaluateError(f"run {run_id} is a {spec.algorithm} run, which has no policy")

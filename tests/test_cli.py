@@ -538,3 +538,10 @@ def test_evaluate_refuses_what_it_cannot_evaluate(
         "evaluate", "0" * 32, "--tracking-uri", tracking_uri
     )  # the store exists
     assert code == 2 and "cannot read its spec.yaml" in stderr
+    # A parent run holds no policy of its own: the error names its trials (it said "logged no
+    # checkpoint (did it finish?)").
+    sweep = run_json(FROZEN, "--local", *common(tracking_uri, experiment_name))
+    code, _, stderr = rlgen("evaluate", sweep["parent_run_id"], "--tracking-uri", tracking_uri)
+    stderr = stderr.replace("\n", "")
+    assert code == 2 and "is the parent of several trials" in stderr
+    assert all(f"{t['run_id']} ({t['trial']})" in stderr for t in sweep["trials"])
