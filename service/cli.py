@@ -579,7 +579,9 @@ def ui(
     from service.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    args = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # This interpreter's MLflow: `mlflow` itself need not be on PATH (a venv not activated).
+    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    args += ["--host", host, "--port", str(port)]
     # MLflow 3's UI starts in its GenAI mode; this link opens the runs tables.
     err.print(
         f"MLflow UI on http://{host}:{port}/#/experiments?workflowType=machine_learning ({uri})"

@@ -112,8 +112,10 @@ def test_ui_command_opens_mlflow_ui_on_the_store(monkeypatch: pytest.MonkeyPatch
     result = CliRunner().invoke(cli.app, ["ui", "--port", "5055"])
     assert result.exit_code == 0
     (args,) = calls
-    assert args[:3] == ["mlflow", "ui", "--backend-store-uri"]
-    assert args[3] == f"sqlite:///{tmp_path}/mlflow.db" and args[-1] == "5055"
+    # This interpreter's MLflow: with `mlflow` looked up on PATH, `.venv/bin/rlgen ui` from a
+    # shell without the venv activated failed with FileNotFoundError.
+    assert args[:5] == [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri"]
+    assert args[5] == f"sqlite:///{tmp_path}/mlflow.db" and args[-1] == "5055"
 
 
 def test_experiments_open_on_the_runs_view(tracking_uri: str, experiment_name: str) -> None:
