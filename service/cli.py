@@ -1,7 +1,7 @@
 """`rlgen`: run, validate and inspect experiments.
 
 Exit status: 0 every trial finished; 1 a trial failed (or tracking failed); 2 invalid input, in
-which case nothing was started and no MLflow run was created; 130 interrupted (runs end KILLED).
+which case nothing was started and no MLflow run was created; 130 interrupted (Ctrl-C or SIGTERM; runs end KILLED).
 """
 
 from __future__ import annotations
@@ -597,7 +597,15 @@ def main() -> None:
     add ~1 s to every command, for nothing.
     """
     import atexit
+    import signal
 
+    def terminate(signum: int, frame: Any) -> None:
+        # SIGTERM unwinds like Ctrl-C: `run` ends its runs KILLED (service.execution installs
+        # its own handler while trials run) and an embedded Ray cluster is shut down below,
+        # instead of dying on the spot with the cluster and its trials left running.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         app()
         code = 0

@@ -227,7 +227,7 @@ def launch(
     stopped: set[str] = set()
     try:
         stop = threading.Event()
-        with _sigint_requests_stop(stop, interrupt=mode == "ray"):
+        with _signals_request_stop(stop, interrupt=mode == "ray"):
             if mode == "local":
                 _run_local(request, trials, notify, stop)
             elif not runs_on_tune(spec):
@@ -294,11 +294,16 @@ def launch(
 
 # -- Ctrl-C and in-process ------------------------------------------------------------------------
 @contextmanager
-def _sigint_requests_stop(stop: threading.Event, interrupt: bool = False) -> Iterator[None]:
+def _signals_request_stop(stop: threading.Event, interrupt: bool = False) -> Iterator[None]:
     """Ctrl-C sets `stop`. In-process the first one asks the running trial to stop cleanly (it
     ends its run KILLED with what it logged) and a second interrupts at once; with `interrupt`
     (on Ray) the first also raises KeyboardInterrupt. Should Ray Tune's loop swallow that, its
-    stopper sees the event and stops the trials (see `_StopOnRequest`)."""
+    stopper sees the event and stops the trials (see `_StopOnRequest`).
+
+    SIGTERM (`rlgen cancel` and `ray job stop`, a container or a scheduler stopping the command)
+    interrupts at once, like a second Ctrl-C: without it the process died on the spot, its runs
+    stayed RUNNING forever, and the embedded cluster's trials went on training in the
+    background."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -306,14 +311,15 @@ def _sigint_requests_stop(stop: threading.Event, interrupt: bool = False) -> Ite
     def handler(signum: int, frame: Any) -> None:
         again = stop.is_set()
         stop.set()
-        if again or interrupt:
+        if again or interrupt or signum == signal.SIGTERM:
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _run_local(

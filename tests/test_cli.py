@@ -399,8 +399,47 @@ def wait_for_running(uri: str, name: str, timeout: float = 120) -> str:
     raise AssertionError("no trial started")
 
 
-@pytest.mark.parametrize("mode", ["--local", "--ray", "--ray-task"])
-def test_ctrl_c_ends_runs_killed(tmp_path: Path, mode: str, experiment_name: str) -> None:
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                stat = (proc / "stat").read_text()
+                parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize(
+    ("mode", "sig"),
+    [
+        ("--local", signal.SIGINT),
+        ("--ray", signal.SIGINT),
+        ("--ray-task", signal.SIGINT),
+        # SIGTERM: `rlgen cancel` / `ray job stop`, a container stopping. In-process the command
+        # died at once and its runs stayed RUNNING forever; on Ray they ended FAILED.
+        ("--local", signal.SIGTERM),
+        ("--ray", signal.SIGTERM),
+    ],
+    ids=lambda v: v.name if isinstance(v, signal.Signals) else v.strip("-"),
+)
+def test_interrupts_end_runs_killed(
+    tmp_path: Path, mode: str, sig: signal.Signals, experiment_name: str
+) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # 10^6 states: ~3 s to build, then tens of seconds of sweeps, so the interrupt lands mid-solve.
     long_run = [
@@ -424,11 +463,16 @@ def test_ctrl_c_ends_runs_killed(tmp_path: Path, mode: str, experiment_name: str
     try:
         run_id = wait_for_running(uri, experiment_name)
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
+        below = descendants(proc.pid)  # the embedded cluster's daemons and workers
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
+    deadline = time.monotonic() + 30
+    while (left := [p for p in below if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of the command outlived it: {left}"
     client = MlflowClient(uri)
     assert client.get_run(run_id).info.status == "KILLED"
     exp = client.get_experiment_by_name(experiment_name)
