@@ -1,7 +1,8 @@
 """`rlgen`: run, validate and inspect experiments.
 
 Exit status: 0 every trial finished; 1 a trial failed (or tracking failed); 2 invalid input, in
-which case nothing was started and no MLflow run was created; 130 interrupted (Ctrl-C or SIGTERM; runs end KILLED).
+which case nothing was started and no MLflow run was created; 130 interrupted (Ctrl-C or
+SIGTERM; runs end KILLED).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 SQLite with proxied artifacts, and `rlgen serve`. Through the HTTP API a 4-trial sweep is
 submitted; one trial's worker process is killed mid-run and resumes from its checkpoint; the
 service is restarted and still lists the experiment; MLflow's REST API then shows the parent and
-four FINISHED children with metrics. Bad requests change nothing. Marked `e2e` (it runs in CI;
+four FINISHED children with metrics. Bad requests change nothing. A cancelled job's run ends
+KILLED. Marked `e2e` (it runs in CI;
 deselect with -m "not e2e").
 """
 
@@ -309,3 +310,27 @@ def test_the_stack_end_to_end(stack: dict[str, Any]) -> None:
     assert sum(t.get("rlgen.restarts") == "1" for t in tags) == 1
     parent_metrics = {m["key"] for m in parents[0]["data"]["metrics"]}
     assert "eval/return_mean/mean" in parent_metrics
+
+    # Cancelling a job stops its driver with SIGTERM (Ray waits 3 s, then SIGKILL): the trial's
+    # run ends KILLED, not RUNNING forever (nor FAILED as if its worker had died).
+    long = (
+        f"name: {name}-cancel\nalgorithm: q_learning\nenv: {{id: Taxi-v4}}\nseeds: [0]\n"
+        "params: {total_timesteps: 100000000, eval_every: 1000000}\n"
+    )
+    status, body = http("POST", f"{api}/experiments", long.encode())
+    assert status == 202, body
+    cancel_id, deadline = body["id"], time.monotonic() + 180
+    while time.monotonic() < deadline:
+        detail = http("GET", f"{api}/experiments/{cancel_id}")[1]
+        if any(r["status"] == "RUNNING" for r in detail.get("runs", [])):
+            break
+        time.sleep(1)
+    assert http("POST", f"{api}/experiments/{cancel_id}/cancel")[1]["stopping"], detail
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        detail = http("GET", f"{api}/experiments/{cancel_id}")[1]
+        if detail["status"] == "STOPPED":
+            break
+        time.sleep(1)
+    assert detail["status"] == "STOPPED", detail
+    assert [r["status"] for r in detail["runs"]] == ["KILLED"], detail
