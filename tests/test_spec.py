@@ -46,6 +46,16 @@ def test_good_spec_resolves_defaults(tmp_path: Path) -> None:
 
 
 # (document, expected fragment: "file:line: field: ...")
+def on_env(env_id: str, algorithm: str = "value_iteration", params: str = "gamma: 0.9") -> str:
+    """GOOD with another env (no kwargs), algorithm and params line."""
+    return (
+        GOOD.replace("value_iteration", algorithm)
+        .replace("FrozenLake-v1", env_id)
+        .replace("{is_slippery: true}", "{}")
+        .replace("gamma: 0.9", params)
+    )
+
+
 BAD = {
     "unknown top-level key": (GOOD + "sede: 1\n", ":9: sede: unknown field 'sede'"),
     "unknown nested key": (
@@ -94,27 +104,19 @@ BAD = {
         ":4: env.id: 'os:Evil-v0' would make gymnasium import module 'os'",
     ),
     "env without a model": (
-        GOOD.replace("FrozenLake-v1", "CartPole-v1").replace("{is_slippery: true}", "{}"),
+        on_env("CartPole-v1"),
         ":4: env.id: 'CartPole-v1': exposes no transition model",
     ),
     "dqn on a continuous-action env": (
-        GOOD.replace("value_iteration", "dqn")
-        .replace("FrozenLake-v1", "Pendulum-v1")
-        .replace("{is_slippery: true}", "{}")
-        .replace("gamma: 0.9", "gamma: 0.99"),
+        on_env("Pendulum-v1", "dqn", "gamma: 0.99"),
         ":4: env.id: 'Pendulum-v1': DQN needs a discrete action space",
     ),
     "q_learning on a continuous-state env": (
-        GOOD.replace("value_iteration", "q_learning")
-        .replace("FrozenLake-v1", "CartPole-v1")
-        .replace("{is_slippery: true}", "{}"),
+        on_env("CartPole-v1", "q_learning"),
         ":4: env.id: 'CartPole-v1': tabular Q-learning needs a Discrete, MultiDiscrete or Tuple-of-Discrete observation",
     ),
     "dqn field out of range": (
-        GOOD.replace("value_iteration", "dqn")
-        .replace("FrozenLake-v1", "CartPole-v1")
-        .replace("{is_slippery: true}", "{}")
-        .replace("gamma: 0.9", "n_step: 0"),
+        on_env("CartPole-v1", "dqn", "n_step: 0"),
         ":7: params.n_step: Input should be greater than or equal to 1",
     ),
     "a number that overflows to inf": (
@@ -140,10 +142,7 @@ BAD = {
         ":5: env.kwargs.render_mode: 'human' opens a window",
     ),
     "a layer of width 0": (
-        GOOD.replace("value_iteration", "dqn")
-        .replace("FrozenLake-v1", "CartPole-v1")
-        .replace("{is_slippery: true}", "{}")
-        .replace("gamma: 0.9", "hidden_sizes: [64, 0]"),
+        on_env("CartPole-v1", "dqn", "hidden_sizes: [64, 0]"),
         ":7: params.hidden_sizes[1]: Input should be greater than 0",
     ),
     "bad env kwargs": (
