@@ -25,7 +25,8 @@ import numpy as np
 import ray
 
 from service import __version__
-from service.cluster import start_ray
+from service.cluster import embedded, start_ray
+from service.relay import Relay
 from service.report import write_parent
 from service.spec import SpecBase, flatten, resolved, spec_hash, to_yaml
 from service.tracking import (
@@ -212,6 +213,12 @@ def launch(
                 client.set_terminated(parent_run_id, "FAILED")
             raise
 
+    relay = None
+    if mode == "ray" and embedded():
+        try:
+            relay = Relay(uri)
+        except OSError as e:  # e.g. TMPDIR too long for a socket's path: trials open MLflow
+            log.warning("no tracking relay (%s); each trial opens MLflow itself", e)
     request = TrialRequest(
         spec=resolved(spec),
         seed=spec.seeds[0],
@@ -220,6 +227,8 @@ def launch(
         launch_id=launch_id,
         parent_run_id=parent_run_id,
         tags=tags,
+        # On the embedded cluster, trials reach MLflow through this process (`service.relay`).
+        relay=relay.address if relay else None,
     )
     notify = progress or (lambda *_: None)
     interrupted = False
@@ -243,6 +252,8 @@ def launch(
         if mode == "ray" and address is None:
             ray.shutdown()  # stops the embedded cluster's workers before their runs are closed
     finally:
+        if relay is not None:
+            relay.close()
         runs = runs_of_launch(client, experiment_id, launch_id)
         for run in runs:
             label = run.data.tags.get(TAG_TRIAL, "")

@@ -20,6 +20,7 @@ pickled error text, or None for success.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -41,18 +42,21 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 
 
-def _send(stream: IO[bytes], obj: Any) -> None:
+def send_frame(stream: IO[bytes] | io.BufferedIOBase, obj: Any) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_LEN.pack(len(data)) + data)
     stream.flush()
 
 
-def _recv(stream: IO[bytes]) -> Any:
+def recv_frame(stream: IO[bytes] | io.BufferedIOBase) -> Any:
     header = stream.read(_LEN.size)
     if len(header) < _LEN.size:
         raise EOFError("metric writer pipe closed")
     (size,) = _LEN.unpack(header)
-    return pickle.loads(stream.read(size))
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("metric writer pipe closed mid-message")
+    return pickle.loads(data)
 
 
 class ProcessWriter:
@@ -113,8 +117,8 @@ class ProcessWriter:
             return
         assert helper.stdin is not None and helper.stdout is not None
         try:
-            _send(helper.stdin, [tuple(p) for p in points])
-            error = _recv(helper.stdout)  # waits with the GIL released
+            send_frame(helper.stdin, [tuple(p) for p in points])
+            error = recv_frame(helper.stdout)  # waits with the GIL released
         except (OSError, EOFError) as e:  # the helper died: the batch was not acknowledged
             self._give_up(f"metric writer died ({e})")
             self.inline.write_metrics(points)
@@ -155,14 +159,14 @@ def main(argv: Sequence[str]) -> int:
     out.flush()
     while True:
         try:
-            batch = _recv(requests)
+            batch = recv_frame(requests)
         except EOFError:
             return 0
         try:
             writer.write_metrics([MetricPoint(*p) for p in batch])
-            _send(out, None)
+            send_frame(out, None)
         except Exception as e:
-            _send(out, f"{type(e).__name__}: {e}")
+            send_frame(out, f"{type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """What the embedded cluster's Ray workers import before they accept work.
 
 `service.cluster.start_ray` names this module in Ray's `preload_python_modules`, so the workers
-Ray prestarts (one per CPU) import torch, the algorithms and MLflow's SQLite store (~3 s of CPU)
-while Ray and the driver are still starting, instead of after a trial was handed to them.
+Ray prestarts (one per CPU) import torch and the algorithms (~1.5 s of CPU) while Ray and the
+driver are still starting, instead of after a trial was handed to them.
 
 Only as many as will run trials at once: `rlgen run` starts Ray before its spec is validated, and
 says how many once it knows (`service.cluster.set_preload_workers`). The first worker preloads at
@@ -47,7 +47,5 @@ def should_preload(directory: str | None) -> bool:
 
 
 if should_preload(os.environ.get("RLGEN_PRELOAD_DIR")):
-    import mlflow.store.tracking.sqlalchemy_store  # what every trial opens on SQLite
-    import mlflow.tracking  # noqa: F401
-
+    # Not MLflow: on this cluster trials reach it through the driver (`service.relay`).
     import service.trial  # noqa: F401  (torch, the algorithms, the run context)

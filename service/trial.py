@@ -7,7 +7,6 @@ its MLflow run: FINISHED, FAILED with the error as the `rlgen.error` tag (and th
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -23,12 +22,12 @@ from typing import Any
 
 import torch
 
-from service.context import RunContext
+from service.context import RunContext, Writer
 from service.metric_writer import ProcessWriter
 from service.registry import ALGORITHMS
+from service.relay import RelayTracker
 from service.spec import SpecBase, dump_yaml, flatten, set_dotted, spec_model
 from service.tracking import (
-    ACTIVE,
     TAG_ERROR,
     TAG_LAUNCH,
     TAG_PARENT,
@@ -36,9 +35,9 @@ from service.tracking import (
     TAG_SEED,
     TAG_TRIAL,
     TAG_WORKER,
+    RunWriter,
+    Tracker,
     client_for,
-    params_batch,
-    with_retries,
 )
 
 log = logging.getLogger(__name__)
@@ -56,6 +55,7 @@ class TrialRequest:
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)  # version, commit, spec hash
     overrides: dict[str, Any] = field(default_factory=dict)  # swept params: dotted path -> value
+    relay: str | None = None  # the driver's tracking relay, on the embedded cluster
 
     def for_trial(self, seed: int, overrides: dict[str, Any]) -> TrialRequest:
         return replace(self, seed=seed, overrides=dict(overrides))
@@ -131,7 +131,7 @@ def run_trial(
 ) -> TrialOutcome:
     spec = trial_spec(request)
     algo = ALGORITHMS[spec.algorithm]
-    client = client_for(request.tracking_uri)
+    tracker = tracker_for(request)
     tags = {
         **request.tags,
         **spec.tags,
@@ -146,41 +146,35 @@ def run_trial(
         tags["rlgen.gpu_ids"] = ",".join(map(str, gpu_ids))  # which of the node's GPUs Ray gave
     if spec.description:
         tags["mlflow.note.content"] = spec.description
-    previous = find_restarted(client, request)
+    # Launch ids are unique: a run of this launch and trial exists only when Ray restarted the
+    # trial after its worker died (`max_failures`); the trial then continues that run.
+    previous = tracker.find_run(request.experiment_id, request.launch_id, request.label)
     if previous is None:
-        run = with_retries(
-            lambda: client.create_run(
-                request.experiment_id, tags=tags, run_name=trial_run_name(spec, request)
-            ),
-            "create_run",
-        )
-    else:  # Tune restarted this trial after its worker died: continue the same MLflow run
-        run = previous
-        restarts = int(run.data.tags.get(TAG_RESTARTS, "0")) + 1
-        for key, value in ((TAG_RESTARTS, str(restarts)), (TAG_WORKER, tags[TAG_WORKER])):
-            with_retries(functools.partial(client.set_tag, run.info.run_id, key, value), "tag")
-    run_id = run.info.run_id
+        run_id = tracker.create_run(request.experiment_id, tags, trial_run_name(spec, request))
+    else:
+        run_id, previous_tags = previous
+        restarts = int(previous_tags.get(TAG_RESTARTS, "0")) + 1
+        tracker.set_tag(run_id, TAG_RESTARTS, str(restarts))
+        tracker.set_tag(run_id, TAG_WORKER, tags[TAG_WORKER])
     workdir = make_workdir(run_id)
-    writer = ProcessWriter(client, request.tracking_uri, run_id)  # starts while we set up
+    writer: Writer
+    if isinstance(tracker, Tracker):
+        # Moves MLflow's log_batch off this process in long trials (starts while we set up).
+        writer = ProcessWriter(tracker.client, request.tracking_uri, run_id)
+    else:  # the driver writes: off this process already
+        writer = RunWriter(tracker, run_id)
     status, error = "FAILED", None
     ctx: RunContext | None = None
     try:
         resolved = spec.model_dump(mode="json")
         logged_until: dict[str, int] = {}
         if previous is None:
-            with_retries(
-                lambda: client.log_batch(
-                    run_id,
-                    params=params_batch({**flatten(resolved), "seed": str(request.seed)}),
-                    synchronous=True,
-                ),
-                "log params",
-            )
+            tracker.log_params(run_id, {**flatten(resolved), "seed": str(request.seed)})
             spec_file = workdir / "spec.yaml"
             spec_file.write_text(dump_yaml(resolved))
             writer.write_artifact(spec_file, "")
         else:
-            logged_until = restore(client, previous, workdir)
+            logged_until = tracker.resume(run_id, str(workdir))
 
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
         ctx = RunContext(
@@ -205,7 +199,7 @@ def run_trial(
         status, error = "FAILED", f"{type(e).__name__}: {e}"
         log.error("trial %s (seed %d) failed: %s", run_id, request.seed, error)
         (workdir / "error.txt").write_text(traceback.format_exc())
-        _best_effort(lambda: client.log_artifact(run_id, str(workdir / "error.txt")))
+        _best_effort(lambda: tracker.write_artifact(run_id, str(workdir / "error.txt"), ""))
     except BaseException:
         # SystemExit & co.: the worker is being shut down (a scheduler stopped the trial, or it
         # was cancelled). Save what was logged, end the run KILLED, and let the exit proceed;
@@ -222,8 +216,9 @@ def run_trial(
                 status, error = "FAILED", error or f"metrics were not written: {e}"
         writer.close()
         if error:
-            _best_effort(lambda: client.set_tag(run_id, TAG_ERROR, error[:5000]))
-        _best_effort(lambda: client.set_terminated(run_id, status))
+            _best_effort(lambda: tracker.set_tag(run_id, TAG_ERROR, error[:5000]))
+        _best_effort(lambda: tracker.set_terminated(run_id, status))
+        tracker.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return TrialOutcome(run_id, request.seed, status, error)
 
@@ -259,6 +254,13 @@ def remove_abandoned_workdirs(root: Path | None = None) -> int:
     return removed
 
 
+def tracker_for(request: TrialRequest) -> Tracker | RelayTracker:
+    """MLflow in this process, or the driver's relay on the embedded cluster (`service.relay`)."""
+    if request.relay is not None:
+        return RelayTracker(request.relay)
+    return Tracker(client_for(request.tracking_uri))
+
+
 def run_on_ray_worker(request: TrialRequest) -> TrialOutcome:
     """A single trial as a plain Ray task (see `service.execution._run_task`)."""
     import ray
@@ -266,49 +268,8 @@ def run_on_ray_worker(request: TrialRequest) -> TrialOutcome:
     return run_trial(request, gpu_ids=ray.get_gpu_ids())
 
 
-def find_restarted(client: Any, request: TrialRequest) -> Any:
-    """The run of this launch and trial that a dead worker left RUNNING, if any.
-
-    Launch ids are unique, so this only finds something when Ray restarts a trial whose worker
-    died (`max_failures`); the trial then continues that run instead of starting another.
-    """
-    runs = with_retries(
-        lambda: client.search_runs(
-            [request.experiment_id],
-            filter_string=f"tags.`{TAG_LAUNCH}` = '{request.launch_id}'",
-            max_results=10_000,
-        ),
-        "search runs",
-    )
-    for run in runs:
-        if run.data.tags.get(TAG_TRIAL) == request.label and run.info.status in ACTIVE:
-            return run
-    return None
-
-
-def restore(client: Any, run: Any, workdir: Path) -> dict[str, int]:
-    """Put the run's newest checkpoint where the algorithm looks for it; return, per metric, the
-    last step already logged, so that the steps the algorithm replays are not logged twice."""
-    checkpoints = [
-        f.path
-        for f in client.list_artifacts(run.info.run_id, "checkpoints")
-        if f.path.endswith(".pt")
-    ]
-    if checkpoints:
-        target = workdir / "checkpoints"
-        target.mkdir(parents=True, exist_ok=True)
-        local = Path(client.download_artifacts(run.info.run_id, max(checkpoints), str(workdir)))
-        local.replace(target / local.name)
-        log.info("run %s continues from %s", run.info.run_id, max(checkpoints))
-        client.set_tag(run.info.run_id, "rlgen.resumed_from", max(checkpoints))
-    return {
-        key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
-        for key in run.data.metrics
-    }
-
-
 def _best_effort(fn: Any) -> None:
     try:
-        with_retries(fn, "tracking call", attempts=3)
+        fn()  # retried already (`Tracker`)
     except Exception as e:
         log.error("tracking call failed for good: %s", e)

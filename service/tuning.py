@@ -11,17 +11,20 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
 
 from service.cluster import embedded
-from service.execution import ProgressFn, Trial, cause_of
 from service.settings import get_settings
 from service.spec import SpecBase
-from service.tracking import TAG_ERROR, client_for
-from service.trial import TrialRequest, run_name, run_trial, trial_label
+from service.tracking import TAG_ERROR
+from service.trial import TrialRequest, run_name, run_trial, tracker_for, trial_label
+
+if TYPE_CHECKING:  # not imported at run time: trial processes unpickle `_trainable` from here,
+    # and `service.execution` brings MLflow with it, which the relay spares them
+    from service.execution import ProgressFn, Trial
 
 
 class TrialFailedError(RuntimeError):
@@ -66,9 +69,10 @@ def _trainable(config: dict[str, Any], request: TrialRequest, metric: str | None
             f"never logged {reporter.metric!r}, the metric sweep.scheduler ranks trials by "
             f"(it logged: {', '.join(sorted(reporter.seen)) or 'nothing'})"
         )
-        client = client_for(request.tracking_uri)
-        client.set_tag(outcome.run_id, TAG_ERROR, reason)
-        client.set_terminated(outcome.run_id, "FAILED")
+        tracker = tracker_for(request)
+        tracker.set_tag(outcome.run_id, TAG_ERROR, reason)
+        tracker.set_terminated(outcome.run_id, "FAILED")
+        tracker.close()
         raise TrialFailedError(reason)
     final: dict[str, Any] = {"run_id": outcome.run_id, "status": outcome.status}
     if reporter is not None and reporter.last is not None:
@@ -153,6 +157,8 @@ def run_tune(
     stop: threading.Event,
 ) -> tuple[dict[str, str], set[str]]:
     """Run the trials as one Tune experiment; returns (errors by label, labels stopped early)."""
+    from service.execution import cause_of
+
     storage = Path(get_settings().workdir).resolve() / "ray_results"
     sweep = spec.sweep
     asha = sweep.scheduler if sweep else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -26,18 +25,16 @@ def experiment_name() -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """Ray starts in ~5 s: start it once and share it across the session."""
+    """Ray starts in ~5 s: start it once and share it across the session. It is the embedded
+    cluster `rlgen run` starts (preloading workers, trials tracked through the driver's relay),
+    with logical GPUs (there are none here): placement of GPU trials is testable."""
     import ray
 
+    from service.cluster import embedded, start_ray
+
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=2,  # logical GPUs (there are none here): placement of GPU trials is testable
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-    )
+    start_ray(num_cpus=2, num_gpus=2)
+    assert embedded()
     yield
     ray.shutdown()
 

@@ -37,10 +37,28 @@ def trial_workers() -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("seeds", ["[0]", "[0, 1]"], ids=["task", "tune"])
+@pytest.mark.parametrize(
+    ("seeds", "relay"),
+    [("[0]", True), ("[0, 1]", True), ("[0]", False)],
+    ids=["task", "tune", "task-without-relay"],
+)
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
-    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path, seeds: str
+    ray_cluster: None,
+    tracking_uri: str,
+    experiment_name: str,
+    in_tmp: Path,
+    seeds: str,
+    relay: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Through the driver's relay (the embedded cluster), and with trials opening MLflow
+    themselves (what they do on other clusters, or when the relay cannot start)."""
+    if not relay:
+
+        def no_relay(uri: str) -> None:
+            raise OSError("AF_UNIX path too long")
+
+        monkeypatch.setattr("service.execution.Relay", no_relay)
     spec = load_spec(
         ROOT / "experiments" / "dqn_cartpole.yaml",
         [
