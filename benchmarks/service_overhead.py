@@ -224,8 +224,11 @@ def sweep(trials: int, timesteps: int, tmp: Path) -> tuple[float, float]:
 
 
 def calibrate(seconds: float) -> int:
-    """Timesteps of a trial that takes about `seconds` in-process here (the issue's ~30 s)."""
+    """Timesteps of a trial that takes about `seconds` in-process here (the issue's ~30 s),
+    timed warm: a first call also pays torch's one-time imports (TorchDynamo, ~1 s), which made
+    the trial ~25% shorter than asked."""
     probe = 20_000
+    in_process(probe // 10)
     return max(probe, round(seconds / in_process(probe) * probe / 5_000) * 5_000)
 
 

@@ -13,6 +13,9 @@ lower priority, so it uses idle cores first), and until it is ready writes stay 
 trial logging a few points a second never starts one. Should the helper die, its unacknowledged
 batch and everything after it are written in-process: nothing is dropped.
 
+Trials that open MLflow themselves use it (`--local`, clusters started with `ray start`); on the
+embedded cluster the driver writes for them (`service.relay`, which shares this framing).
+
 Protocol on stdin/stdout: the helper writes b"R" once ready; then each request is a 4-byte
 big-endian length and a pickled list of MetricPoint tuples, each answered the same way with the
 pickled error text, or None for success.

@@ -3,7 +3,9 @@
 Algorithms never call MLflow: they log through the run context, whose buffered `MetricLogger`
 hands batches to `MlflowWriter`, which writes them with `log_batch` (~0.1 ms a metric against
 SQLite, where `log_metric` costs ~5 ms a call) and retries with backoff when the store is busy or
-unreachable, so that a restart of the tracking server loses nothing.
+unreachable, so that a restart of the tracking server loses nothing. `Tracker` is everything else
+a trial asks of MLflow (its run, params, checkpoints to resume from), in plain data, so that the
+driver can serve it to the embedded cluster's workers (`service.relay`).
 """
 
 from __future__ import annotations
