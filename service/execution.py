@@ -25,7 +25,7 @@ import numpy as np
 import ray
 
 from service import __version__
-from service.cluster import embedded, start_ray
+from service.cluster import start_ray
 from service.relay import Relay
 from service.report import write_parent
 from service.spec import SpecBase, flatten, resolved, spec_hash, to_yaml
@@ -214,7 +214,7 @@ def launch(
             raise
 
     relay = None
-    if mode == "ray" and embedded():
+    if mode == "ray":  # trials on this machine use it (`service.relay`)
         try:
             relay = Relay(uri)
         except OSError as e:  # e.g. TMPDIR too long for a socket's path: trials open MLflow
@@ -227,7 +227,7 @@ def launch(
         launch_id=launch_id,
         parent_run_id=parent_run_id,
         tags=tags,
-        # On the embedded cluster, trials reach MLflow through this process (`service.relay`).
+        # Trials on this machine (all, on the embedded cluster) reach MLflow through this process.
         relay=relay.address if relay else None,
     )
     notify = progress or (lambda *_: None)

@@ -1,4 +1,4 @@
-"""The driver's tracking relay: trials on the embedded cluster reach MLflow through the driver.
+"""The driver's tracking relay: trials on the driver's machine reach MLflow through it.
 
 A worker that imports MLflow (and, on SQLite, its SQLAlchemy store) spends ~1.3 s of CPU before
 its trial can start, on top of torch; the driver has all of it loaded already. On the embedded
@@ -12,8 +12,9 @@ caller's retries and the metric logger's buffer work as with MLflow in-process. 
 in `Tracker.REMOTE` are served. The socket lives in a directory only this user can open, and
 peers are this user's own processes, so frames are pickled (as between the writer and its helper).
 
-Remote clusters do not use it: their workers may be on other machines, and reach the tracking
-server themselves.
+On other clusters `launch` serves it too (a Ray Job's driver, `rlgen run --address auto`, runs on
+the head node): trials on the driver's machine use it, and trials on other nodes, where its
+socket does not exist, open the tracking server themselves.
 """
 
 from __future__ import annotations
@@ -117,15 +118,28 @@ class RelayTracker:
         self._conn: tuple[socket.socket, Any, Any] | None = None  # socket, reader, writer
         self._lock = threading.Lock()  # the metric logger's thread and the trial's share it
 
+    def connect(self) -> None:
+        """Connect now (calls connect on demand); OSError when no relay answers there."""
+        with self._lock:
+            try:
+                self._connect_locked()
+            except OSError:
+                self.close_locked()
+                raise
+
+    def _connect_locked(self) -> tuple[socket.socket, Any, Any]:
+        if self._conn is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._conn = (sock, sock.makefile("rb"), sock.makefile("wb"))
+            sock.connect(self.address)
+        return self._conn
+
     def _call(self, method: str, *args: Any) -> Any:
         with self._lock:
             try:
-                if self._conn is None:
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    self._conn = (sock, sock.makefile("rb"), sock.makefile("wb"))
-                    sock.connect(self.address)
-                send_frame(self._conn[2], (method, args))
-                ok, value = recv_frame(self._conn[1])  # waits with the GIL released
+                conn = self._connect_locked()
+                send_frame(conn[2], (method, args))
+                ok, value = recv_frame(conn[1])  # waits with the GIL released
             except (OSError, EOFError) as e:
                 self.close_locked()
                 raise ConnectionError(f"the driver's tracking relay went away ({e})") from None

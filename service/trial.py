@@ -255,9 +255,15 @@ def remove_abandoned_workdirs(root: Path | None = None) -> int:
 
 
 def tracker_for(request: TrialRequest) -> Tracker | RelayTracker:
-    """MLflow in this process, or the driver's relay on the embedded cluster (`service.relay`)."""
-    if request.relay is not None:
-        return RelayTracker(request.relay)
+    """The driver's relay when this trial runs on the driver's machine (`service.relay`: always
+    on the embedded cluster), else MLflow in this process."""
+    if request.relay is not None and os.path.exists(request.relay):
+        relay = RelayTracker(request.relay)
+        try:
+            relay.connect()
+            return relay
+        except OSError as e:  # e.g. a /tmp shared between machines: the socket is another's
+            log.warning("the driver's tracking relay does not answer (%s); opening MLflow", e)
     return Tracker(client_for(request.tracking_uri))
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from service.relay import Relay, RelayError, RelayTracker
 from service.spec import load_spec, resolved
-from service.tracking import TAG_LAUNCH, TAG_TRIAL, ensure_experiment
+from service.tracking import TAG_LAUNCH, TAG_TRIAL, Tracker, ensure_experiment
+from service.trial import TrialRequest, tracker_for
 
 from .conftest import ROOT
 
@@ -125,3 +127,19 @@ def test_a_trial_through_the_relay_never_imports_mlflow(
     assert run.info.status == "FINISHED" and run.data.params["seed"] == "3"
     assert run.data.metrics["eval/return_mean"] > 0.5  # value iteration solves the lake
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"spec.yaml", "figures"}
+
+
+def test_trials_use_the_relay_only_where_it_answers(tracking_uri: str, tmp_path: Path) -> None:
+    """On another node the relay's socket does not exist; on a /tmp shared between machines it
+    exists but nothing here answers: both trials open MLflow themselves."""
+    request = TrialRequest(
+        spec={}, seed=0, tracking_uri=tracking_uri, experiment_id="0", launch_id="x"
+    )
+    stale = tmp_path / "socket"
+    stale.write_text("")
+    with Relay(tracking_uri) as relay:
+        tracker = tracker_for(replace(request, relay=relay.address))
+        assert isinstance(tracker, RelayTracker)
+        tracker.close()
+    for address in (None, relay.address, str(stale)):  # none, gone (another node), stale
+        assert isinstance(tracker_for(replace(request, relay=address)), Tracker), address
