@@ -268,8 +268,7 @@ def run(
 
     if not local:  # before the progress table: an unrunnable spec gets its error alone
         try:
-            where = "<stdin>" if spec_path == STDIN else str(spec_path or "spec")
-            check_resources(spec, address, where)
+            check_resources(spec, address)
         except SpecError as e:
             raise _invalid(str(e)) from None
     table = ProgressTable([t.label for t in expand(spec)], f"{spec.name}: {spec.algorithm}")

@@ -345,9 +345,9 @@ def _run_local(
 
 
 # -- Ray ------------------------------------------------------------------------------------------
-def check_resources(spec: SpecBase, address: str | None, where: str = "resources") -> None:
+def check_resources(spec: SpecBase, address: str | None) -> None:
     """Raise SpecError when no trial could ever run: it asks for more than the embedded cluster
-    has (another cluster may grow; its trials wait)."""
+    has (another cluster may grow; its trials wait). The error names the field's line."""
     from service.spec import Problem, SpecError
 
     res = spec.resources
@@ -358,7 +358,7 @@ def check_resources(spec: SpecBase, address: str | None, where: str = "resources
             raise SpecError(
                 [
                     Problem(
-                        where,
+                        spec.where("resources", f"num_{name.lower()}s"),
                         f"resources.num_{name.lower()}s",
                         f"a trial asks for {amount:g} {name}s but the embedded Ray "
                         f"cluster has {available.get(name, 0.0):g}",

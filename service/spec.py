@@ -31,6 +31,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     create_model,
@@ -219,6 +220,14 @@ class SpecBase(BaseModel):
         if not name.strip():  # an experiment nobody could find by name in the MLflow UI
             raise ValueError("must not be blank")
         return name
+
+    # Where each field came from (set by `validate`), for errors found after validation.
+    _source: Source | None = PrivateAttr(None)
+
+    def where(self, *loc: str) -> str:
+        """`spec.yaml:7` for `where("resources", "num_cpus")`: the line of that field, else of
+        the nearest enclosing one, else the file; "spec" for a spec built in code."""
+        return self._source.where(loc) if self._source is not None else "spec"
 
     @field_validator("seeds")
     @classmethod
@@ -552,6 +561,7 @@ def validate(source: Source) -> SpecBase:
     check_sweep(spec, source)
     check_metrics(spec, source)
     check_world(spec, source)
+    spec._source = source
     return spec
 
 

@@ -211,6 +211,24 @@ def test_invalid_input_exits_2_and_creates_nothing(
     assert not db.exists()  # no store, so certainly no run
 
 
+def test_more_resources_than_the_embedded_cluster_has_names_the_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_cluster: None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "big.yaml"
+    spec.write_text(
+        "name: big\nalgorithm: value_iteration\nenv: {id: FrozenLake-v1}\n"
+        "resources:\n  num_cpus: 1\n  num_gpus: 64\n"
+    )
+    code, _, err = rlgen("run", str(spec), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}")
+    assert code == 2, err
+    assert f"error: {spec}:6: resources.num_gpus: a trial asks for 64 GPUs" in err, err
+    code, _, err = rlgen("run", str(spec), "--set", "resources.num_cpus=64")
+    assert code == 2, err
+    assert "error: --set resources.num_cpus=64: resources.num_cpus: a trial asks for 64" in err
+    assert list(tmp_path.iterdir()) == [spec]
+
+
 def _free_port() -> int:
     import socket
 

@@ -3,6 +3,7 @@ could not write and loses nothing (marked `e2e`: it starts the server twice, ~15
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 import sys
@@ -13,8 +14,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from service import tracking
 from service.context import MetricLogger
 from service.metric_writer import ProcessWriter
+from service.relay import Relay, RelayTracker
+from service.tracking import RunWriter
 
 from .test_e2e import free_port, wait_for
 
@@ -107,3 +111,40 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
     assert any(start < up and (raised or end > up) for start, end, raised in calls), calls
     steps = [m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "losses/x")]
     assert sorted(steps) == list(range(400))  # nothing lost, nothing twice
+
+
+def test_metrics_relayed_by_the_driver_survive_an_outage(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded cluster's path: a trial's logger writes through the driver's relay, whose
+    retries give up while the server stays down; the logger keeps the batch and the relay
+    stays usable, so everything arrives once the server is back."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # The relay's own retries, shortened: they give up within the outage (0.2 s + 0.4 s).
+    retries = functools.partial(tracking.with_retries, attempts=3, first_wait_s=0.2)
+    monkeypatch.setattr(tracking, "with_retries", retries)
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.create_experiment("relayed-outage")).info.run_id
+    with Relay(server.uri) as relay:
+        tracker = RelayTracker(relay.address)
+        logger = MetricLogger(RunWriter(tracker, run_id), max_buffer=50, flush_interval_s=0.2)
+        for step in range(100):
+            logger.log({"losses/x": step}, step=step)
+        logger.flush()
+
+        server.kill()
+        down = time.monotonic()
+        for step in range(100, 300):
+            logger.log({"losses/x": step}, step=step)
+            time.sleep(0.005)
+        assert time.monotonic() - down < 5, "logging blocked while the server was down"
+        # The relay's retries run out while the server is down: the logger keeps the batch.
+        deadline = time.monotonic() + 60
+        while logger.last_error is None:
+            assert time.monotonic() < deadline, "no write failed while the server was down"
+            time.sleep(0.2)
+        server.start()
+        logger.close()
+        tracker.close()
+    steps = [m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "losses/x")]
+    assert sorted(steps) == list(range(300))  # nothing lost, nothing twice
