@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -156,10 +157,15 @@ class ProgressTable:
     """A live table of trials on stderr (final state only when stderr is not a terminal).
 
     Rows are trial labels (`s0`, or `s0 learning_rate=0.001` in a sweep), added as they appear.
+    The result column shows the first of `metrics` (the experiment's own: its scheduler's metric,
+    its `report` list) a trial logged, else its headline metric, so that rows compare.
     """
 
-    def __init__(self, labels: list[str], title: str):
+    def __init__(self, labels: list[str], title: str, metrics: Sequence[str] = ()):
+        from service.report import HEADLINE
+
         self.title = title
+        self.metrics = tuple(dict.fromkeys([*metrics, *HEADLINE]))
         self.rows: dict[str, dict[str, Any]] = {}
         for label in labels:
             self._row(label)
@@ -179,10 +185,8 @@ class ProgressTable:
     def update(
         self, label: str, status: str, run_id: str | None, metrics: dict[str, float] | None = None
     ) -> None:
-        from service.report import HEADLINE
-
         row = self._row(label)
-        key = next((k for k in HEADLINE if k in (metrics or {})), None)
+        key = next((k for k in self.metrics if k in (metrics or {})), None)
         if key is not None and metrics is not None:
             row["result"] = f"{key} = {metrics[key]:.4g}"
         now = time.monotonic()
@@ -271,7 +275,12 @@ def run(
             check_resources(spec, address)
         except SpecError as e:
             raise _invalid(str(e)) from None
-    table = ProgressTable([t.label for t in expand(spec)], f"{spec.name}: {spec.algorithm}")
+    scheduler = spec.sweep.scheduler if spec.sweep is not None else None
+    table = ProgressTable(
+        [t.label for t in expand(spec)],
+        f"{spec.name}: {spec.algorithm}",
+        [*([scheduler.metric] if scheduler else []), *spec.report],
+    )
     try:
         with table.live:
             report = launch(

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from service import registry
-from service.cli import app
+from service.cli import ProgressTable, app
 
 from .conftest import ROOT
 
@@ -607,3 +607,15 @@ def test_evaluate_refuses_what_it_cannot_evaluate(
     stderr = stderr.replace("\n", "")
     assert code == 2 and "is the parent of several trials" in stderr
     assert all(f"{t['run_id']} ({t['trial']})" in stderr for t in sweep["trials"])
+
+
+def test_the_progress_table_shows_the_experiments_own_metric_first() -> None:
+    table = ProgressTable(["s0", "s1"], "sweep: vae", ["eval/neg_elbo"])
+    # A trial that reached its end logged the headline eval/fid too; one stopped early did not.
+    table.update("s0", "FINISHED", "r0", {"eval/fid": 190.0, "eval/neg_elbo": 36.5})
+    table.update("s1", "KILLED", "r1", {"losses/loss": 50.0, "eval/fid": 210.0})
+    assert table.rows["s0"]["result"] == "eval/neg_elbo = 36.5"
+    assert table.rows["s1"]["result"] == "eval/fid = 210"  # the headline, when it lacks it
+    plain = ProgressTable(["s0"], "dqn")
+    plain.update("s0", "FINISHED", "r0", {"eval/return_mean": 500.0, "eval/x": 1.0})
+    assert plain.rows["s0"]["result"] == "eval/return_mean = 500"
