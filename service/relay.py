@@ -39,9 +39,15 @@ class Relay:
         self.tracker = Tracker(client_for(tracking_uri))
         self._dir = tempfile.mkdtemp(prefix="rlgen.relay-")  # mode 0700: this user only
         self.address = os.path.join(self._dir, "socket")
-        # One call at a time: SQLite takes one writer anyway, and MLflow's store is then never
-        # entered by two threads at once.
-        lock = threading.Lock()
+        # One call at a time into a database store: SQLite takes one writer anyway, and MLflow's
+        # SQLAlchemy store is then never entered by two threads at once. A tracking server takes
+        # concurrent requests: there one trial's call, retrying through an outage, does not hold
+        # up the other trials' calls.
+        lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext()
+            if tracking_uri.startswith(("http://", "https://"))
+            else threading.Lock()
+        )
         tracker = self.tracker
         self._connections: set[socket.socket] = set()
         connections = self._connections

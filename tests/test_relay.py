@@ -90,6 +90,37 @@ def test_the_relay_answers_errors_and_serves_only_the_trackers_methods(
         tracker.set_tag("0" * 32, "k", "v")
 
 
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:9", "sqlite"])
+def test_a_call_waiting_on_a_tracking_server_holds_up_no_other_trial(
+    uri: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One trial's call is stuck (a server retried through an outage): on a tracking server the
+    other trials' calls go on; into a SQLite store they wait their turn (one writer)."""
+    stuck, release = threading.Event(), threading.Event()
+
+    def set_tag(self: Tracker, run_id: str, key: str, value: str) -> None:
+        if run_id == "stuck":
+            stuck.set()
+            release.wait(timeout=30)
+
+    monkeypatch.setattr(Tracker, "set_tag", set_tag)
+    with Relay(tracking_uri if uri == "sqlite" else uri) as relay:
+        first, second = RelayTracker(relay.address), RelayTracker(relay.address)
+        waiting = threading.Thread(target=first.set_tag, args=("stuck", "k", "v"))
+        waiting.start()
+        assert stuck.wait(timeout=10)
+        other = threading.Thread(target=second.set_tag, args=("other", "k", "v"))
+        other.start()
+        other.join(timeout=2)
+        assert other.is_alive() == (uri == "sqlite")
+        release.set()
+        for thread in (waiting, other):
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+        first.close()
+        second.close()
+
+
 TRIAL = r"""
 import json, sys
 from service.trial import TrialRequest, run_trial
