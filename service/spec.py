@@ -229,6 +229,12 @@ class SpecBase(BaseModel):
         the nearest enclosing one, else the file; "spec" for a spec built in code."""
         return self._source.where(loc) if self._source is not None else "spec"
 
+    def __eq__(self, other: object) -> bool:
+        """Equal fields, equal specs: where they were read from is not part of the spec."""
+        if not isinstance(other, SpecBase):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, seeds: list[int]) -> list[int]:
