@@ -63,6 +63,20 @@ def server(tmp_path: Path) -> Iterator[Server]:
             s.kill()
 
 
+def log_while_down(logger: MetricLogger, server: Server, steps: range) -> None:
+    """Stop the server and log `steps`: logging never waits for it."""
+    server.kill()
+    down = time.monotonic()
+    for step in steps:
+        logger.log({"losses/x": step}, step=step)
+        time.sleep(0.005)
+    assert time.monotonic() - down < 5, "logging blocked while the server was down"
+
+
+def logged_steps(server: Server, run_id: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "losses/x"))
+
+
 def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -96,12 +110,7 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
 
     writer.write_metrics = recorded  # type: ignore[method-assign]
 
-    server.kill()
-    down = time.monotonic()
-    for step in range(200, 400):
-        logger.log({"losses/x": step}, step=step)
-        time.sleep(0.005)
-    assert time.monotonic() - down < 5, "logging blocked while the server was down"
+    log_while_down(logger, server, range(200, 400))
     time.sleep(2)  # the background thread's write is retrying with backoff by now
     server.start()
     up = time.monotonic()
@@ -109,8 +118,7 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
     writer.close()
     # Some write was under way while the server was down, and failed or waited it out.
     assert any(start < up and (raised or end > up) for start, end, raised in calls), calls
-    steps = [m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "losses/x")]
-    assert sorted(steps) == list(range(400))  # nothing lost, nothing twice
+    assert logged_steps(server, run_id) == list(range(400))  # nothing lost, nothing twice
 
 
 def test_metrics_relayed_by_the_driver_survive_an_outage(
@@ -132,12 +140,7 @@ def test_metrics_relayed_by_the_driver_survive_an_outage(
             logger.log({"losses/x": step}, step=step)
         logger.flush()
 
-        server.kill()
-        down = time.monotonic()
-        for step in range(100, 300):
-            logger.log({"losses/x": step}, step=step)
-            time.sleep(0.005)
-        assert time.monotonic() - down < 5, "logging blocked while the server was down"
+        log_while_down(logger, server, range(100, 300))
         # The relay's retries run out while the server is down: the logger keeps the batch.
         deadline = time.monotonic() + 60
         while logger.last_error is None:
@@ -146,5 +149,4 @@ def test_metrics_relayed_by_the_driver_survive_an_outage(
         server.start()
         logger.close()
         tracker.close()
-    steps = [m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "losses/x")]
-    assert sorted(steps) == list(range(300))  # nothing lost, nothing twice
+    assert logged_steps(server, run_id) == list(range(300))  # nothing lost, nothing twice
