@@ -124,7 +124,7 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
         # Refuse oversized bodies by their declared length before reading them; a body without
-        # one (chunked) is read and measured in the route.
+        # one (chunked) is measured while the route reads it.
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
             return JSONResponse({"detail": "request body too large"}, status_code=413)
@@ -144,9 +144,14 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
 
     @app.post("/experiments", status_code=202, dependencies=[Depends(authorized)])
     async def submit(request: Request) -> dict[str, Any]:
-        body = await request.body()
-        if len(body) > config.max_body_bytes:
-            raise HTTPException(413, "request body too large")
+        # Read at most the limit: a chunked body declares no length, and may never end.
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise HTTPException(413, "request body too large")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         exp_id = uuid.uuid4().hex[:12]
         try:
             if request.headers.get("content-type", "").startswith("application/json"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,36 @@ def test_oversized_bodies_get_413_and_change_nothing(api: Any) -> None:
     client, jobs, _ = api
     response = client.post("/experiments", content="#" * 30_000, headers=AUTH)
     assert response.status_code == 413
+    assert not jobs.submitted and client.get("/experiments", headers=AUTH).json() == []
+
+
+def test_a_chunked_body_is_read_only_up_to_the_limit(api: Any) -> None:
+    """No declared length (chunked): the route stops reading once past the limit instead of
+    buffering a body that may never end. Driven through ASGI directly, because the test client
+    reads a streamed body whole before the app sees it."""
+    client, jobs, _ = api
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": b"#" * 4096, "more_body": True}  # never ends
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/experiments", "raw_path": b"/experiments", "query_string": b"",
+        "root_path": "", "server": ("testserver", 80), "client": ("testclient", 1),
+        "headers": [(b"authorization", AUTH["Authorization"].encode()),
+                    (b"transfer-encoding", b"chunked"), (b"content-type", b"application/yaml")],
+    }  # fmt: skip
+    asyncio.run(asyncio.wait_for(client.app(scope, receive, send), timeout=10))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert received <= 20_000 // 4096 + 2  # the limit is 20 kB
     assert not jobs.submitted and client.get("/experiments", headers=AUTH).json() == []
 
 
