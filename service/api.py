@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.jobs import JobInfo, JobsError
-from service.spec import MAX_SPEC_BYTES, SpecError, dump_yaml, load_spec_text
+from service.spec import MAX_SPEC_BYTES, SpecError, dump_yaml, load_spec_text, parse_yaml
 from service.tracking import check_store, client_for
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,32 @@ class Table:
         return [dict(r) for r in rows]
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if dupes := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ValueError(f"duplicate key {dupes[0]!r}")
+    return dict(pairs)
+
+
+def _json_as_yaml(body: bytes) -> bytes:
+    """A JSON body as the YAML the spec loader reads, so that its errors name the body's own
+    lines: JSON is YAML but for tabs (in valid JSON only whitespace between tokens, which PyYAML
+    refuses) and escapes PyYAML reads otherwise (surrogate pairs); a body it would read
+    differently is re-written as YAML instead (its lines are then those of the rewrite)."""
+    try:
+        data = json.loads(body, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # also: nested too deeply for either
+        why = str(e) or "nested too deeply"
+        raise HTTPException(422, {"errors": [f"body: invalid JSON: {why}"]}) from None
+    text = body.replace(b"\t", b" ")
+    try:
+        if parse_yaml(text, "body").data == data:
+            return text
+    except SpecError:
+        pass
+    return dump_yaml(data).encode() if isinstance(data, dict) else body
+
+
 def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
     # The schema and docs routes are ours, behind the token like everything but /healthz.
     app = FastAPI(
@@ -155,12 +181,7 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
         exp_id = uuid.uuid4().hex[:12]
         try:
             if request.headers.get("content-type", "").startswith("application/json"):
-                try:
-                    data = json.loads(body)
-                    body = dump_yaml(data).encode() if isinstance(data, dict) else body
-                except (ValueError, RecursionError) as e:  # also: nested too deeply for either
-                    why = str(e) or "nested too deeply"
-                    raise HTTPException(422, {"errors": [f"body: invalid JSON: {why}"]}) from None
+                body = _json_as_yaml(body)
             spec = load_spec_text(body, "body")
         except SpecError as e:
             raise HTTPException(422, {"errors": [str(p) for p in e.problems]}) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +147,32 @@ def test_invalid_specs_get_422_with_the_cli_messages(api: Any, body: str, fragme
     assert client.get("/experiments", headers=AUTH).json() == []
 
 
+@pytest.mark.parametrize("indent", [2, "\t"])
+def test_json_errors_name_the_bodys_own_lines(api: Any, indent: int | str) -> None:
+    import yaml
+
+    client, jobs, _ = api
+    data = yaml.safe_load(SPEC)
+    data["params"]["gamma"] = 2.0
+    text = json.dumps(data, indent=indent)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if '"gamma"' in t)
+    assert line > 1
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = client.post("/experiments", content=text, headers=headers)
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]["errors"]
+    assert any(e.startswith(f"body:{line}: params.gamma: Input should be less") for e in errors)
+    assert not jobs.submitted
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
-    [("{bad", "invalid JSON"), ("[" * 5000 + "]" * 5000, "invalid JSON"), ("[1]", "not a list")],
+    [
+        ("{bad", "invalid JSON"),
+        ("[" * 5000 + "]" * 5000, "invalid JSON"),
+        ("[1]", "not a list"),
+        ('{"name": "a", "algorithm": "q_learning", "name": "b"}', "duplicate key 'name'"),
+    ],
 )
 def test_invalid_json_bodies_get_422(api: Any, body: str, fragment: str) -> None:
     client, jobs, _ = api
