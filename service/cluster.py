@@ -56,7 +56,7 @@ def start_ray(
         if preload_workers is None:
             os.environ.pop(PRELOAD_DIR_ENV, None)
         else:
-            directory = tempfile.mkdtemp(prefix="rlgen.preload-")
+            directory = private_dir("rlgen.preload-")
             atexit.register(shutil.rmtree, directory, ignore_errors=True)
             os.environ[PRELOAD_DIR_ENV] = directory
             if preload_workers != "later":
@@ -82,6 +82,34 @@ def start_ray(
     _embedded_gcs = ray.get_runtime_context().gcs_address if target == "local" else None
     # Tune looks for the result files of the loggers we disabled; MLflow has the results.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
+def private_dir(prefix: str) -> str:
+    """A new directory only this user can open (`tempfile.mkdtemp`), named `{prefix}{pid}-...`;
+    first removes this user's `prefix` directories whose process is gone (killed by SIGKILL,
+    say, before it could remove its own)."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid, dash, _ = name.removeprefix(prefix).partition("-")
+        path = os.path.join(root, name)
+        if not (name.startswith(prefix) and dash and pid.isdigit()) or _alive(int(pid)):
+            continue
+        try:
+            if os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # gone meanwhile
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def set_preload_workers(count: int) -> None:

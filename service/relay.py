@@ -24,10 +24,10 @@ import os
 import shutil
 import socket
 import socketserver
-import tempfile
 import threading
 from typing import Any
 
+from service.cluster import private_dir
 from service.metric_writer import recv_frame, send_frame
 from service.tracking import Tracker, client_for
 
@@ -37,7 +37,7 @@ class Relay:
 
     def __init__(self, tracking_uri: str):
         self.tracker = Tracker(client_for(tracking_uri))
-        self._dir = tempfile.mkdtemp(prefix="rlgen.relay-")  # mode 0700: this user only
+        self._dir = private_dir("rlgen.relay-")  # mode 0700: this user only
         self.address = os.path.join(self._dir, "socket")
         # One call at a time into a database store: SQLite takes one writer anyway, and MLflow's
         # SQLAlchemy store is then never entered by two threads at once. A tracking server takes

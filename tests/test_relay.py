@@ -4,6 +4,7 @@ driver (`service.relay`), so that their processes never import MLflow."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -174,3 +175,27 @@ def test_trials_use_the_relay_only_where_it_answers(tracking_uri: str, tmp_path:
         tracker.close()
     for address in (None, relay.address, str(stale)):  # none, gone (another node), stale
         assert isinstance(tracker_for(replace(request, relay=address)), Tracker), address
+
+
+def test_a_killed_drivers_directory_is_removed_by_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver killed by SIGKILL cannot remove its relay socket's directory; the next driver
+    removes it, and keeps those of drivers still running."""
+    import tempfile
+
+    from service.cluster import private_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is free now (reuse within the test is astronomically unlikely)
+    dead = tmp_path / f"rlgen.relay-{gone.pid}-abc"
+    live = tmp_path / f"rlgen.relay-{os.getppid()}-def"
+    other = tmp_path / f"rlgen.relay-{gone.pid}"  # not one of ours: no "-" after the pid
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "socket").touch()
+    new = Path(private_dir("rlgen.relay-"))
+    assert not dead.exists() and live.exists() and other.exists()
+    assert new.parent == tmp_path and new.name.startswith(f"rlgen.relay-{os.getpid()}-")
+    assert new.stat().st_mode & 0o777 == 0o700
