@@ -15,11 +15,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -56,7 +58,7 @@ SetOpt = Annotated[
 
 
 def _invalid(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(EXIT_INVALID)
 
 
@@ -83,7 +85,12 @@ def _load(
         return load_spec(spec_path, overrides)
     except SpecError as e:
         for problem in e.problems:
-            err.print(f"[red]error:[/red] {problem}", markup=True, highlight=False, soft_wrap=True)
+            err.print(
+                f"[red]error:[/red] {escape(str(problem))}",
+                markup=True,
+                highlight=False,
+                soft_wrap=True,
+            )
         raise typer.Exit(EXIT_INVALID) from None
 
 
@@ -207,11 +214,11 @@ class ProgressTable:
                 "" if row["t0"] is None else f"{(row['t1'] or time.monotonic()) - row['t0']:.1f}s"
             )
             table.add_row(
-                label,
+                escape(label),
                 f"[{STYLE.get(row['status'], '')}]{row['status']}",
                 row["run_id"],
                 elapsed,
-                row["result"],
+                escape(row["result"]),
             )
         return table
 
@@ -304,8 +311,8 @@ def run(
         if trial.error:
             style = "yellow" if trial.stopped_early else "red"
             err.print(
-                f"[{style}]{trial.label or f's{trial.seed}'} {trial.status}[/{style}]: "
-                f"{trial.error}",
+                f"[{style}]{escape(trial.label or f's{trial.seed}')} {trial.status}[/{style}]: "
+                f"{escape(trial.error)}",
                 markup=True,
                 highlight=False,
             )
@@ -405,7 +412,7 @@ def submit(
     jobs = _jobs(address)  # an unreachable cluster is the error to report, before any warning
     if uri.startswith("sqlite:"):
         err.print(
-            f"[yellow]warning:[/yellow] {uri} is a file on the cluster's head node; "
+            f"[yellow]warning:[/yellow] {escape(uri)} is a file on the cluster's head node; "
             "pass --tracking-uri http://MLFLOW:5000 to log to a tracking server",
             markup=True,
             highlight=False,
@@ -413,7 +420,7 @@ def submit(
     try:
         job_id = jobs.submit(spec, uri)
     except JobsError as e:
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
     sys.stdout.write(job_id + "\n")
 
@@ -439,7 +446,7 @@ def status(
     for col in ("id", "status", "name", "algorithm", "message"):
         table.add_column(col, overflow="fold")
     for i in infos:
-        table.add_row(i.id, i.status, i.name, i.algorithm, i.message)
+        table.add_row(*(escape(str(v)) for v in (i.id, i.status, i.name, i.algorithm, i.message)))
     Console().print(table)
 
 
@@ -570,12 +577,29 @@ def algorithms(
         for col in ("param", "type", "default", "description"):
             table.add_column(col, overflow="fold")
         for field_name, info in entry["params"].items():
-            table.add_row(field_name, info["type"], repr(info["default"]), info["description"])
+            table.add_row(
+                *(
+                    escape(v)
+                    for v in (field_name, info["type"], repr(info["default"]), info["description"])
+                )
+            )
         out.print(table)
 
 
 def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    """`list[int]`, `float | None`, `'mlp' | 'conv'`: what a spec may write (constraints such as
+    gt=0 are in the description and the schema)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', origin)}[{inner}]"
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 @app.command()
@@ -593,7 +617,8 @@ def ui(
     args += ["--host", host, "--port", str(port)]
     # MLflow 3's UI starts in its GenAI mode; this link opens the runs tables.
     err.print(
-        f"MLflow UI on http://{host}:{port}/#/experiments?workflowType=machine_learning ({uri})"
+        f"MLflow UI on http://{escape(host)}:{port}/#/experiments?workflowType=machine_learning "
+        f"({escape(uri)})"
     )
     os.execvp(args[0], args)
 

@@ -373,10 +373,18 @@ def test_schema_validate_and_algorithms_commands(tmp_path: Path) -> None:
     listing = json.loads(out)
     assert listing["value_iteration"]["params"]["gamma"]["default"] == 0.99
     assert "Discount" in listing["value_iteration"]["params"]["gamma"]["description"]
+    assert listing["dqn"]["params"]["hidden_sizes"]["type"] == "list[int]"
+    assert listing["dqn"]["params"]["loss"]["type"] == "'huber' | 'mse'"
     code, out, _ = rlgen("algorithms")
-    assert code == 0 and "policy_iteration" in out
+    assert code == 0 and "policy_iteration" in out and "list[int]" in out
     code, out, _ = rlgen("validate", FROZEN, "--set", "params.gamma=0.5")
     assert code == 0 and "gamma: 0.5" in out and "max_iterations: 100000" in out
+
+
+def test_brackets_in_messages_are_printed_as_written() -> None:
+    """Rich reads `[word]` as markup: a value in brackets must not vanish from an error."""
+    code, _, err = rlgen("validate", FROZEN, "--set", "report=[nope/metric]")
+    assert code == 2 and "--set report=[nope/metric]: report[0]:" in err, err
 
 
 # -- the real command, in its own process ---------------------------------------------------------
