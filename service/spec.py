@@ -563,12 +563,45 @@ def validate(source: Source) -> SpecBase:
         spec = model.model_validate(data)
     except ValidationError as e:
         raise SpecError(_problems(e, source, model)) from None
+    check_booleans(spec, source)
     check_data(spec, source)
     check_sweep(spec, source)
     check_metrics(spec, source)
     check_world(spec, source)
     spec._source = source
     return spec
+
+
+def _booleans_read_as_numbers(raw: Any, value: Any, loc: Loc = ()) -> list[Loc]:
+    """Where the document `raw` has `true`/`false` and its validated `value` a number: pydantic
+    reads booleans as 1 and 0, so a slip such as `total_timesteps: yes` would train one step."""
+    if isinstance(raw, bool):
+        return [loc] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+    found: list[Loc] = []
+    if isinstance(raw, dict):
+        for key, item in raw.items():
+            if isinstance(value, BaseModel):
+                found += _booleans_read_as_numbers(
+                    item, getattr(value, str(key), None), (*loc, key)
+                )
+            elif isinstance(value, dict):
+                found += _booleans_read_as_numbers(item, value.get(key), (*loc, key))
+    elif isinstance(raw, list) and isinstance(value, (list, tuple)):
+        for i, (item, got) in enumerate(zip(raw, value, strict=False)):
+            found += _booleans_read_as_numbers(item, got, (*loc, i))
+    return found
+
+
+NOT_A_BOOLEAN = "expected a number, not a boolean"
+
+
+def check_booleans(spec: SpecBase, source: Source) -> None:
+    problems = [
+        Problem(source.where(loc), _dotted(loc), NOT_A_BOOLEAN)
+        for loc in _booleans_read_as_numbers(source.data, spec)
+    ]
+    if problems:
+        raise SpecError(problems)
 
 
 def check_data(spec: SpecBase, source: Source) -> None:
@@ -661,7 +694,10 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
                     Problem(source.where((*loc, dist.kind)), _dotted(loc), f"{value!r}: {msg}")
                 )
                 break
-            if check_data is not None and (reason := check_data(config, dataset)) is not None:
+            reason = NOT_A_BOOLEAN if _booleans_read_as_numbers(trial, config) else None
+            if reason is None and check_data is not None:
+                reason = check_data(config, dataset)
+            if reason is not None:
                 problems.append(
                     Problem(source.where((*loc, dist.kind)), _dotted(loc), f"{value!r}: {reason}")
                 )

@@ -162,6 +162,18 @@ BAD = {
         "spec.yaml:1: YAML error: could not determine a constructor",
     ),
     "duplicate key": (GOOD + "name: u\n", ":9: name: duplicate key"),
+    "a boolean for a number": (
+        GOOD.replace("gamma: 0.9", "max_iterations: yes"),
+        ":7: params.max_iterations: expected a number, not a boolean",
+    ),
+    "a boolean for a seed": (
+        GOOD.replace("[0, 1]", "[0, true]"),
+        ":8: seeds[1]: expected a number",
+    ),
+    "a boolean in a list of numbers": (
+        on_env("CartPole-v1", "dqn", "hidden_sizes: [64, true]"),
+        ":7: params.hidden_sizes[1]: expected a number, not a boolean",
+    ),
     "not utf-8": (
         b"name: caf\xe9\nalgorithm: value_iteration\n",
         "spec.yaml:1: file is not valid UTF-8",
@@ -385,4 +397,7 @@ def test_a_bare_list_in_a_sweep_is_a_grid(tmp_path: Path) -> None:
     assert bare == explicit and len(expand(bare)) == 4  # 2 values x 2 seeds
     assert "spec.yaml:11: sweep.params.gamma: 1.5: Input should be less than 1" in problems(
         tmp_path, base % "[0.9, 1.5]"
+    )
+    assert "spec.yaml:11: sweep.params.gamma: False: expected a number, not a boolean" in problems(
+        tmp_path, base % "[0.9, false]"
     )
