@@ -191,7 +191,11 @@ class SpecBase(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, description="MLflow experiment name.")
     algorithm: str = Field(description="Algorithm: one of `rlgen algorithms`.")
-    description: str = Field("", description="Free text, logged as the run description.")
+    # MLflow keeps tag values (the description is one) in a column of 8,000 characters: a
+    # tracking server on Postgres or MySQL refuses longer ones when the run is created.
+    description: str = Field(
+        "", max_length=8000, description="Free text, logged as the run description."
+    )
     seeds: list[int] = Field(
         default_factory=lambda: [0], min_length=1, description="One trial per seed."
     )
@@ -247,9 +251,11 @@ class SpecBase(BaseModel):
     @field_validator("tags")
     @classmethod
     def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
-        for key in tags:
+        for key, value in tags.items():
             if why := _bad_tag_key(key):
                 raise ValueError(f"tag {key[:60]!r}: {why}")
+            if len(value) > 8000:
+                raise ValueError(f"tag {key[:60]!r}: a value of at most 8000 characters")
         return tags
 
 

@@ -137,6 +137,14 @@ BAD = {
     ),
     "a tag MLflow refuses": (GOOD + "tags: {'a,b': x}\n", ":9: tags: tag 'a,b': MLflow names"),
     "a tag MLflow sets": (GOOD + "tags: {mlflow.runName: x}\n", ":9: tags: tag 'mlflow.runName'"),
+    "a tag value MLflow cannot store": (
+        GOOD + f"tags: {{a: {'x' * 8001}}}\n",
+        ":9: tags: tag 'a': a value of at most 8000 characters",
+    ),
+    "a description MLflow cannot store": (
+        GOOD + f"description: {'x' * 8001}\n",
+        ":9: description: String should have at most 8000 characters",
+    ),
     "a window on a headless worker": (
         GOOD.replace("{is_slippery: true}", "{is_slippery: true, render_mode: human}"),
         ":5: env.kwargs.render_mode: 'human' opens a window",
