@@ -70,7 +70,7 @@ def _trainable(config: dict[str, Any], request: TrialRequest, metric: str | None
             f"(it logged: {', '.join(sorted(reporter.seen)) or 'nothing'})"
         )
         tracker = tracker_for(request)
-        tracker.set_tag(outcome.run_id, TAG_ERROR, reason)
+        tracker.set_tag(outcome.run_id, TAG_ERROR, reason[:5000])  # MLflow keeps 8000
         tracker.set_terminated(outcome.run_id, "FAILED")
         tracker.close()
         raise TrialFailedError(reason)
