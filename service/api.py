@@ -35,7 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.jobs import JobInfo, JobsError
 from service.spec import MAX_SPEC_BYTES, SpecError, dump_yaml, load_spec_text, parse_yaml
-from service.tracking import check_store, client_for
+from service.tracking import SEARCH_MAX, check_store, client_for
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,9 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
                 "url": f"{ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}",
             }
             for run in client.search_runs(
-                [experiment.experiment_id], filter_string=f"tags.`{TAG_API_ID}` = '{row['id']}'"
+                [experiment.experiment_id],
+                filter_string=f"tags.`{TAG_API_ID}` = '{row['id']}'",
+                max_results=SEARCH_MAX,  # MLflow's default, 1,000, would cut a large sweep short
             )
         ]
 

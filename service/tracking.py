@@ -41,6 +41,9 @@ TAG_STOPPED_EARLY = "rlgen.stopped_early"  # set on trials a scheduler stopped
 TAG_RESTARTS = "rlgen.restarts"  # times a trial's worker died and Tune restarted it
 TAG_WORKER = "rlgen.worker"  # host:pid of the process running the trial (a restart updates it)
 TAG_ERROR = "rlgen.error"
+# The most runs one MLflow search returns (its own limit): a launch has at most
+# `spec.MAX_TRIALS` trials and a parent, so one page holds them all.
+SEARCH_MAX = 50_000
 TAG_PARENT = "mlflow.parentRunId"
 ACTIVE = ("RUNNING", "SCHEDULED")
 # MLflow 3's UI opens an experiment on its GenAI overview unless told it holds training runs.
@@ -234,7 +237,7 @@ class Tracker:
             lambda: self.client.search_runs(
                 [experiment_id],
                 filter_string=f"tags.`{TAG_LAUNCH}` = '{launch_id}'",
-                max_results=10_000,
+                max_results=SEARCH_MAX,
             ),
             "search runs",
         )
@@ -353,7 +356,9 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
 def runs_of_launch(client: MlflowClient, experiment_id: str, launch_id: str) -> list[Run]:
     """Trial runs of one launch (the parent excluded), in seed order."""
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_LAUNCH}` = '{launch_id}'", max_results=10_000
+        [experiment_id],
+        filter_string=f"tags.`{TAG_LAUNCH}` = '{launch_id}'",
+        max_results=SEARCH_MAX,
     )
     trials = [r for r in runs if TAG_SEED in r.data.tags]
     return sorted(trials, key=lambda r: int(r.data.tags[TAG_SEED]))

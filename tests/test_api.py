@@ -118,6 +118,21 @@ def test_submit_status_logs_cancel_and_restart(
     assert [e["id"] for e in restarted.get("/experiments", headers=AUTH).json()] == [exp_id]
 
 
+def test_a_large_sweep_lists_every_run(api: Any, experiment_name: str, in_tmp: Path) -> None:
+    """MLflow's search returns 1,000 runs unless asked for more; a sweep may have 10,000."""
+    from mlflow.tracking import MlflowClient
+
+    client, _, config = api
+    body = SPEC.replace("name: q-learning-frozenlake", f"name: {experiment_name}")
+    exp_id = client.post("/experiments", content=body, headers=AUTH).json()["id"]
+    mlflow = MlflowClient(config.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(experiment_name).experiment_id
+    for _ in range(1000):  # more trials of the same experiment, as a large sweep has
+        mlflow.create_run(experiment, tags={TAG_API_ID: exp_id})
+    runs = client.get(f"/experiments/{exp_id}", headers=AUTH).json()["runs"]
+    assert len(runs) == 1003  # parent, 2 seeds, and the 1,000 more
+
+
 def test_json_bodies_are_accepted(api: Any, experiment_name: str, in_tmp: Path) -> None:
     import yaml
 
