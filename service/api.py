@@ -47,6 +47,7 @@ class Submitter(Protocol):
 
     def submit(self, spec: Any, tracking_uri: str) -> str: ...
     def info(self, job_id: str) -> JobInfo: ...
+    def list(self) -> list[JobInfo]: ...
     def logs(self, job_id: str) -> str: ...
     def cancel(self, job_id: str) -> bool: ...
 
@@ -223,8 +224,19 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
 
     @app.get("/experiments", dependencies=[Depends(authorized)])
     def list_experiments() -> list[dict[str, Any]]:
+        # One request for every job's status, not one per experiment.
+        try:
+            known = {info.id: info for info in submitter.list()}
+        except Exception as e:  # JobsError, or the cluster's own errors
+            log.warning("cannot list the cluster's jobs: %s", e)
+            known = {}
+
+        def status(row: dict[str, Any]) -> dict[str, Any]:
+            info = known.get(row["job_id"])
+            return {"status": info.status, "message": info.message} if info else job_status(row)
+
         return [
-            {k: row[k] for k in ("id", "job_id", "name", "algorithm", "created")} | job_status(row)
+            {k: row[k] for k in ("id", "job_id", "name", "algorithm", "created")} | status(row)
             for row in table.all()
         ]
 

@@ -34,6 +34,7 @@ class LocalJobs:
         self.jobs: dict[str, JobInfo] = {}
         self.submitted: list[Any] = []
         self.cancelled: list[str] = []
+        self.requests = 0  # to the cluster, for job statuses
 
     def submit(self, spec: Any, tracking_uri: str) -> str:
         self.submitted.append(spec)
@@ -44,9 +45,14 @@ class LocalJobs:
         return job_id
 
     def info(self, job_id: str) -> JobInfo:
+        self.requests += 1
         if job_id not in self.jobs:
             raise JobsError(f"no job {job_id}")
         return self.jobs[job_id]
+
+    def list(self) -> list[JobInfo]:
+        self.requests += 1
+        return list(self.jobs.values())
 
     def logs(self, job_id: str) -> str:
         return f"logs of {job_id}\n"
@@ -131,6 +137,20 @@ def test_a_large_sweep_lists_every_run(api: Any, experiment_name: str, in_tmp: P
         mlflow.create_run(experiment, tags={TAG_API_ID: exp_id})
     runs = client.get(f"/experiments/{exp_id}", headers=AUTH).json()["runs"]
     assert len(runs) == 1003  # parent, 2 seeds, and the 1,000 more
+
+
+def test_the_list_asks_the_cluster_once(api: Any, experiment_name: str, in_tmp: Path) -> None:
+    client, jobs, _ = api
+    body = SPEC.replace("name: q-learning-frozenlake", f"name: {experiment_name}")
+    ids = [client.post("/experiments", content=body, headers=AUTH).json()["id"] for _ in range(3)]
+    jobs.jobs["job_1"].status = "RUNNING"
+    del jobs.jobs["job_2"]  # e.g. deleted from the cluster: that one is asked for on its own
+    jobs.requests = 0
+    listed = client.get("/experiments", headers=AUTH).json()
+    assert jobs.requests == 2
+    assert {e["id"]: e["status"] for e in listed} == dict(
+        zip(ids, ["SUCCEEDED", "RUNNING", "UNKNOWN"], strict=True)
+    )
 
 
 def test_json_bodies_are_accepted(api: Any, experiment_name: str, in_tmp: Path) -> None:
