@@ -517,6 +517,8 @@ def serve(
         raise _invalid(
             "set RLGEN_API_TOKEN: every route but /healthz requires it as a bearer token"
         )
+    if problem := _cannot_listen(host, port):
+        raise _invalid(f"--host/--port: cannot listen on {host}:{port}: {problem}")
     config = ApiConfig(
         token=token.get_secret_value(),
         tracking_uri=resolve_tracking_uri(tracking_uri),
@@ -524,6 +526,23 @@ def serve(
         ui_url=ui_url,
     )
     uvicorn.run(create_app(config, _jobs(address)), host=host, port=port, log_level="info")
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why `rlgen serve` could not listen there (a port in use, an address not of this machine),
+    asked before the service starts, so it is an input error (exit 2) like the others."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(address)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 @app.command()

@@ -293,6 +293,23 @@ def test_submit_and_serve_refuse_a_file_store(
         assert code == 2 and "MLflow's file store" in err, err
 
 
+def test_serve_on_a_port_in_use_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLGEN_API_TOKEN", "t")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = rlgen(
+            "serve", "--port", str(port), "--address", f"http://127.0.0.1:{_free_port()}",
+            "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+        )  # fmt: skip
+    assert code == 2, err
+    assert err.startswith(f"error: --host/--port: cannot listen on 127.0.0.1:{port}: Address"), err
+
+
 def test_invalid_file_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
