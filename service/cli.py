@@ -74,6 +74,8 @@ def _load(
     try:
         if spec_env:  # a submitted job: the spec travels in its environment (service.jobs)
             return load_spec_text(os.environ.get(spec_env, "").encode(), "spec", overrides)
+        if from_run and spec_path is not None:
+            raise _invalid("give a SPEC file or --from-run RUN_ID, not both")
         if from_run:
             return load_spec_text(
                 _spec_of_run(from_run, tracking_uri), f"run {from_run}:spec.yaml", overrides

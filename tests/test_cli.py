@@ -97,6 +97,9 @@ def test_from_run_reproduces_a_trial(tracking_uri: str, experiment_name: str, in
     assert a.data.params == b.data.params
     for key in ("eval/return_mean", "solver/iterations", "solver/value_mean"):
         assert a.data.metrics[key] == b.data.metrics[key]
+    # Which one would run is anyone's guess: refused.
+    code, _, err = rlgen("run", FROZEN, "--from-run", run_id, "--tracking-uri", tracking_uri)
+    assert code == 2 and "give a SPEC file or --from-run RUN_ID, not both" in err, err
 
 
 def test_ray_run_on_the_shared_cluster(
