@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,11 +297,23 @@ def test_submit_and_serve_refuse_a_file_store(
         assert code == 2 and "MLflow's file store" in err, err
 
 
-def test_serve_on_a_port_in_use_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def api_token(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """RLGEN_API_TOKEN set for one test (settings are read once per process, then cached)."""
+    from service.settings import get_settings
+
+    monkeypatch.setenv("RLGEN_API_TOKEN", "t")
+    get_settings.cache_clear()
+    yield "t"
+    get_settings.cache_clear()
+
+
+def test_serve_on_a_port_in_use_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api_token: str
+) -> None:
     import socket
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RLGEN_API_TOKEN", "t")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
