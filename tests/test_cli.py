@@ -282,21 +282,6 @@ def test_jobs_commands_want_the_jobs_api_url() -> None:
         assert err.startswith("error: --address: expected the Jobs API URL http://HEAD:8265"), err
 
 
-def test_submit_and_serve_refuse_a_file_store(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Their store is reached from the cluster (it may not be from here), but a file store can
-    never work."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RLGEN_API_TOKEN", "t")
-    for args in (
-        ("submit", FROZEN, "--address", f"http://127.0.0.1:{_free_port()}"),
-        ("serve", "--address", f"http://127.0.0.1:{_free_port()}", "--port", str(_free_port())),
-    ):
-        code, _, err = rlgen(*args, "--tracking-uri", "file:./mlruns")
-        assert code == 2 and "MLflow's file store" in err, err
-
-
 @pytest.fixture
 def api_token(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """RLGEN_API_TOKEN set for one test (settings are read once per process, then cached)."""
@@ -306,6 +291,20 @@ def api_token(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     get_settings.cache_clear()
     yield "t"
     get_settings.cache_clear()
+
+
+def test_submit_and_serve_refuse_a_file_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api_token: str
+) -> None:
+    """Their store is reached from the cluster (it may not be from here), but a file store can
+    never work."""
+    monkeypatch.chdir(tmp_path)
+    for args in (
+        ("submit", FROZEN, "--address", f"http://127.0.0.1:{_free_port()}"),
+        ("serve", "--address", f"http://127.0.0.1:{_free_port()}", "--port", str(_free_port())),
+    ):
+        code, _, err = rlgen(*args, "--tracking-uri", "file:./mlruns")
+        assert code == 2 and "MLflow's file store" in err, err
 
 
 def test_serve_on_a_port_in_use_exits_2(
