@@ -103,9 +103,11 @@ class Table:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if dupes := sorted({k for k in keys if keys.count(k) > 1}):
-        raise ValueError(f"duplicate key {dupes[0]!r}")
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen.add(key)
     return dict(pairs)
 
 
@@ -126,6 +128,10 @@ def _json_as_yaml(body: bytes) -> bytes:
     except SpecError:
         pass
     return dump_yaml(data).encode() if isinstance(data, dict) else body
+
+
+def _summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("id", "job_id", "name", "algorithm", "created")}
 
 
 def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
@@ -227,18 +233,16 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
         # One request for every job's status, not one per experiment.
         try:
             known = {info.id: info for info in submitter.list()}
-        except Exception as e:  # JobsError, or the cluster's own errors
+        except Exception as e:  # JobsError, or the cluster's own errors: the same for every row
             log.warning("cannot list the cluster's jobs: %s", e)
-            known = {}
+            unknown = {"status": "UNKNOWN", "message": f"cannot list the cluster's jobs: {e}"}
+            return [_summary(row) | unknown for row in table.all()]
 
         def status(row: dict[str, Any]) -> dict[str, Any]:
             info = known.get(row["job_id"])
             return {"status": info.status, "message": info.message} if info else job_status(row)
 
-        return [
-            {k: row[k] for k in ("id", "job_id", "name", "algorithm", "created")} | status(row)
-            for row in table.all()
-        ]
+        return [_summary(row) | status(row) for row in table.all()]
 
     def mlflow_runs(row: dict[str, Any]) -> list[dict[str, Any]]:
         uri = config.tracking_uri
@@ -267,7 +271,7 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
     @app.get("/experiments/{exp_id}", dependencies=[Depends(authorized)])
     def get_experiment(exp_id: str) -> dict[str, Any]:
         row = row_or_404(exp_id)
-        detail = {k: row[k] for k in ("id", "job_id", "name", "algorithm", "created")}
+        detail = _summary(row)
         try:
             # One quick request first: MLflow's client retries a server that is down for minutes.
             check_store(config.tracking_uri, timeout_s=3.0)

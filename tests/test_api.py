@@ -152,6 +152,16 @@ def test_the_list_asks_the_cluster_once(api: Any, experiment_name: str, in_tmp: 
         zip(ids, ["SUCCEEDED", "RUNNING", "UNKNOWN"], strict=True)
     )
 
+    def unreachable() -> Any:
+        jobs.requests += 1
+        raise JobsError("cannot reach the Ray Jobs API")
+
+    jobs.list, jobs.requests = unreachable, 0  # type: ignore[method-assign]
+    listed = client.get("/experiments", headers=AUTH).json()
+    assert jobs.requests == 1  # not once more for each experiment, each waiting on its timeout
+    assert {e["status"] for e in listed} == {"UNKNOWN"} and len(listed) == 3
+    assert all("cannot reach the Ray Jobs API" in e["message"] for e in listed)
+
 
 def test_json_bodies_are_accepted(api: Any, experiment_name: str, in_tmp: Path) -> None:
     import yaml
