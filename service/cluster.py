@@ -150,6 +150,20 @@ def _check_reachable(target: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def embedded_session_dir() -> str | None:
+    """The Ray session directory of the embedded cluster (None on others, or should Ray's
+    internals move): every process of the cluster holds files in it."""
+    if not embedded():
+        return None
+    try:
+        from ray._private.worker import global_worker
+
+        node = global_worker.node
+    except (ImportError, AttributeError):
+        return None
+    return str(node.get_session_dir_path()) if node is not None else None
+
+
 def embedded() -> bool:
     """Whether Ray runs as the embedded cluster `start_ray` started: its workers inherit this
     process's environment and import `service.preload` before they accept work."""

@@ -3,7 +3,8 @@ in-process. A single trial is one Ray task; several go through Ray Tune.
 
 The driver creates the parent run (when there is more than one trial), hands each worker a
 `TrialRequest`, and afterwards closes whatever a dead or interrupted worker left RUNNING, so that no
-MLflow run stays RUNNING forever. Results are read back from MLflow, the single source of truth.
+MLflow run stays RUNNING forever; should the driver itself be killed, its watcher process
+(`service.guard`) does that. Results are read back from MLflow, the single source of truth.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 import ray
 
 from service import __version__
-from service.cluster import start_ray
+from service.cluster import embedded_session_dir, start_ray
+from service.guard import LaunchGuard
 from service.relay import Relay
 from service.report import write_parent
 from service.spec import SpecBase, flatten, resolved, spec_hash, to_yaml
@@ -193,114 +195,120 @@ def launch(
         **({"rlgen.git_commit": commit} if commit else {}),
     }
 
-    trials = expand(spec)
-    if mode == "local" and spec.sweep is not None and spec.sweep.scheduler is not None:
-        log.warning("--local runs every trial to its end: sweep.scheduler needs Ray")
-    parent_run_id = None
-    if len(trials) > 1:
-        parent = client.create_run(
-            experiment_id, run_name=spec.name, tags={**tags, **spec.tags, TAG_LAUNCH: launch_id}
-        )
-        parent_run_id = parent.info.run_id
-        try:
-            client.log_batch(
-                parent_run_id, params=params_batch(flatten(resolved(spec))), synchronous=True
+    # Should this process be killed, the guard ends the runs it leaves RUNNING (and what is left
+    # of its embedded cluster); told `done` at the end, it exits without a word.
+    session_dir = embedded_session_dir() if mode == "ray" else None
+    with LaunchGuard(uri, experiment_id, launch_id, session_dir) as guard:
+        trials = expand(spec)
+        if mode == "local" and spec.sweep is not None and spec.sweep.scheduler is not None:
+            log.warning("--local runs every trial to its end: sweep.scheduler needs Ray")
+        parent_run_id = None
+        if len(trials) > 1:
+            parent = client.create_run(
+                experiment_id, run_name=spec.name, tags={**tags, **spec.tags, TAG_LAUNCH: launch_id}
             )
-            client.log_text(parent_run_id, to_yaml(spec), "spec.yaml")
-        except Exception as e:  # no trial has started: end the parent rather than leave it RUNNING
-            with contextlib.suppress(Exception):
-                client.set_tag(parent_run_id, TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
-                client.set_terminated(parent_run_id, "FAILED")
-            raise
+            parent_run_id = parent.info.run_id
+            try:
+                client.log_batch(
+                    parent_run_id, params=params_batch(flatten(resolved(spec))), synchronous=True
+                )
+                client.log_text(parent_run_id, to_yaml(spec), "spec.yaml")
+            except Exception as e:
+                # No trial has started: end the parent rather than leave it RUNNING.
+                with contextlib.suppress(Exception):
+                    client.set_tag(parent_run_id, TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
+                    client.set_terminated(parent_run_id, "FAILED")
+                raise
 
-    relay = None
-    if mode == "ray":  # trials on this machine use it (`service.relay`)
+        relay = None
+        if mode == "ray":  # trials on this machine use it (`service.relay`)
+            try:
+                relay = Relay(uri)
+            except OSError as e:  # e.g. TMPDIR too long for a socket's path: trials open MLflow
+                log.warning("no tracking relay (%s); each trial opens MLflow itself", e)
+        request = TrialRequest(
+            spec=resolved(spec),
+            seed=spec.seeds[0],
+            tracking_uri=uri,
+            experiment_id=experiment_id,
+            launch_id=launch_id,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            # Trials on this machine (all, on the embedded cluster) reach MLflow through us.
+            relay=relay.address if relay else None,
+        )
+        notify = progress or (lambda *_: None)
+        interrupted = False
+        errors: dict[str, str] = {}
+        stopped: set[str] = set()
         try:
-            relay = Relay(uri)
-        except OSError as e:  # e.g. TMPDIR too long for a socket's path: trials open MLflow
-            log.warning("no tracking relay (%s); each trial opens MLflow itself", e)
-    request = TrialRequest(
-        spec=resolved(spec),
-        seed=spec.seeds[0],
-        tracking_uri=uri,
-        experiment_id=experiment_id,
-        launch_id=launch_id,
-        parent_run_id=parent_run_id,
-        tags=tags,
-        # Trials on this machine (all, on the embedded cluster) reach MLflow through this process.
-        relay=relay.address if relay else None,
-    )
-    notify = progress or (lambda *_: None)
-    interrupted = False
-    errors: dict[str, str] = {}
-    stopped: set[str] = set()
-    try:
-        stop = threading.Event()
-        with _signals_request_stop(stop, interrupt=mode == "ray"):
-            if mode == "local":
-                _run_local(request, trials, notify, stop)
-            elif not runs_on_tune(spec):
-                errors = _run_task(request, spec, trials[0], notify, stop)
-            else:
-                from service.tuning import run_tune  # Ray Tune's modules cost ~1 s to import
+            stop = threading.Event()
+            with _signals_request_stop(stop, interrupt=mode == "ray"):
+                if mode == "local":
+                    _run_local(request, trials, notify, stop)
+                elif not runs_on_tune(spec):
+                    errors = _run_task(request, spec, trials[0], notify, stop)
+                else:
+                    from service.tuning import run_tune  # Ray Tune's modules cost ~1 s to import
 
-                errors, stopped = run_tune(request, spec, trials, notify, stop)
-        if stop.is_set():
-            raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        interrupted = True
-        if mode == "ray" and address is None:
-            ray.shutdown()  # stops the embedded cluster's workers before their runs are closed
-    finally:
-        if relay is not None:
-            relay.close()
-        runs = runs_of_launch(client, experiment_id, launch_id)
-        for run in runs:
-            label = run.data.tags.get(TAG_TRIAL, "")
-            if label in stopped:
-                close_dangling(client, [run], "KILLED", STOPPED_EARLY)
-                client.set_tag(run.info.run_id, TAG_STOPPED_EARLY, "asha")
-                client.set_tag(run.info.run_id, TAG_ERROR, STOPPED_EARLY)
-                continue
-            reason = errors.get(label, "interrupted" if interrupted else "the worker died")
-            close_dangling(client, [run], "KILLED" if interrupted else "FAILED", reason)
-        if parent_run_id:
+                    errors, stopped = run_tune(request, spec, trials, notify, stop)
+            if stop.is_set():
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            interrupted = True
+            guard.interrupted()
+            if mode == "ray" and address is None:
+                ray.shutdown()  # stops the embedded cluster's workers before their runs are closed
+        finally:
+            if relay is not None:
+                relay.close()
             runs = runs_of_launch(client, experiment_id, launch_id)
-            final = {r.data.tags.get(TAG_TRIAL, ""): r.info.status for r in runs}
-            ok = (
-                not interrupted
-                and len(final) == len(trials)
-                and all(s == "FINISHED" or label in stopped for label, s in final.items())
+            for run in runs:
+                label = run.data.tags.get(TAG_TRIAL, "")
+                if label in stopped:
+                    close_dangling(client, [run], "KILLED", STOPPED_EARLY)
+                    client.set_tag(run.info.run_id, TAG_STOPPED_EARLY, "asha")
+                    client.set_tag(run.info.run_id, TAG_ERROR, STOPPED_EARLY)
+                    continue
+                reason = errors.get(label, "interrupted" if interrupted else "the worker died")
+                close_dangling(client, [run], "KILLED" if interrupted else "FAILED", reason)
+            if parent_run_id:
+                runs = runs_of_launch(client, experiment_id, launch_id)
+                final = {r.data.tags.get(TAG_TRIAL, ""): r.info.status for r in runs}
+                ok = (
+                    not interrupted
+                    and len(final) == len(trials)
+                    and all(s == "FINISHED" or label in stopped for label, s in final.items())
+                )
+                if not interrupted:
+                    try:
+                        scheduler = spec.sweep.scheduler if spec.sweep else None
+                        write_parent(
+                            client,
+                            parent_run_id,
+                            runs,
+                            spec.report or ([scheduler.metric] if scheduler else []),
+                            scheduler.mode if scheduler else None,
+                        )
+                    except Exception as e:  # the trials' own records stand; say what is missing
+                        log.error("could not write the parent run's aggregates: %s", e)
+                client.set_terminated(
+                    parent_run_id, "KILLED" if interrupted else ("FINISHED" if ok else "FAILED")
+                )
+        report = LaunchReport(spec.name, experiment_id, parent_run_id, interrupted=interrupted)
+        for run in runs_of_launch(client, experiment_id, launch_id):
+            report.trials.append(
+                TrialReport(
+                    run_id=run.info.run_id,
+                    seed=int(run.data.tags["rlgen.seed"]),
+                    status=run.info.status,
+                    metrics=dict(run.data.metrics),
+                    error=run.data.tags.get(TAG_ERROR),
+                    label=run.data.tags.get(TAG_TRIAL, ""),
+                    stopped_early=TAG_STOPPED_EARLY in run.data.tags,
+                )
             )
-            if not interrupted:
-                try:
-                    scheduler = spec.sweep.scheduler if spec.sweep else None
-                    write_parent(
-                        client,
-                        parent_run_id,
-                        runs,
-                        spec.report or ([scheduler.metric] if scheduler else []),
-                        scheduler.mode if scheduler else None,
-                    )
-                except Exception as e:  # the trials' own records stand; say what is missing
-                    log.error("could not write the parent run's aggregates: %s", e)
-            client.set_terminated(
-                parent_run_id, "KILLED" if interrupted else ("FINISHED" if ok else "FAILED")
-            )
-    report = LaunchReport(spec.name, experiment_id, parent_run_id, interrupted=interrupted)
-    for run in runs_of_launch(client, experiment_id, launch_id):
-        report.trials.append(
-            TrialReport(
-                run_id=run.info.run_id,
-                seed=int(run.data.tags["rlgen.seed"]),
-                status=run.info.status,
-                metrics=dict(run.data.metrics),
-                error=run.data.tags.get(TAG_ERROR),
-                label=run.data.tags.get(TAG_TRIAL, ""),
-                stopped_early=TAG_STOPPED_EARLY in run.data.tags,
-            )
-        )
-    return report
+        return report
 
 
 # -- Ctrl-C and in-process ------------------------------------------------------------------------

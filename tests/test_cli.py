@@ -482,6 +482,28 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def long_solve(uri: str, experiment_name: str, seeds: int) -> list[str]:
+    """Arguments of a run whose trials stay RUNNING long enough to be interrupted mid-solve:
+    10^6 states, ~3 s to build, then tens of seconds of sweeps. One seed: a single Ray task."""
+    return [
+        str(ROOT / "experiments" / "value_iteration_gridworld.yaml"),
+        "--tracking-uri",
+        uri,
+        "--set",
+        f"name={experiment_name}",
+        "--set",
+        "env.kwargs.size=1000",
+        "--set",
+        "params.tol=1e-300",
+        "--set",
+        "params.eval_episodes=1",
+        "--set",
+        f"seeds={list(range(seeds))}",
+        "--set",
+        "params.max_iterations=1000000",
+    ]
+
+
 @pytest.mark.parametrize(
     ("mode", "sig"),
     [
@@ -499,24 +521,7 @@ def test_interrupts_end_runs_killed(
     tmp_path: Path, mode: str, sig: signal.Signals, experiment_name: str
 ) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    # 10^6 states: ~3 s to build, then tens of seconds of sweeps, so the interrupt lands mid-solve.
-    long_run = [
-        str(ROOT / "experiments" / "value_iteration_gridworld.yaml"),
-        "--tracking-uri",
-        uri,
-        "--set",
-        f"name={experiment_name}",
-        "--set",
-        "env.kwargs.size=1000",
-        "--set",
-        "params.tol=1e-300",
-        "--set",
-        "params.eval_episodes=1",
-        "--set",
-        "seeds=[0]" if mode == "--ray-task" else "seeds=[0, 1]",  # one trial: a Ray task
-        "--set",
-        "params.max_iterations=1000000",
-    ]
+    long_run = long_solve(uri, experiment_name, seeds=1 if mode == "--ray-task" else 2)
     proc = cli_process(tmp_path, *long_run, *([mode] if mode == "--local" else []))
     try:
         run_id = wait_for_running(uri, experiment_name)
@@ -536,6 +541,41 @@ def test_interrupts_end_runs_killed(
     exp = client.get_experiment_by_name(experiment_name)
     assert exp is not None
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+
+@pytest.mark.parametrize("mode", ["--ray", "--local"], ids=lambda v: v.strip("-"))
+def test_a_killed_command_leaves_no_run_running_and_no_process_behind(
+    tmp_path: Path, mode: str, experiment_name: str
+) -> None:
+    """SIGKILL (the OOM killer, kill -9) lets the command end nothing itself: its watcher
+    (service.guard) ends the runs FAILED, and stops the Ray agents that outlive their raylet."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = long_solve(uri, experiment_name, seeds=2)
+    proc = cli_process(tmp_path, *args, *([mode] if mode == "--local" else []))
+    try:
+        wait_for_running(uri, experiment_name)
+        time.sleep(1.0)
+        below = descendants(proc.pid)
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    assert exp is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        runs = client.search_runs([exp.experiment_id])
+        if all(r.info.status == "FAILED" for r in runs):
+            break
+        time.sleep(0.5)
+    assert len(runs) >= 2, runs  # the parent and the trials started (one or two)
+    assert all(r.info.status == "FAILED" for r in runs), [r.info.status for r in runs]
+    assert all("died before it ended this run" in r.data.tags["rlgen.error"] for r in runs)
+    assert f"{len(runs)} run(s) left active ended FAILED" in err, err  # what the watcher did
+    while (left := [p for p in below if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of the command outlived it: {left}"
 
 
 def test_evaluate_rolls_out_a_logged_policy_and_logs_a_gif(
