@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -136,3 +138,21 @@ def test_the_watcher_ends_the_runs_a_dead_driver_left(
         cluster.kill()
         cluster.wait()
         client.set_terminated(other, "FINISHED")
+
+
+def test_the_watcher_says_which_launch_it_could_not_end(tmp_path: Path) -> None:
+    """The tracking server gone too: one line naming the launch, not a traceback."""
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    driver = subprocess.run(
+        [sys.executable, "-c", DRIVER, uri, "0", "launch42", str(tmp_path), "killed"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,  # returns once the watcher, which shares stderr, is done too
+        text=True,
+        timeout=120,
+    )
+    assert "could not end the runs of launch launch42" in driver.stderr, driver.stderr
+    assert "Traceback" not in driver.stderr, driver.stderr
