@@ -7,6 +7,7 @@ its MLflow run: FINISHED, FAILED with the error as the `rlgen.error` tag (and th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -65,15 +66,24 @@ class TrialRequest:
         return trial_label(self.seed, self.overrides)
 
 
+LABEL_MAX = 1000  # the label is the `rlgen.trial` tag, which MLflow servers cap at 8000 characters
+
+
 def trial_label(seed: int, overrides: dict[str, Any]) -> str:
-    """`s0`, or `s0 learning_rate=0.001 n_step=3` for a trial of a sweep."""
+    """`s0`, or `s0 learning_rate=0.001 n_step=3` for a trial of a sweep. Labels name trials'
+    runs, so they stay unique: one longer than `LABEL_MAX` (a sweep over long lists) is cut and
+    ends in a hash of the whole."""
     parts = [f"s{seed}"]
     for path, value in sorted(overrides.items()):
         # 4 significant digits when they are the whole value, so that labels never collide.
         short = isinstance(value, float) and float(f"{value:.4g}") == value
         shown = f"{value:.4g}" if short else json.dumps(value)
         parts.append(f"{path}={shown}")
-    return " ".join(parts)
+    label = " ".join(parts)
+    if len(label) <= LABEL_MAX:
+        return label
+    digest = hashlib.sha256(label.encode()).hexdigest()[:16]
+    return f"{label[: LABEL_MAX - 21]}... #{digest}"  # 21: "... #" and the digest
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_every_trial_of_an_expansion_is_distinct_and_named_apart(tmp_path: Path)
     """Trial labels name the MLflow runs: equal labels made a finished sweep's parent FAILED
     (--local) and lost a trial's report (Ray). Repeats of a choice run once; random draws keep
     the 4 significant digits their labels show; close grid values get labels apart."""
-    from service.trial import trial_label
+    from service.trial import LABEL_MAX, trial_label
 
     text = SWEEP.format(name="x").replace(
         "    learning_rate: {grid: [0.1, 0.5]}\n    exploration_fraction: {uniform: [0.2, 0.8]}\n",
@@ -74,6 +74,17 @@ def test_every_trial_of_an_expansion_is_distinct_and_named_apart(tmp_path: Path)
     )
     assert trial_label(0, {"lr": 0.00012345}) != trial_label(0, {"lr": 0.00012346})
     assert trial_label(0, {"lr": 0.001}) == "s0 lr=0.001"
+    # A sweep over long lists: the label (the rlgen.trial tag, <= 8000 characters on an MLflow
+    # server) is cut, and lists that differ only past the cut still get labels apart.
+    long_a, long_b = list(range(3000)), [*range(2999), -1]
+    cut_a, cut_b = (
+        trial_label(0, {"hidden_sizes": long_a}),
+        trial_label(0, {"hidden_sizes": long_b}),
+    )
+    assert len(cut_a) <= LABEL_MAX and len(cut_b) <= LABEL_MAX and cut_a != cut_b
+    assert cut_a.startswith("s0 hidden_sizes=[0, 1, 2") and cut_a == trial_label(
+        0, {"hidden_sizes": long_a}
+    )
 
 
 BAD_SWEEPS = {
