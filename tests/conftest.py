@@ -12,6 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not), from Linux /proc: also for processes
+    that are not this one's children."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One SQLite store per session (creating its tables takes seconds); tests use unique names."""

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from service import registry
 from service.cli import ProgressTable, app
 
-from .conftest import ROOT
+from .conftest import ROOT, alive
 
 FROZEN = str(ROOT / "experiments" / "value_iteration_frozenlake.yaml")
 FAST = ["--set", "params.eval_episodes=20"]
@@ -472,14 +472,6 @@ def descendants(pid: int) -> set[int]:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def long_solve(uri: str, experiment_name: str, seeds: int) -> list[str]:

@@ -17,15 +17,7 @@ from mlflow.tracking import MlflowClient
 from service.guard import kill_cluster
 from service.tracking import TAG_ERROR, TAG_LAUNCH
 
-from .conftest import ROOT
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+from .conftest import ROOT, alive
 
 
 def wait_gone(pid: int, timeout: float = 60) -> None:
