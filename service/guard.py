@@ -168,13 +168,14 @@ def main() -> None:
             kill_cluster(header["session_dir"])
         status = "KILLED" if INTERRUPTED in lines else "FAILED"
         reason = f"the driver (pid {header['driver_pid']}) died before it ended this run"
+    reason = reason.strip()
     try:
-        ended = end_runs(header, status, reason.strip())
+        ended = end_runs(header, status, reason)
     except Exception as e:  # e.g. the tracking server is down too: say which runs stay open
         log.error("could not end the runs of launch %s: %s", header["launch_id"], e)
         return
     if ended:
-        log.info("%d run(s) left active ended %s: %s", ended, status, reason.strip())
+        log.info("%d run(s) left active ended %s: %s", ended, status, reason)
 
 
 if __name__ == "__main__":
