@@ -70,12 +70,18 @@ def in_process(timesteps: int) -> float:
 
 
 def ray_start_stop() -> float:
+    # The cluster `rlgen run` starts (service.cluster: the same daemons), without its work:
+    # no preloading workers.
     code = (
-        "import time, ray, logging; t = time.perf_counter(); "
-        "ray.init(address='local', num_cpus=2, include_dashboard=False, "
-        "logging_level=logging.ERROR); ray.shutdown(); print(time.perf_counter() - t)"
+        "import time, ray, logging; from service.cluster import lean_head; "
+        "t = time.perf_counter()\n"
+        "with lean_head(): ray.init(address='local', num_cpus=2, include_dashboard=False, "
+        "log_to_driver=False, logging_level=logging.ERROR)\n"
+        "ray.shutdown(); print(time.perf_counter() - t)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -114,28 +114,39 @@ def kill_cluster(session_dir: str) -> int:
     directory of a dead driver's embedded cluster (its logs, its sockets). Its raylet and workers
     die with the driver, but its agents can hang on: they report their raylet's death to a GCS
     that is gone. Linux (/proc); elsewhere nothing. Returns how many it killed."""
+    killed = 0
+    for pid, _ in cluster_processes(session_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:  # gone meanwhile
+            continue
+    return killed
+
+
+def cluster_processes(session_dir: str) -> list[tuple[int, bytes]]:
+    """(pid, command line) of this user's Ray processes that hold a file open in `session_dir`
+    (every process of that cluster does: its log files); not, say, a `tail -f` on a log."""
     prefix = os.path.join(os.path.realpath(session_dir), "")
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return 0
-    killed = 0
+        return []
+    found = []
     for pid in pids:
         if pid == os.getpid():
             continue
         try:
-            # A process of Ray's (its titles read "ray::..."), not, say, `tail -f` on a log.
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
-            if not (cmdline.startswith(b"ray::") or b"/ray/" in cmdline):
+            if not (cmdline.startswith(b"ray::") or b"/ray/" in cmdline):  # Ray's titles, paths
                 continue
             fds = os.listdir(f"/proc/{pid}/fd")
             if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix) for fd in fds):
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
+                found.append((pid, cmdline))
         except OSError:  # gone meanwhile, or another user's
             continue
-    return killed
+    return found
 
 
 def end_runs(header: dict[str, Any], status: str, reason: str) -> int:

@@ -209,3 +209,19 @@ def test_a_single_trial_cluster_preloads_one_worker(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert sorted(loaded.values()) == [False, True], loaded  # two prestarted, one preloaded
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_the_embedded_cluster_leaves_out_the_daemons_it_has_no_use_for() -> None:
+    from service.cluster import embedded_session_dir
+    from service.guard import cluster_processes
+
+    session_dir = embedded_session_dir()
+    assert session_dir is not None
+    cmdlines = [cmdline for _, cmdline in cluster_processes(session_dir)]
+    # Found the cluster: its GCS, raylet and the agents the raylet needs are there ...
+    for needed in (b"/gcs_server", b"/raylet", b"ray::DashboardAgent", b"ray::RuntimeEnvAgent"):
+        assert any(needed in cmdline for cmdline in cmdlines), (needed, cmdlines)
+    # ... but not the autoscaler's monitor, the log monitor nor the API server.
+    for left_out in (b"/monitor.py", b"/log_monitor.py", b"/dashboard.py"):
+        assert not any(left_out in cmdline for cmdline in cmdlines), (left_out, cmdlines)
