@@ -7,17 +7,23 @@ them one after another.
 
 1. The trial: `experiments/dqn_cartpole.yaml` without its early stop, sized to take about
    `--trial-seconds` (the issue's ~30 s) in-process on this machine;
-   (a) `dqn.train` called directly with an in-memory context; (b) `rlgen run` in a subprocess
-   (validation, embedded Ray, MLflow on SQLite, the trial, closing). The embedded cluster's start
-   and stop are measured on their own (a `ray.init`/`ray.shutdown` cycle) and reported apart; the
-   overhead is (b) minus them, against (a). (c) The same spec POSTed to `rlgen serve` in front of
+   (a) `dqn.train` called directly with an in-memory context, warm (in this process, which has
+   imported everything and trained before); (a') the same call as a script: a fresh Python that
+   imports the algorithm, calls it and exits, end to end, as `python dqn.py` runs a CleanRL
+   script; (b) `rlgen run` in a subprocess (validation, embedded Ray, MLflow on SQLite, the trial,
+   closing). The embedded cluster's start and stop are measured on their own (a
+   `ray.init`/`ray.shutdown` cycle of the same lean cluster) and reported apart; the overhead is
+   (b) minus them, against (a) and (a'). (c) The same spec POSTed to `rlgen serve` in front of
    a running `ray start --head` cluster (2 CPUs), timed from the POST until the API reports the
    job SUCCEEDED (polled every 0.2 s): a Ray Job whose driver is `rlgen run --address auto`.
 2. Throughput: `--trials` seeds of the same trial, each reserving one CPU, on Ray (as many at
    once as there are CPUs, through Ray Tune) against one after another in-process; measured twice:
    (a) `launch` called in this (already warm) process, the embedded cluster started beforehand;
    (b) as a user runs them, `rlgen run --local` against `rlgen run` minus the embedded cluster's
-   start and stop, the same method as for the single trial.
+   start and stop, the same method as for the single trial. The ceiling: as many warm trainings
+   as there are CPUs in plain processes at the same moment (no Ray, no MLflow), against one
+   alone: what this machine itself gives for running trials side by side (two vCPUs of a VM can
+   slow each other by much more than two cores do), and each sweep's share of it.
 
 The tracking stores exist beforehand, as after a user's first run (a new store's tables take
 ~0.8 s to create, once). This shared host is noisy (+-5% between identical runs), so every
@@ -69,14 +75,73 @@ def in_process(timesteps: int) -> float:
         return time.perf_counter() - t
 
 
+# The trial in a fresh Python, without Ray or rlgen's service: argv = spec, timesteps, and a
+# wall-clock time to start at ("-": at once, cold, as a script runs it; else: warmed up first, so
+# that processes started together train together). Prints the seconds of `dqn.train`.
+SCRIPT = """
+import os, sys, tempfile, time
+import torch
+torch.set_num_threads(1)
+from agents import dqn
+from service.context import RunContext
+from service.spec import load_spec
+
+def train(timesteps):
+    spec = load_spec(sys.argv[1], [f"params.total_timesteps={timesteps}", "params.stop_at_return=null"])
+    with tempfile.TemporaryDirectory() as d:
+        ctx = RunContext.in_memory(seed=0, workdir=d, env=spec.env)
+        t = time.perf_counter()
+        ctx.timer.start()
+        dqn.train(spec.params, ctx)
+        ctx.close()
+        return time.perf_counter() - t
+
+if sys.argv[3] != "-":
+    train(2000)
+    time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+print(train(int(sys.argv[2])), flush=True)
+os._exit(0)  # as `rlgen run` does: no interpreter teardown (~1 s with torch loaded)
+"""
+
+
+def _script(timesteps: int, start_at: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(SPEC), str(timesteps), start_at], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+
+
+def as_script(timesteps: int) -> float:
+    """Wall seconds of a fresh Python that imports the algorithm, calls `dqn.train` (as
+    `in_process` does) and exits at once: the trial as a script runs it, end to end, paying
+    torch's one-time imports (torch, TorchDynamo at the first optimizer step) as every new
+    process does."""
+    t = time.perf_counter()
+    proc = _script(timesteps, "-")
+    proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the script failed ({proc.returncode})")
+    return time.perf_counter() - t
+
+
+def side_by_side(timesteps: int, count: int) -> float:
+    """Seconds of the slowest of `count` warm `dqn.train` calls made at the same moment in as
+    many plain processes (no Ray, no MLflow): what this machine itself loses running trials side
+    by side, the ceiling of any sweep's throughput here."""
+    start_at = time.time() + 10  # after every process has imported and warmed up
+    procs = [_script(timesteps, str(start_at)) for _ in range(count)]
+    times = [float(proc.communicate()[0].strip().splitlines()[-1]) for proc in procs]
+    return max(times)
+
+
 def ray_start_stop() -> float:
     # The cluster `rlgen run` starts (service.cluster: the same daemons), without its work:
     # no preloading workers.
     code = (
-        "import time, ray, logging; from service.cluster import lean_head; "
+        "import time, ray\nfrom service.cluster import EMBEDDED_SYSTEM_CONFIG, RAY_INIT_KWARGS, lean_head\n"
         "t = time.perf_counter()\n"
-        "with lean_head(): ray.init(address='local', num_cpus=2, include_dashboard=False, "
-        "log_to_driver=False, logging_level=logging.ERROR)\n"
+        "with lean_head(): ray.init(address='local', _system_config=EMBEDDED_SYSTEM_CONFIG, "
+        "**RAY_INIT_KWARGS)\n"
         "ray.shutdown(); print(time.perf_counter() - t)"
     )
     out = subprocess.run(
@@ -231,10 +296,8 @@ def sweep(trials: int, timesteps: int, tmp: Path) -> tuple[float, float]:
 
 def calibrate(seconds: float) -> int:
     """Timesteps of a trial that takes about `seconds` in-process here (the issue's ~30 s),
-    timed warm: a first call also pays torch's one-time imports (TorchDynamo, ~1 s), which made
-    the trial ~25% shorter than asked."""
+    timed warm (see `main`)."""
     probe = 20_000
-    in_process(probe // 10)
     return max(probe, round(seconds / in_process(probe) * probe / 5_000) * 5_000)
 
 
@@ -272,6 +335,9 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--no-api", action="store_true", help="Skip the HTTP API path.")
     args = parser.parse_args()
+    # Warm: a first call also pays torch's one-time imports (TorchDynamo at the first optimizer
+    # step, ~1 s), which the in-process rows are meant to leave out (the script's row has them).
+    in_process(2_000)
     timesteps = args.timesteps or calibrate(args.trial_seconds)
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as d:
@@ -279,11 +345,18 @@ def main() -> None:
         for db in ("mlflow.db", "api-mlflow.db", "sweep.db"):
             create_store(tmp / db)
         for _ in range(args.rounds):
-            r: dict[str, float] = {"direct": in_process(timesteps), "start_stop": ray_start_stop()}
+            r: dict[str, float] = {
+                "direct": in_process(timesteps),
+                "script": as_script(timesteps),
+                "start_stop": ray_start_stop(),
+            }
             r["wall"], r["run_s"] = through_cli(timesteps, tmp)
             r["beyond"] = r["wall"] - r["start_stop"]
             if not args.no_api:
                 r["api_wall"], r["api_run_s"] = through_api(timesteps, tmp)
+            cpus = os.cpu_count() or 1
+            r["side_by_side"] = side_by_side(timesteps, cpus)
+            r["ceiling"] = cpus * r["direct"] / r["side_by_side"]
             r["sequential"], r["parallel"] = sweep(args.trials, timesteps, tmp)
             r["cli_sequential"] = through_cli(timesteps, tmp, args.trials, local=True)[0]
             r["cli_parallel"] = through_cli(timesteps, tmp, args.trials)[0] - r["start_stop"]
@@ -293,9 +366,13 @@ def main() -> None:
         f"\nDQN on CartPole, {timesteps:,} steps, one trial, 1 torch thread; median of "
         f"{args.rounds} rounds (range)\n"
     )
-    print("| path | wall s | vs in-process |")
-    print("|---|---:|---:|")
-    print(f"| `dqn.train` in-process | {median(rounds, 'direct'):.1f} | 1.00x |")
+    print("| path | wall s | vs in-process call | vs the script |")
+    print("|---|---:|---:|---:|")
+    print(f"| `dqn.train` in-process (warm) | {median(rounds, 'direct'):.1f} | 1.00x | |")
+    print(
+        f"| the same call as a script (fresh Python) | {median(rounds, 'script'):.1f} "
+        f"| {median_ratio(rounds, 'script', 'direct')} | 1.00x |"
+    )
     rows = [
         ("`rlgen run`, whole command", "wall"),
         ("`rlgen run` minus Ray start/stop", "beyond"),
@@ -307,24 +384,37 @@ def main() -> None:
             ("HTTP API: the trial's MLflow run", "api_run_s"),
         ]
     for label, key in rows:
-        print(f"| {label} | {median(rounds, key):.1f} | {median_ratio(rounds, key, 'direct')} |")
-    print(f"| embedded Ray start + stop alone | {median(rounds, 'start_stop'):.1f} | |")
+        print(
+            f"| {label} | {median(rounds, key):.1f} | {median_ratio(rounds, key, 'direct')} "
+            f"| {median_ratio(rounds, key, 'script')} |"
+        )
+    print(f"| embedded Ray start + stop alone | {median(rounds, 'start_stop'):.1f} | | |")
     print(f"\n{args.trials} trials of {timesteps:,} steps, one CPU each, {os.cpu_count()} CPUs\n")
-    print("| mode | wall s | throughput vs sequential |")
-    print("|---|---:|---:|")
-    print(f"| `launch`, one after another (local) | {median(rounds, 'sequential'):.1f} | 1.00x |")
+    for r in rounds:  # the ratios' share of what the machine allows, round by round
+        r["of_ceiling"] = r["sequential"] / r["parallel"] / r["ceiling"]
+        r["cli_of_ceiling"] = r["cli_sequential"] / r["cli_parallel"] / r["ceiling"]
+    print("| mode | wall s | throughput vs sequential | share of the ceiling |")
+    print("|---|---:|---:|---:|")
+    print(
+        f"| plain processes, {os.cpu_count()} trainings side by side (the ceiling) "
+        f"| {median(rounds, 'side_by_side'):.1f} | {median(rounds, 'ceiling'):.3f}x "
+        f"({min(r['ceiling'] for r in rounds):.3f}-{max(r['ceiling'] for r in rounds):.3f}) | |"
+    )
+    print(f"| `launch`, one after another (local) | {median(rounds, 'sequential'):.1f} | 1.00x | |")
     print(
         f"| `launch`, Ray Tune, concurrent | {median(rounds, 'parallel'):.1f} "
-        f"| {median_ratio(rounds, 'sequential', 'parallel')} |"
+        f"| {median_ratio(rounds, 'sequential', 'parallel')} "
+        f"| {median(rounds, 'of_ceiling'):.0%} |"
     )
     print(
         f"| `rlgen run --local`, one after another | {median(rounds, 'cli_sequential'):.1f} "
-        "| 1.00x |"
+        "| 1.00x | |"
     )
     print(
         f"| `rlgen run`, Ray Tune, concurrent, minus Ray start/stop "
         f"| {median(rounds, 'cli_parallel'):.1f} "
-        f"| {median_ratio(rounds, 'cli_sequential', 'cli_parallel')} |"
+        f"| {median_ratio(rounds, 'cli_sequential', 'cli_parallel')} "
+        f"| {median(rounds, 'cli_of_ceiling'):.0%} |"
     )
 
 

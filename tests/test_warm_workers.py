@@ -225,3 +225,17 @@ def test_the_embedded_cluster_leaves_out_the_daemons_it_has_no_use_for() -> None
     # ... but not the autoscaler's monitor, the log monitor nor the API server.
     for left_out in (b"/monitor.py", b"/log_monitor.py", b"/dashboard.py"):
         assert not any(left_out in cmdline for cmdline in cmdlines), (left_out, cmdlines)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_the_embedded_cluster_runs_with_its_settings() -> None:
+    from ray._private.state import state
+
+    from service.cluster import EMBEDDED_SYSTEM_CONFIG
+
+    # What the GCS handed the raylet: workers prestarted at its start and never retired.
+    config = state.get_system_config()
+    assert config["enable_worker_prestart"] is True
+    assert config["kill_idle_workers_interval_ms"] == 0
+    assert config["preload_python_modules"] == ["service.preload"]
+    assert EMBEDDED_SYSTEM_CONFIG.items() <= config.items()
