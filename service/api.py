@@ -40,6 +40,9 @@ from service.tracking import SEARCH_MAX, check_store, client_for
 log = logging.getLogger(__name__)
 
 TAG_API_ID = "rlgen.api_id"
+# A body declared up to this many times the size limit is read (and dropped) before its 413, so
+# that the client, still sending, gets the answer; a larger one is answered at once.
+DRAIN_FACTOR = 16
 
 
 class Submitter(Protocol):
@@ -160,6 +163,11 @@ def create_app(config: ApiConfig, submitter: Submitter) -> FastAPI:
         # one (chunked) is measured while the route reads it.
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            if int(length) <= DRAIN_FACTOR * config.max_body_bytes:
+                # Read the rest and drop it: closing on a client still sending made its kernel
+                # answer with a reset, and the client saw "connection reset", not the 413.
+                async for _ in request.stream():
+                    pass
             return JSONResponse({"detail": "request body too large"}, status_code=413)
         return await call_next(request)
 

@@ -262,33 +262,60 @@ def test_oversized_bodies_get_413_and_change_nothing(api: Any) -> None:
     assert not jobs.submitted and client.get("/experiments", headers=AUTH).json() == []
 
 
-def test_a_chunked_body_is_read_only_up_to_the_limit(api: Any) -> None:
-    """No declared length (chunked): the route stops reading once past the limit instead of
-    buffering a body that may never end. Driven through ASGI directly, because the test client
-    reads a streamed body whole before the app sees it."""
-    client, jobs, _ = api
-    received = 0
+def post_through_asgi(
+    client: Any, headers: list[tuple[bytes, bytes]], chunks: int | None
+) -> tuple[int, int, int]:
+    """POST /experiments straight to the ASGI app, the body in `chunks` chunks of 4 kB (None:
+    a body that never ends); returns (status, chunks read before the answer, chunks read in
+    all). The test client would read a streamed body whole before the app sees it."""
+    received, received_at_answer, status = 0, -1, 0
 
     async def receive() -> dict[str, Any]:
         nonlocal received
         received += 1
-        return {"type": "http.request", "body": b"#" * 4096, "more_body": True}  # never ends
-
-    sent: list[dict[str, Any]] = []
+        more = chunks is None or received < chunks
+        return {"type": "http.request", "body": b"#" * 4096, "more_body": more}
 
     async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+        nonlocal received_at_answer, status
+        if message["type"] == "http.response.start":
+            received_at_answer, status = received, message["status"]
 
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": "/experiments", "raw_path": b"/experiments", "query_string": b"",
         "root_path": "", "server": ("testserver", 80), "client": ("testclient", 1),
         "headers": [(b"authorization", AUTH["Authorization"].encode()),
-                    (b"transfer-encoding", b"chunked"), (b"content-type", b"application/yaml")],
+                    (b"content-type", b"application/yaml"), *headers],
     }  # fmt: skip
     asyncio.run(asyncio.wait_for(client.app(scope, receive, send), timeout=10))
-    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    return status, received_at_answer, received
+
+
+def test_a_chunked_body_is_read_only_up_to_the_limit(api: Any) -> None:
+    """No declared length (chunked): the route stops reading once past the limit instead of
+    buffering a body that may never end."""
+    client, jobs, _ = api
+    status, _, received = post_through_asgi(client, [(b"transfer-encoding", b"chunked")], None)
+    assert status == 413
     assert received <= 20_000 // 4096 + 2  # the limit is 20 kB
+    assert not jobs.submitted and client.get("/experiments", headers=AUTH).json() == []
+
+
+def test_a_body_declared_too_large_is_read_before_its_413_unless_huge(api: Any) -> None:
+    """Answering while the client still sends makes the client's kernel see a reset, so the
+    client reports "connection reset" instead of the 413: a body up to DRAIN_FACTOR times the
+    limit is read (and dropped) first; a larger one is answered at once, unread."""
+    from service.api import DRAIN_FACTOR
+
+    client, jobs, _ = api
+    chunks = 2 * 20_000 // 4096 + 1  # twice the 20 kB limit
+    length = str(chunks * 4096).encode()
+    status, at_answer, _ = post_through_asgi(client, [(b"content-length", length)], chunks)
+    assert (status, at_answer) == (413, chunks)  # the whole body was read, then the answer
+    huge = str(DRAIN_FACTOR * 20_000 + 1).encode()
+    status, at_answer, _ = post_through_asgi(client, [(b"content-length", huge)], None)
+    assert (status, at_answer) == (413, 0)  # never read
     assert not jobs.submitted and client.get("/experiments", headers=AUTH).json() == []
 
 
