@@ -148,6 +148,40 @@ METRICS = (
 OBS_SPACES = (gym.spaces.Box, gym.spaces.MultiBinary, gym.spaces.Discrete, gym.spaces.MultiDiscrete)
 
 
+# Integer dtypes the replay buffer keeps as they are, and the smallest that hold a range.
+_TORCH_INTS = {
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.int16): torch.int16,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+}
+
+
+def buffer_obs_dtype(space: gym.Space) -> torch.dtype:
+    """How the replay buffer stores observations of `space`: integers (images, Discrete and
+    MultiDiscrete indices, MultiBinary bits) in the smallest integer type that holds every value
+    of the space, everything else as float32; the network converts a sampled batch. uint8 images
+    take a quarter of float32's memory: a 1M-transition buffer of 84x84x4 frames (obs and
+    next_obs) needs 56 GB instead of 226 GB, as SB3 keeps them."""
+    if isinstance(space, gym.spaces.MultiBinary):
+        return torch.uint8
+    if isinstance(space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
+        start = np.asarray(space.start)
+        size = np.asarray(space.n if isinstance(space, gym.spaces.Discrete) else space.nvec)
+        low, high = int(start.min()), int((start + size - 1).max())
+    elif isinstance(space, gym.spaces.Box) and np.issubdtype(space.dtype, np.integer):
+        info = np.iinfo(space.dtype)
+        low, high = int(info.min), int(info.max)  # the dtype's range: values outside cannot occur
+    else:
+        return torch.float32
+    for np_dtype, torch_dtype in _TORCH_INTS.items():
+        info = np.iinfo(np_dtype)
+        if info.min <= low and high <= info.max:
+            return torch_dtype
+    return torch.float32  # e.g. uint64 beyond int64: float32 rounds, as before
+
+
 def check_env(env: gym.Env) -> str | None:
     """Why DQN cannot run on `env`, or None."""
     if not isinstance(env.action_space, gym.spaces.Discrete):
@@ -217,9 +251,9 @@ class QNetwork(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if self.onehot_shift is not None:
             idx = obs.reshape(len(obs), -1).long() + self.onehot_shift  # (B, k)
-            h = obs.new_zeros(len(obs), self.in_dim).scatter_(1, idx, 1.0)
+            h = torch.zeros(len(obs), self.in_dim, device=obs.device).scatter_(1, idx, 1.0)
         else:
-            h = obs.flatten(1)
+            h = obs.flatten(1).float()  # the buffer may hold integers (uint8 images, bits)
         if self.obs_center is not None and self.obs_scale is not None:
             h = (h - self.obs_center) * self.obs_scale
         for layer in self.hidden:
@@ -318,7 +352,7 @@ def train(config: Config, ctx: RunContext) -> None:
     buffer_args: dict[str, Any] = {
         "capacity": config.buffer_size,
         "obs_shape": obs_shape,
-        "obs_dtype": torch.float32,
+        "obs_dtype": buffer_obs_dtype(envs.single_observation_space),
         "device": device,
         "generator": ctx.torch_rng,
     }

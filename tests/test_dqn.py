@@ -532,3 +532,88 @@ def test_evaluation_episodes_are_capped_in_envs_without_a_time_limit(tmp_path: P
     lengths = [v for _, v in metrics["eval/length_mean"]]
     assert len(lengths) == 2 and max(lengths) <= 50
     assert metrics["time/train_s"][-1][1] > 0  # the final evaluation is not subtracted
+
+
+# -- observation storage --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("space", "dtype"),
+    [
+        (gym.spaces.Box(0, 255, (84, 84, 4), np.uint8), torch.uint8),
+        (gym.spaces.Box(-5, 5, (3,), np.int16), torch.int16),
+        (gym.spaces.Box(0, 9, (2,), np.uint16), torch.int32),  # torch has no full uint16
+        (gym.spaces.Box(0, 9, (2,), np.uint64), torch.float32),  # beyond int64
+        (gym.spaces.Box(-1.0, 1.0, (4,), np.float64), torch.float32),
+        (gym.spaces.Discrete(16), torch.uint8),
+        (gym.spaces.Discrete(3, start=-1), torch.int8),
+        (gym.spaces.Discrete(300), torch.int16),
+        (gym.spaces.MultiDiscrete([2, 70_000]), torch.int32),
+        (gym.spaces.MultiBinary(5), torch.uint8),
+    ],
+)
+def test_the_buffer_stores_observations_in_the_smallest_type_that_holds_them(
+    space: gym.Space, dtype: torch.dtype
+) -> None:
+    assert dqn.buffer_obs_dtype(space) == dtype
+    if dtype != torch.float32:  # every value the space can hold fits
+        if isinstance(space, gym.spaces.Box):
+            low, high = space.low.min(), space.high.max()
+        elif isinstance(space, gym.spaces.Discrete):
+            low, high = space.start, space.start + space.n - 1
+        elif isinstance(space, gym.spaces.MultiDiscrete):
+            low, high = 0, space.nvec.max() - 1
+        else:
+            low, high = 0, 1
+        assert torch.iinfo(dtype).min <= low and high <= torch.iinfo(dtype).max
+
+
+class PixelBandit(gym.Env):  # type: ignore[type-arg]
+    """One-step episodes on a 6x6 uint8 image, dark but for one bright pixel: action 0 pays
+    when it lies in the left half, action 1 when in the right."""
+
+    observation_space = gym.spaces.Box(0, 255, (6, 6), np.uint8)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None, options: object = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.pixel = self.np_random.integers(6, size=2)
+        image = np.zeros((6, 6), np.uint8)
+        image[tuple(self.pixel)] = 255
+        return image, {}
+
+    def step(self, action: object) -> tuple[np.ndarray, float, bool, bool, dict]:
+        paid = int(action) == int(self.pixel[1] >= 3)  # type: ignore[call-overload]
+        return np.zeros((6, 6), np.uint8), float(paid), True, False, {}
+
+
+def test_learns_from_uint8_images_kept_as_uint8_in_the_buffer(tmp_path: Path) -> None:
+    """The buffer holds the images as uint8 (a quarter of float32's memory), the network sees
+    the same values as floats, and the greedy policy learns to look at the pixel."""
+    gym.register("RLGenTest/PixelBandit-v0", entry_point=PixelBandit)
+    try:
+        config = small_config(
+            gamma=0.0,
+            total_timesteps=3_000,
+            learning_starts=200,
+            train_freq=20,
+            gradient_steps=10,
+            hidden_sizes=[32],
+            eval_every=1_000,
+            eval_episodes=20,
+            checkpoint_every=3_000,
+            checkpoint_buffer=True,
+            exploration_fraction=0.3,
+        )
+        ctx = run(config, tmp_path, env="RLGenTest/PixelBandit-v0")
+        evals = [v for _, v in ctx.writer.metrics["eval/return_mean"]]  # type: ignore[attr-defined]
+        assert evals[-1] >= 0.95, evals
+        state = ctx.checkpoints.latest()
+        assert state is not None
+        stored = state["buffer"]["obs"]
+        assert stored.dtype == torch.uint8 and stored.shape[1:] == (6, 6)
+        assert set(torch.unique(stored).tolist()) == {0, 255}  # pixels kept exactly
+        q = dqn.build_network(config, gym.make("RLGenTest/PixelBandit-v0"))
+        q.load_state_dict(state["q"])
+        batch = stored[:8]
+        assert torch.equal(q(batch), q(batch.float()))
+    finally:
+        gym.registry.pop("RLGenTest/PixelBandit-v0", None)
