@@ -24,7 +24,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gymnasium.spaces.utils import flatten, flatten_space
 from gymnasium.vector import AutoresetMode
+from gymnasium.wrappers.vector import FlattenObservation
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
@@ -144,8 +146,22 @@ METRICS = (
 
 # Observation spaces the Q-network takes: Box and MultiBinary as flat float vectors, Discrete and
 # MultiDiscrete one-hot encoded inside the network (as SB3 does), so the replay buffer keeps the
-# small integer observations rather than their one-hot vectors.
+# small integer observations rather than their one-hot vectors. Tuple and Dict spaces of these
+# (nested: Blackjack's (sum, dealer card, usable ace), goal-conditioned dicts) enter as one flat
+# Box: gymnasium's `flatten`, their Discrete parts one-hot, their Box parts as they are.
 OBS_SPACES = (gym.spaces.Box, gym.spaces.MultiBinary, gym.spaces.Discrete, gym.spaces.MultiDiscrete)
+
+
+def is_composite(space: gym.Space) -> bool:  # type: ignore[type-arg]
+    return isinstance(space, gym.spaces.Tuple | gym.spaces.Dict)
+
+
+def _takes(space: gym.Space) -> bool:  # type: ignore[type-arg]
+    if isinstance(space, gym.spaces.Tuple):
+        return len(space.spaces) > 0 and all(_takes(s) for s in space.spaces)
+    if isinstance(space, gym.spaces.Dict):
+        return len(space.spaces) > 0 and all(_takes(s) for s in space.spaces.values())
+    return isinstance(space, OBS_SPACES)
 
 
 # Integer dtypes the replay buffer keeps as they are, and the smallest that hold a range.
@@ -186,10 +202,10 @@ def check_env(env: gym.Env) -> str | None:
     """Why DQN cannot run on `env`, or None."""
     if not isinstance(env.action_space, gym.spaces.Discrete):
         return f"DQN needs a discrete action space, not {env.action_space}"
-    if not isinstance(env.observation_space, OBS_SPACES):
+    if not _takes(env.observation_space):
         return (
-            "DQN needs a Box, MultiBinary, Discrete or MultiDiscrete observation space, "
-            f"not {env.observation_space}"
+            "DQN needs a Box, MultiBinary, Discrete or MultiDiscrete observation space, or a "
+            f"Tuple/Dict of them, not {env.observation_space}"
         )
     return None
 
@@ -303,6 +319,8 @@ def build_network(
     config: Config, env: gym.Env | gym.vector.VectorEnv, generator: torch.Generator | None = None
 ) -> QNetwork:
     space: Any = getattr(env, "single_observation_space", env.observation_space)
+    if is_composite(space):  # a raw env's (`load_policy`); train's envs flatten already
+        space = flatten_space(space)
     actions: Any = getattr(env, "single_action_space", env.action_space)
     if isinstance(space, gym.spaces.Discrete):
         start, sizes = np.array([int(space.start)]), np.array([int(space.n)])
@@ -335,6 +353,8 @@ def train(config: Config, ctx: RunContext) -> None:
     device = ctx.device
     envs = ctx.make_vec_env(config.num_envs)
     eval_envs = ctx.make_vec_env(config.eval_episodes)
+    if is_composite(envs.single_observation_space):  # Tuple/Dict: (N, flat size) arrays
+        envs, eval_envs = FlattenObservation(envs), FlattenObservation(eval_envs)
     mode = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
         raise ValueError(f"unsupported vector-env autoreset mode {mode}")
@@ -568,9 +588,14 @@ def train(config: Config, ctx: RunContext) -> None:
 
 
 def load_policy(config: Config, state: dict[str, Any], env: gym.Env) -> Any:
-    """The greedy policy of a checkpoint, for `rlgen evaluate`: obs (N, ...) -> actions (N,)."""
+    """The greedy policy of a checkpoint, for `rlgen evaluate`: obs (N, ...) -> actions (N,);
+    with Tuple/Dict observations, a sequence of N of the env's own observations."""
     q = build_network(config, env)
     q.load_state_dict(state["q"])
     q.eval()
     actions: Any = getattr(env, "single_action_space", env.action_space)
-    return greedy_actor(q, torch.device("cpu"), int(actions.start))
+    act = greedy_actor(q, torch.device("cpu"), int(actions.start))
+    space = env.observation_space
+    if is_composite(space):
+        return lambda batch: act(np.stack([flatten(space, o) for o in batch]))
+    return act

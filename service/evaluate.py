@@ -122,7 +122,8 @@ def _rollouts(
             frames.append(env.render())
         done = False
         while not done and lengths[ep] < (limit or DEFAULT_MAX_STEPS):
-            action = policy(np.asarray(obs)[None])[0]
+            # A batch of one: an array (1, *shape), or a list of one Tuple/Dict observation.
+            action = policy([obs] if isinstance(obs, tuple | dict) else np.asarray(obs)[None])[0]
             obs, reward, terminated, truncated, _ = env.step(action.item())
             returns[ep] += float(reward)
             lengths[ep] += 1

@@ -381,7 +381,12 @@ def test_refuses_envs_it_cannot_run_on() -> None:
     assert dqn.check_env(gym.make("CartPole-v1")) is None
     assert "discrete action" in (dqn.check_env(gym.make("Pendulum-v1")) or "")
     assert dqn.check_env(gym.make("FrozenLake-v1")) is None  # one-hot inside the network
-    assert "observation space" in (dqn.check_env(gym.make("Blackjack-v1")) or "")  # a Tuple
+    assert dqn.check_env(gym.make("Blackjack-v1")) is None  # a Tuple of Discretes, flattened
+    text = gym.make("Blackjack-v1")
+    text.observation_space = gym.spaces.Tuple([gym.spaces.Discrete(2), gym.spaces.Text(5)])
+    assert "Tuple/Dict of them" in (dqn.check_env(text) or "")
+    text.observation_space = gym.spaces.Dict({})
+    assert "observation space" in (dqn.check_env(text) or "")
 
 
 def test_config_rejects_inconsistent_fields() -> None:
@@ -617,3 +622,80 @@ def test_learns_from_uint8_images_kept_as_uint8_in_the_buffer(tmp_path: Path) ->
         assert torch.equal(q(batch), q(batch.float()))
     finally:
         gym.registry.pop("RLGenTest/PixelBandit-v0", None)
+
+
+class DictBandit(gym.Env):  # type: ignore[type-arg]
+    """One-step episodes; a Dict observation with a Box part and a (nested) Tuple of Discretes:
+    the paying action is 1 when `flag` XOR (`pos[0] > 0`), else 0: the net needs both parts."""
+
+    observation_space = gym.spaces.Dict(
+        {
+            "pos": gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
+            "parts": gym.spaces.Tuple([gym.spaces.Discrete(2), gym.spaces.Discrete(3, start=-1)]),
+        }
+    )
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None, options: object = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        self.obs = self.observation_space.sample()
+        return self.obs, {}
+
+    def right_action(self, obs: dict) -> int:
+        return int(obs["parts"][0]) ^ int(obs["pos"][0] > 0)
+
+    def step(self, action: object) -> tuple[dict, float, bool, bool, dict]:
+        paid = int(action) == self.right_action(self.obs)  # type: ignore[call-overload]
+        final = {"pos": self.obs["pos"].copy(), "parts": self.obs["parts"]}
+        return final, float(paid), True, False, {}
+
+
+def test_learns_from_dict_and_tuple_observations_flattened(tmp_path: Path) -> None:
+    """Dict/Tuple observations enter as gymnasium's flat vector (Discrete parts one-hot); the
+    checkpoint's greedy policy, as `rlgen evaluate` runs it on the raw env, takes them too."""
+    from service.evaluate import _rollouts
+
+    gym.register("RLGenTest/DictBandit-v0", entry_point=DictBandit)
+    try:
+        config = small_config(
+            gamma=0.0,
+            total_timesteps=4_000,
+            learning_starts=200,
+            train_freq=20,
+            gradient_steps=10,
+            hidden_sizes=[32],
+            eval_every=2_000,
+            eval_episodes=50,
+            checkpoint_every=4_000,
+            exploration_fraction=0.3,
+            num_envs=2,
+        )
+        ctx = run(config, tmp_path, env="RLGenTest/DictBandit-v0")
+        evals = [v for _, v in ctx.writer.metrics["eval/return_mean"]]  # type: ignore[attr-defined]
+        assert evals[-1] >= 0.9, evals
+        state = ctx.checkpoints.latest()
+        assert state is not None
+        env = gym.make("RLGenTest/DictBandit-v0")
+        assert state["q"]["hidden.0.weight"].shape[1] == 2 + 2 + 3  # pos, one-hot flag and part
+        policy = dqn.load_policy(config, state, env)
+        returns, _, _ = _rollouts(env, policy, episodes=200, seed=1, render=False)
+        assert returns.mean() >= 0.9
+    finally:
+        gym.registry.pop("RLGenTest/DictBandit-v0", None)
+
+
+def test_blackjack_trains_and_its_policy_evaluates(tmp_path: Path) -> None:
+    """Blackjack-v1's Tuple(Discrete(32), Discrete(11), Discrete(2)), through the vector env and
+    `rlgen evaluate`'s rollouts."""
+    from service.evaluate import _rollouts
+
+    config = small_config(total_timesteps=1_000, eval_every=500, checkpoint_every=1_000)
+    ctx = run(config, tmp_path, env="Blackjack-v1")
+    assert len(ctx.writer.metrics["eval/return_mean"]) == 2  # type: ignore[attr-defined]
+    state = ctx.checkpoints.latest()
+    assert state is not None and state["q"]["hidden.0.weight"].shape[1] == 32 + 11 + 2
+    env = gym.make("Blackjack-v1")
+    returns, lengths, _ = _rollouts(
+        env, dqn.load_policy(config, state, env), episodes=20, seed=0, render=False
+    )
+    assert set(returns) <= {-1.0, 0.0, 1.0, 1.5} and lengths.min() >= 1
