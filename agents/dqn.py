@@ -152,11 +152,11 @@ METRICS = (
 OBS_SPACES = (gym.spaces.Box, gym.spaces.MultiBinary, gym.spaces.Discrete, gym.spaces.MultiDiscrete)
 
 
-def is_composite(space: gym.Space) -> bool:  # type: ignore[type-arg]
+def is_composite(space: gym.Space) -> bool:
     return isinstance(space, gym.spaces.Tuple | gym.spaces.Dict)
 
 
-def _takes(space: gym.Space) -> bool:  # type: ignore[type-arg]
+def _takes(space: gym.Space) -> bool:
     if isinstance(space, gym.spaces.Tuple):
         return len(space.spaces) > 0 and all(_takes(s) for s in space.spaces)
     if isinstance(space, gym.spaces.Dict):
@@ -597,5 +597,6 @@ def load_policy(config: Config, state: dict[str, Any], env: gym.Env) -> Any:
     act = greedy_actor(q, torch.device("cpu"), int(actions.start))
     space = env.observation_space
     if is_composite(space):
-        return lambda batch: act(np.stack([flatten(space, o) for o in batch]))
+        # flatten returns an array for these spaces (a Dict/Tuple only for Graph/Sequence parts)
+        return lambda batch: act(np.stack([np.asarray(flatten(space, o)) for o in batch]))
     return act
