@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gymnasium as gym
@@ -275,6 +277,28 @@ def small_config(**overrides: object) -> dqn.Config:
     return dqn.Config(**{**base, **overrides})
 
 
+def bandit_config(**overrides: object) -> dqn.Config:
+    """For one-step test envs whose every episode is a single choice."""
+    base: dict[str, object] = {
+        "gamma": 0.0,
+        "learning_starts": 200,
+        "train_freq": 20,
+        "gradient_steps": 10,
+        "hidden_sizes": [32],
+        "exploration_fraction": 0.3,
+    }
+    return small_config(**{**base, **overrides})
+
+
+@contextmanager
+def registered(env_id: str, entry_point: type[gym.Env]) -> Iterator[str]:  # type: ignore[type-arg]
+    gym.register(env_id, entry_point=entry_point)
+    try:
+        yield env_id
+    finally:
+        gym.registry.pop(env_id, None)
+
+
 def run(config: dqn.Config, tmp: Path, seed: int = 0, env: str = "CartPole-v1") -> RunContext:
     ctx = RunContext.in_memory(seed=seed, workdir=tmp, env=EnvSpec(id=env))
     dqn.train(config, ctx)
@@ -504,26 +528,23 @@ class ShiftedBandit(gym.Env):  # type: ignore[type-arg]
 def test_actions_of_a_discrete_space_with_a_start_offset(tmp_path: Path) -> None:
     """Network column i is action start + i: the env only ever gets actions of its space, the
     buffer column indices, and the greedy policy of a checkpoint picks the paying action."""
-    gym.register("RLGenTest/ShiftedBandit-v0", entry_point=ShiftedBandit)
-    try:
-        config = small_config(
-            gamma=0.0,
+    with registered("RLGenTest/ShiftedBandit-v0", ShiftedBandit) as env_id:
+        config = bandit_config(
             total_timesteps=600,
             learning_starts=100,
             train_freq=10,
+            gradient_steps=10,
+            hidden_sizes=[16],
             eval_every=300,
             checkpoint_every=300,
-            exploration_fraction=0.3,
         )
-        ctx = run(config, tmp_path, env="RLGenTest/ShiftedBandit-v0")
+        ctx = run(config, tmp_path, env=env_id)
         evals = [v for _, v in ctx.writer.metrics["eval/return_mean"]]  # type: ignore[attr-defined]
         assert evals[-1] == 1.0
         state = ctx.checkpoints.latest()
         assert state is not None
-        policy = dqn.load_policy(config, state, gym.make("RLGenTest/ShiftedBandit-v0"))
+        policy = dqn.load_policy(config, state, gym.make(env_id))
         assert policy(np.zeros((2, 1), np.float32)).tolist() == [1, 1]
-    finally:
-        gym.registry.pop("RLGenTest/ShiftedBandit-v0", None)
 
 
 def test_evaluation_episodes_are_capped_in_envs_without_a_time_limit(tmp_path: Path) -> None:
@@ -593,22 +614,15 @@ class PixelBandit(gym.Env):  # type: ignore[type-arg]
 def test_learns_from_uint8_images_kept_as_uint8_in_the_buffer(tmp_path: Path) -> None:
     """The buffer holds the images as uint8 (a quarter of float32's memory), the network sees
     the same values as floats, and the greedy policy learns to look at the pixel."""
-    gym.register("RLGenTest/PixelBandit-v0", entry_point=PixelBandit)
-    try:
-        config = small_config(
-            gamma=0.0,
+    with registered("RLGenTest/PixelBandit-v0", PixelBandit) as env_id:
+        config = bandit_config(
             total_timesteps=3_000,
-            learning_starts=200,
-            train_freq=20,
-            gradient_steps=10,
-            hidden_sizes=[32],
             eval_every=1_000,
             eval_episodes=20,
             checkpoint_every=3_000,
             checkpoint_buffer=True,
-            exploration_fraction=0.3,
         )
-        ctx = run(config, tmp_path, env="RLGenTest/PixelBandit-v0")
+        ctx = run(config, tmp_path, env=env_id)
         evals = [v for _, v in ctx.writer.metrics["eval/return_mean"]]  # type: ignore[attr-defined]
         assert evals[-1] >= 0.95, evals
         state = ctx.checkpoints.latest()
@@ -616,12 +630,10 @@ def test_learns_from_uint8_images_kept_as_uint8_in_the_buffer(tmp_path: Path) ->
         stored = state["buffer"]["obs"]
         assert stored.dtype == torch.uint8 and stored.shape[1:] == (6, 6)
         assert set(torch.unique(stored).tolist()) == {0, 255}  # pixels kept exactly
-        q = dqn.build_network(config, gym.make("RLGenTest/PixelBandit-v0"))
+        q = dqn.build_network(config, gym.make(env_id))
         q.load_state_dict(state["q"])
         batch = stored[:8]
         assert torch.equal(q(batch), q(batch.float()))
-    finally:
-        gym.registry.pop("RLGenTest/PixelBandit-v0", None)
 
 
 class DictBandit(gym.Env):  # type: ignore[type-arg]
@@ -655,33 +667,24 @@ def test_learns_from_dict_and_tuple_observations_flattened(tmp_path: Path) -> No
     checkpoint's greedy policy, as `rlgen evaluate` runs it on the raw env, takes them too."""
     from service.evaluate import _rollouts
 
-    gym.register("RLGenTest/DictBandit-v0", entry_point=DictBandit)
-    try:
-        config = small_config(
-            gamma=0.0,
+    with registered("RLGenTest/DictBandit-v0", DictBandit) as env_id:
+        config = bandit_config(
             total_timesteps=4_000,
-            learning_starts=200,
-            train_freq=20,
-            gradient_steps=10,
-            hidden_sizes=[32],
             eval_every=2_000,
             eval_episodes=50,
             checkpoint_every=4_000,
-            exploration_fraction=0.3,
             num_envs=2,
         )
-        ctx = run(config, tmp_path, env="RLGenTest/DictBandit-v0")
+        ctx = run(config, tmp_path, env=env_id)
         evals = [v for _, v in ctx.writer.metrics["eval/return_mean"]]  # type: ignore[attr-defined]
         assert evals[-1] >= 0.9, evals
         state = ctx.checkpoints.latest()
         assert state is not None
-        env = gym.make("RLGenTest/DictBandit-v0")
+        env = gym.make(env_id)
         assert state["q"]["hidden.0.weight"].shape[1] == 2 + 2 + 3  # pos, one-hot flag and part
         policy = dqn.load_policy(config, state, env)
         returns, _, _ = _rollouts(env, policy, episodes=200, seed=1, render=False)
         assert returns.mean() >= 0.9
-    finally:
-        gym.registry.pop("RLGenTest/DictBandit-v0", None)
 
 
 def test_blackjack_trains_and_its_policy_evaluates(tmp_path: Path) -> None:
