@@ -16,6 +16,7 @@ Counting: a *timestep* is one transition (one env step that is not gymnasium's r
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 from typing import Any, Literal
@@ -179,7 +180,22 @@ def buffer_obs_dtype(space: gym.Space) -> torch.dtype:
     MultiDiscrete indices, MultiBinary bits) in the smallest integer type that holds every value
     of the space, everything else as float32; the network converts a sampled batch. uint8 images
     take a quarter of float32's memory: a 1M-transition buffer of 84x84x4 frames (obs and
-    next_obs) needs 56 GB instead of 226 GB, as SB3 keeps them."""
+    next_obs) needs 56 GB instead of 226 GB, as SB3 keeps them.
+
+    Tuple/Dict spaces are stored flattened: their Discrete parts as one-hot 0/1 (written by
+    gymnasium's `flatten`, so uint8 holds them), the rest as above, in one type for all parts.
+    """
+    if isinstance(space, gym.spaces.Tuple | gym.spaces.Dict):
+        parts = space.spaces.values() if isinstance(space, gym.spaces.Dict) else space.spaces
+        return functools.reduce(
+            torch.promote_types,
+            (
+                torch.uint8
+                if isinstance(p, gym.spaces.Discrete | gym.spaces.MultiDiscrete)
+                else buffer_obs_dtype(p)
+                for p in parts
+            ),
+        )
     if isinstance(space, gym.spaces.MultiBinary):
         return torch.uint8
     if isinstance(space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
@@ -353,6 +369,7 @@ def train(config: Config, ctx: RunContext) -> None:
     device = ctx.device
     envs = ctx.make_vec_env(config.num_envs)
     eval_envs = ctx.make_vec_env(config.eval_episodes)
+    obs_dtype = buffer_obs_dtype(envs.single_observation_space)  # of the env's own space
     if is_composite(envs.single_observation_space):  # Tuple/Dict: (N, flat size) arrays
         envs, eval_envs = FlattenObservation(envs), FlattenObservation(eval_envs)
     mode = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
@@ -372,7 +389,7 @@ def train(config: Config, ctx: RunContext) -> None:
     buffer_args: dict[str, Any] = {
         "capacity": config.buffer_size,
         "obs_shape": obs_shape,
-        "obs_dtype": buffer_obs_dtype(envs.single_observation_space),
+        "obs_dtype": obs_dtype,
         "device": device,
         "generator": ctx.torch_rng,
     }

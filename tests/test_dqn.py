@@ -574,6 +574,18 @@ def test_evaluation_episodes_are_capped_in_envs_without_a_time_limit(tmp_path: P
         (gym.spaces.Discrete(300), torch.int16),
         (gym.spaces.MultiDiscrete([2, 70_000]), torch.int32),
         (gym.spaces.MultiBinary(5), torch.uint8),
+        # Tuple/Dict: flattened, Discrete parts one-hot
+        (gym.make("Blackjack-v1").observation_space, torch.uint8),
+        (
+            gym.spaces.Dict(
+                {
+                    "frame": gym.spaces.Box(0, 255, (4, 4), np.uint8),
+                    "more": gym.spaces.Tuple([gym.spaces.Discrete(300), gym.spaces.MultiBinary(2)]),
+                }
+            ),
+            torch.uint8,
+        ),
+        (gym.spaces.Tuple([gym.spaces.Box(-1, 1, (2,)), gym.spaces.Discrete(3)]), torch.float32),
     ],
 )
 def test_the_buffer_stores_observations_in_the_smallest_type_that_holds_them(
@@ -692,11 +704,16 @@ def test_blackjack_trains_and_its_policy_evaluates(tmp_path: Path) -> None:
     `rlgen evaluate`'s rollouts."""
     from service.evaluate import _rollouts
 
-    config = small_config(total_timesteps=1_000, eval_every=500, checkpoint_every=1_000)
+    config = small_config(
+        total_timesteps=1_000, eval_every=500, checkpoint_every=1_000, checkpoint_buffer=True
+    )
     ctx = run(config, tmp_path, env="Blackjack-v1")
     assert len(ctx.writer.metrics["eval/return_mean"]) == 2  # type: ignore[attr-defined]
     state = ctx.checkpoints.latest()
     assert state is not None and state["q"]["hidden.0.weight"].shape[1] == 32 + 11 + 2
+    stored = state["buffer"]["obs"]  # one-hot codes, one byte each
+    assert stored.dtype == torch.uint8 and stored.shape[1] == 45
+    assert (stored.sum(dim=1) == 3).all()  # one hot unit per part
     env = gym.make("Blackjack-v1")
     returns, lengths, _ = _rollouts(
         env, dqn.load_policy(config, state, env), episodes=20, seed=0, render=False
