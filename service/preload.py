@@ -8,7 +8,8 @@ Only as many as will run trials at once: `rlgen run` starts Ray before its spec 
 says how many once it knows (`service.cluster.set_preload_workers`). The first worker preloads at
 once; the others wait for the number (up to `WAIT_S`) and claim one of the slots it allows, or
 stay light. On two cores a second worker importing for a single trial delays it by ~0.8 s; a
-light worker imports on demand if a trial does come to it.
+light worker imports on demand if a trial does come to it. What a worker preloaded, it then
+freezes out of the garbage collector's reach (`service.trial.freeze_imports`).
 """
 
 import os
@@ -48,4 +49,6 @@ def should_preload(directory: str | None) -> bool:
 
 if should_preload(os.environ.get("RLGEN_PRELOAD_DIR")):
     # Not MLflow: on this cluster trials reach it through the driver (`service.relay`).
-    import service.trial  # noqa: F401  (torch, the algorithms, the run context)
+    import service.trial  # (torch, the algorithms, the run context)
+
+    service.trial.freeze_imports()  # what it imported, out of the garbage collector's way

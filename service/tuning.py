@@ -20,7 +20,14 @@ from service.cluster import embedded
 from service.settings import get_settings
 from service.spec import SpecBase
 from service.tracking import TAG_ERROR
-from service.trial import TrialRequest, run_name, run_trial, tracker_for, trial_label
+from service.trial import (
+    TrialRequest,
+    freeze_imports,
+    run_name,
+    run_trial,
+    tracker_for,
+    trial_label,
+)
 
 if TYPE_CHECKING:  # not imported at run time: trial processes unpickle `_trainable` from here,
     # and `service.execution` brings MLflow with it, which the relay spares them
@@ -53,6 +60,7 @@ class _TuneReporter:
 
 
 def _trainable(config: dict[str, Any], request: TrialRequest, metric: str | None) -> None:
+    freeze_imports()
     trial = config["trial"]
     reporter = _TuneReporter(metric) if metric else None
     outcome = run_trial(

@@ -68,11 +68,19 @@ def imported() -> list[bool]:
     return [m in sys.modules for m in ("torch", "service.trial", "mlflow.tracking")]
 
 
+@ray.remote(num_cpus=0)
+def frozen() -> int:
+    import gc
+
+    return gc.get_freeze_count()
+
+
 def loaded(pid: int, library: str) -> bool:
     return library.encode() in Path(f"/proc/{pid}/maps").read_bytes()
 
 
 warm = ray.get(imported.remote())
+freeze_count = ray.get(frozen.remote())
 client = MlflowClient(f"sqlite:///{sys.argv[2]}")
 workers = {}
 for seeds in ("[0]", "[0, 1]"):  # one trial: a Ray task; two: Ray Tune
@@ -87,7 +95,7 @@ for seeds in ("[0]", "[0, 1]"):  # one trial: a Ray task; two: Ray Tune
 # trial's worker (it stays; Tune's trial actors are gone by now).
 sqlalchemy = {pid: loaded(pid, "sqlalchemy") for pid in [os.getpid(), *workers["[0]"]]}
 print(json.dumps({"embedded": embedded(), "idle": sorted(idle), "warm": warm, "workers": workers,
-                  "sqlalchemy": sqlalchemy}))
+                  "sqlalchemy": sqlalchemy, "frozen": freeze_count}))
 """,
 )
 
@@ -112,6 +120,7 @@ def test_trials_run_in_prestarted_preloaded_workers(tmp_path: Path) -> None:
     assert len(result["idle"]) == 2, result
     # torch and the algorithms, but not MLflow: trials reach it through the driver's relay.
     assert result["warm"] == [True, True, False]
+    assert result["frozen"] > 100_000  # what it preloaded, out of the garbage collector's way
     driver, *trial_workers = result["sqlalchemy"].values()
     assert driver is True and trial_workers == [False], result
     assert len(result["workers"]["[0]"]) == 1 and len(result["workers"]["[0, 1]"]) == 2
@@ -239,3 +248,31 @@ def test_the_embedded_cluster_runs_with_its_settings() -> None:
     assert config["kill_idle_workers_interval_ms"] == 0
     assert config["preload_python_modules"] == ["service.preload"]
     assert EMBEDDED_SYSTEM_CONFIG.items() <= config.items()
+
+
+# -- the garbage collector -----------------------------------------------------------------------
+def test_ray_workers_freeze_their_imports_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single trial's task and a Tune trial each freeze what their worker imported, once per
+    process; running a trial in-process (`run_trial`, `--local`) freezes nothing."""
+    import ray
+    from ray import tune
+
+    from service import trial, tuning
+
+    calls: list[int] = []
+    monkeypatch.setattr(trial.gc, "freeze", lambda: calls.append(1))
+    monkeypatch.setattr(trial, "_imports_frozen", False)
+    outcome = trial.TrialOutcome("run", 0, "FINISHED")
+    monkeypatch.setattr(trial, "run_trial", lambda *a, **k: outcome)
+    monkeypatch.setattr(tuning, "run_trial", lambda *a, **k: outcome)
+    monkeypatch.setattr(tune, "report", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])  # not on a worker: no Ray to ask
+    request = trial.TrialRequest(spec={}, seed=0, tracking_uri="", experiment_id="0", launch_id="")
+
+    assert trial.run_on_ray_worker(request) is outcome
+    assert calls == [1]
+    trial.run_on_ray_worker(request)  # the same worker again: frozen already
+    assert calls == [1]
+    monkeypatch.setattr(trial, "_imports_frozen", False)  # a fresh worker process, under Tune
+    tuning._trainable({"trial": {"seed": 0, "overrides": {}}}, request, None)
+    assert calls == [1, 1]
