@@ -9,6 +9,7 @@ WORKDIR /app
 RUN pip install "torch>=2.4" "ray[default,tune]==2.60.0" "mlflow==3.17.2" "psycopg2-binary>=2.9"
 
 COPY pyproject.toml README.md ./
+COPY runctx runctx
 COPY service service
 COPY agents agents
 COPY generative generative

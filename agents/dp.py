@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agents.evaluation import evaluate_policy
 from agents.mdp import TabularMDP, TorchMDP, unmodelled_dynamics
 from agents.plots import residual_curve, value_heatmap
-from service.context import RunContext
+from runctx import RunContext
 
 
 class DPConfig(BaseModel):
@@ -124,7 +124,7 @@ def report(
                 env,
                 lambda s: int(pi_np[int(s)]),
                 config.eval_episodes,
-                seed=int(ctx.np_rng.integers(2**31)),
+                seed=int(ctx.rng("evaluation").integers(2**31)),
             )
         finally:
             env.close()

@@ -16,7 +16,6 @@ Counting: a *timestep* is one transition (one env step that is not gymnasium's r
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import math
 from typing import Any, Literal
@@ -34,7 +33,9 @@ from torch import nn
 from agents.evaluation import evaluate_vector
 from agents.plots import learning_curve
 from agents.replay import NStep, PrioritizedReplayBuffer, ReplayBuffer
-from service.context import RunContext
+from agents.schedules import linear_schedule
+from agents.spaces import buffer_obs_dtype, is_composite, takes
+from runctx import RunContext
 
 
 class Config(BaseModel):
@@ -145,80 +146,12 @@ METRICS = (
     "time/train_s",
 )
 
-# Observation spaces the Q-network takes: Box and MultiBinary as flat float vectors, Discrete and
-# MultiDiscrete one-hot encoded inside the network (as SB3 does), so the replay buffer keeps the
-# small integer observations rather than their one-hot vectors. Tuple and Dict spaces of these
-# (nested: Blackjack's (sum, dealer card, usable ace), goal-conditioned dicts) enter as one flat
-# Box: gymnasium's `flatten`, their Discrete parts one-hot, their Box parts as they are.
-OBS_SPACES = (gym.spaces.Box, gym.spaces.MultiBinary, gym.spaces.Discrete, gym.spaces.MultiDiscrete)
-
-
-def is_composite(space: gym.Space) -> bool:
-    return isinstance(space, gym.spaces.Tuple | gym.spaces.Dict)
-
-
-def _takes(space: gym.Space) -> bool:
-    if isinstance(space, gym.spaces.Tuple):
-        return len(space.spaces) > 0 and all(_takes(s) for s in space.spaces)
-    if isinstance(space, gym.spaces.Dict):
-        return len(space.spaces) > 0 and all(_takes(s) for s in space.spaces.values())
-    return isinstance(space, OBS_SPACES)
-
-
-# Integer dtypes the replay buffer keeps as they are, and the smallest that hold a range.
-_TORCH_INTS = {
-    np.dtype(np.uint8): torch.uint8,
-    np.dtype(np.int8): torch.int8,
-    np.dtype(np.int16): torch.int16,
-    np.dtype(np.int32): torch.int32,
-    np.dtype(np.int64): torch.int64,
-}
-
-
-def buffer_obs_dtype(space: gym.Space) -> torch.dtype:
-    """How the replay buffer stores observations of `space`: integers (images, Discrete and
-    MultiDiscrete indices, MultiBinary bits) in the smallest integer type that holds every value
-    of the space, everything else as float32; the network converts a sampled batch. uint8 images
-    take a quarter of float32's memory: a 1M-transition buffer of 84x84x4 frames (obs and
-    next_obs) needs 56 GB instead of 226 GB, as SB3 keeps them.
-
-    Tuple/Dict spaces are stored flattened: their Discrete parts as one-hot 0/1 (written by
-    gymnasium's `flatten`, so uint8 holds them), the rest as above, in one type for all parts.
-    """
-    if isinstance(space, gym.spaces.Tuple | gym.spaces.Dict):
-        parts = space.spaces.values() if isinstance(space, gym.spaces.Dict) else space.spaces
-        return functools.reduce(
-            torch.promote_types,
-            (
-                torch.uint8
-                if isinstance(p, gym.spaces.Discrete | gym.spaces.MultiDiscrete)
-                else buffer_obs_dtype(p)
-                for p in parts
-            ),
-        )
-    if isinstance(space, gym.spaces.MultiBinary):
-        return torch.uint8
-    if isinstance(space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
-        start = np.asarray(space.start)
-        size = np.asarray(space.n if isinstance(space, gym.spaces.Discrete) else space.nvec)
-        low, high = int(start.min()), int((start + size - 1).max())
-    elif isinstance(space, gym.spaces.Box) and np.issubdtype(space.dtype, np.integer):
-        info = np.iinfo(space.dtype)
-        low, high = int(info.min), int(info.max)  # the dtype's range: values outside cannot occur
-    else:
-        return torch.float32
-    for np_dtype, torch_dtype in _TORCH_INTS.items():
-        info = np.iinfo(np_dtype)
-        if info.min <= low and high <= info.max:
-            return torch_dtype
-    return torch.float32  # e.g. uint64 beyond int64: float32 rounds, as before
-
 
 def check_env(env: gym.Env) -> str | None:
     """Why DQN cannot run on `env`, or None."""
     if not isinstance(env.action_space, gym.spaces.Discrete):
         return f"DQN needs a discrete action space, not {env.action_space}"
-    if not _takes(env.observation_space):
+    if not takes(env.observation_space):
         return (
             "DQN needs a Box, MultiBinary, Discrete or MultiDiscrete observation space, or a "
             f"Tuple/Dict of them, not {env.observation_space}"
@@ -231,9 +164,6 @@ class QNetwork(nn.Module):
 
     Integer observations (Discrete: (B,), MultiDiscrete: (B, *nvec.shape)) enter as the
     concatenated one-hot codes of their components, (B, sum(nvec)); see `set_discrete_obs`.
-
-    The forward pass calls `F.linear` on the layers' parameters instead of calling the layers:
-    nn.Module's call machinery costs ~5 us a layer, a fifth of a small net's whole update.
     """
 
     def __init__(
@@ -289,13 +219,11 @@ class QNetwork(nn.Module):
         if self.obs_center is not None and self.obs_scale is not None:
             h = (h - self.obs_center) * self.obs_scale
         for layer in self.hidden:
-            assert isinstance(layer, nn.Linear)
-            h = torch.relu(F.linear(h, layer.weight, layer.bias))
-        adv = F.linear(h, self.head.weight, self.head.bias)
+            h = torch.relu(layer(h))  # (B, width)
+        adv = self.head(h)  # (B, A)
         if self.value is None:
             return adv
-        value = F.linear(h, self.value.weight, self.value.bias)
-        return value + adv - adv.mean(dim=1, keepdim=True)
+        return self.value(h) + adv - adv.mean(dim=1, keepdim=True)
 
 
 def td_targets(
@@ -323,12 +251,6 @@ def update_target(target: nn.Module, online: nn.Module, tau: float) -> None:
                 t.copy_(p)
             else:
                 t.lerp_(p, tau)
-
-
-def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
-    if duration <= 0:
-        return end
-    return start + (end - start) * min(1.0, t / duration)
 
 
 def build_network(
@@ -377,11 +299,15 @@ def train(config: Config, ctx: RunContext) -> None:
         raise ValueError(f"unsupported vector-env autoreset mode {mode}")
     n_envs = config.num_envs
     obs_shape = envs.single_observation_space.shape
-    envs.action_space.seed(int(ctx.np_rng.integers(2**31)))
+    # Independent random streams: exploration (which envs explore, and their random actions),
+    # replay sampling and the network's initial weights never share a generator.
+    explore_rng = ctx.rng("exploration")
+    envs.action_space.seed(int(explore_rng.integers(2**31)))
+    replay_rng = ctx.torch_generator("replay", device=device)
     # Discrete(n, start): network column i is action start + i; the buffer holds column indices.
     a0 = int(envs.single_action_space.start)  # type: ignore[attr-defined]
 
-    q = build_network(config, envs, torch.Generator().manual_seed(ctx.seed)).to(device)
+    q = build_network(config, envs, ctx.torch_generator("init", device="cpu")).to(device)
     target = copy.deepcopy(q).requires_grad_(False)
     # Fused Adam: one kernel for all parameters, ~100 us less per step than the foreach one.
     optimizer = torch.optim.Adam(q.parameters(), lr=config.learning_rate, fused=True)
@@ -391,7 +317,7 @@ def train(config: Config, ctx: RunContext) -> None:
         "obs_shape": obs_shape,
         "obs_dtype": obs_dtype,
         "device": device,
-        "generator": ctx.torch_rng,
+        "generator": replay_rng,
     }
     buffer: ReplayBuffer = (
         PrioritizedReplayBuffer(**buffer_args, alpha=config.priority_alpha, eps=config.priority_eps)
@@ -419,8 +345,8 @@ def train(config: Config, ctx: RunContext) -> None:
             state["next_ckpt"],
         )
         evals = [(int(s), m, sd) for s, m, sd in state["evals"].tolist()]
-        ctx.np_rng.bit_generator.state = state["np_rng"]
-        ctx.torch_rng.set_state(state["torch_rng"])
+        explore_rng.bit_generator.state = state["explore_rng"]
+        replay_rng.set_state(state["replay_rng"])
         if "buffer" in state:
             buffer.load_state_dict(state["buffer"])
         ctx.log.info("resumed from the checkpoint at timestep %d", step)
@@ -438,8 +364,8 @@ def train(config: Config, ctx: RunContext) -> None:
                 "next_eval": next_eval,
                 "next_ckpt": next_ckpt,
                 "evals": torch.tensor(evals, dtype=torch.float64).reshape(-1, 3),
-                "np_rng": ctx.np_rng.bit_generator.state,
-                "torch_rng": ctx.torch_rng.get_state(),
+                "explore_rng": explore_rng.bit_generator.state,
+                "replay_rng": replay_rng.get_state(),
                 "config": config.model_dump(mode="json"),
             }
             if config.checkpoint_buffer:
@@ -499,7 +425,7 @@ def train(config: Config, ctx: RunContext) -> None:
         )
         if step < config.learning_starts:
             eps = 1.0
-        explore = ctx.np_rng.random(n_envs) < eps
+        explore = explore_rng.random(n_envs) < eps
         actions = envs.action_space.sample()
         if not explore.all():
             actions = np.where(explore, actions, act(obs))

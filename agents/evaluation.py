@@ -18,11 +18,15 @@ def evaluate_policy(
     episodes: int,
     seed: int,
     max_steps: int = DEFAULT_MAX_STEPS,
+    frames: list[np.ndarray] | None = None,
+    max_frames: int = 1_000,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Roll `act` out for `episodes` episodes; returns (returns, lengths), each (episodes,).
+    """Roll `act` (one observation -> one action) out for `episodes` episodes; returns
+    (returns, lengths), each (episodes,). Training's evaluations and `rlgen evaluate` both use it.
 
     The env is seeded once with `seed` at the first reset, so the whole sequence of episodes is
-    reproducible and independent of the training env's random stream.
+    reproducible and independent of the training env's random stream. With `frames`, the first
+    episode's rendered frames (at most `max_frames`) are appended to it (`render_mode="rgb_array"`).
     """
     limit = env.spec.max_episode_steps if env.spec and env.spec.max_episode_steps else None
     limit = limit or max_steps
@@ -30,12 +34,17 @@ def evaluate_policy(
     lengths = np.zeros(episodes, dtype=np.int64)
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed if ep == 0 else None)
+        record = frames is not None and ep == 0
+        if record:
+            frames.append(env.render())  # type: ignore[union-attr,arg-type]
         done, total, steps = False, 0.0, 0
         while not done and steps < limit:
             obs, reward, terminated, truncated, _ = env.step(act(obs))
             total += float(reward)
             steps += 1
             done = terminated or truncated
+            if record and len(frames) < max_frames:  # type: ignore[arg-type]
+                frames.append(env.render())  # type: ignore[union-attr,arg-type]
         returns[ep], lengths[ep] = total, steps
     return returns, lengths
 

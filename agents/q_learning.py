@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.dqn import linear_schedule
 from agents.evaluation import evaluate_policy
 from agents.mdp import TabularMDP, unmodelled_dynamics
 from agents.plots import learning_curve
 from agents.policy_iteration import evaluate_exact
+from agents.schedules import linear_schedule
 from agents.value_iteration import solve
-from service.context import RunContext
+from runctx import RunContext
 
 
 class Config(BaseModel):
@@ -171,7 +171,7 @@ def train(config: Config, ctx: RunContext) -> None:
     a0 = int(env.action_space.start)  # type: ignore[attr-defined]  # table column a is action a0 + a
     Q = np.full((n_states, n_actions), config.initial_q, dtype=np.float64)
     gap = ValueGap.of(env, config.gamma)
-    rng, gamma = ctx.np_rng, config.gamma
+    rng, gamma = ctx.rng("exploration"), config.gamma
     explore_steps = config.exploration_fraction * config.total_timesteps
     evals: list[tuple[int, float, float]] = []
     history: list[tuple[int, float]] = []

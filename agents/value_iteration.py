@@ -18,7 +18,7 @@ from pydantic import Field
 from agents.dp import METRICS as DP_METRICS
 from agents.dp import DPConfig, Solution, Stopwatch, greedy, load_mdp, report
 from agents.mdp import TorchMDP, epsilon_optimal_threshold, precision_floor
-from service.context import RunContext
+from runctx import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 import mnist
 
 from generative import dbn
-from service.context import RunContext
+from runctx import RunContext
 
 
 def run(config: dbn.Config, ds: object, seed: int) -> tuple[dict[str, float], float]:

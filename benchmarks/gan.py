@@ -17,7 +17,7 @@ import torch
 from generative import data, gan
 from generative.fid import FIDConfig
 from generative.plots import image_grid
-from service.context import RunContext
+from runctx import RunContext
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """Metric-logging overhead of real trials against MLflow on SQLite (the embedded default).
 
 Each workload runs in the same process with three writers behind `RunContext`: one that drops
-everything, the service's (batches go to a helper process that writes them to MLflow), and a plain
-in-process MLflow writer on the logger's background thread. The overhead is the difference in wall
-time relative to the no-op run (best of `--repeats`). This counts everything: buffering, pickling,
-the batched `log_batch` writes, and any contention they cause.
+everything, and the two paths a metric takes to MLflow (see `service.tracking`): on the embedded
+cluster, through the driver's relay (served here by a separate process, as the driver is), and on
+a cluster, MLflow in the trial's own process, on the logger's background thread. The overhead is
+the difference in wall time relative to the no-op run (best of `--repeats`). This counts
+everything: buffering, pickling, the batched `log_batch` writes, and any contention they cause.
 Goal: under 2%. For contrast, the last column is what one `log_metric` call per point would add.
 
 Workloads: value iteration on a 300x300 gridworld (one `solver/bellman_residual` point per sweep),
@@ -17,6 +18,8 @@ and a DQN-sized training loop (64x8 -> 256 -> 256 -> 2 MLP update per step) logg
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,9 +29,21 @@ from typing import Any
 import torch
 
 from agents import value_iteration
-from service.context import EnvSpec, RunContext
-from service.metric_writer import ProcessWriter
-from service.tracking import MlflowWriter, client_for, ensure_experiment
+from agents.envs import EnvSpec
+from runctx import RunContext
+from service.relay import RelayTracker
+from service.store import client_for, ensure_experiment
+from service.tracking import RunWriter, Tracker
+
+# The driver's side of the embedded path, in a process of its own: prints the socket's path,
+# serves until its stdin closes.
+RELAY = """
+import sys
+from service.relay import Relay
+with Relay(sys.argv[1]) as relay:
+    print(relay.address, flush=True)
+    sys.stdin.read()
+"""
 
 GRID = EnvSpec(id="rlgen/GridWorld-v0", kwargs={"size": 300, "slip": 0.2, "seed": 0})
 
@@ -62,7 +77,7 @@ def synthetic_training(ctx: RunContext, steps: int) -> None:
         torch.nn.Linear(256, 2),
     )
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    x = torch.randn(64, 8, generator=ctx.torch_rng)
+    x = torch.randn(64, 8, generator=ctx.torch_generator("data"))
     for step in range(steps):
         loss = net(x).pow(2).mean()
         opt.zero_grad()
@@ -110,22 +125,31 @@ def main() -> None:
         uri = f"sqlite:///{d}/mlflow.db"
         client = client_for(uri)
         exp = ensure_experiment(client, "logging-overhead", uri)
+        relay = subprocess.Popen(
+            [sys.executable, "-c", RELAY, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert relay.stdout is not None and relay.stdin is not None
+        address = relay.stdout.readline().strip()
         rows = []
         for name, workload, points in workloads:
-            null_s, thread_s, process_s = [], [], []
+            null_s, direct_s, relayed_s = [], [], []
             for rep in range(args.repeats):
                 null_s.append(timed(workload, NullWriter(), Path(d) / f"n{rep}"))
                 run_id = client.create_run(exp).info.run_id
-                thread_s.append(timed(workload, MlflowWriter(client, run_id), Path(d) / f"t{rep}"))
+                writer = RunWriter(Tracker(client), run_id)
+                direct_s.append(timed(workload, writer, Path(d) / f"t{rep}"))
                 run_id = client.create_run(exp).info.run_id
-                writer = ProcessWriter(client, uri, run_id)
-                process_s.append(timed(workload, writer, Path(d) / f"p{rep}"))
-                writer.close()
+                tracker = RelayTracker(address)
+                relayed_s.append(timed(workload, RunWriter(tracker, run_id), Path(d) / f"p{rep}"))
+                tracker.close()
                 history = client.get_metric_history(
                     run_id, next(iter(client.get_run(run_id).data.metrics))
                 )
                 assert history, "nothing reached MLflow"
-            rows.append((name, points, min(null_s), min(thread_s), min(process_s)))
+            rows.append((name, points, min(null_s), min(relayed_s), min(direct_s)))
+        relay.stdin.close()
+        relay.wait()
 
         # Contrast: what one `log_metric` call per point would cost.
         run_id = client.create_run(exp).info.run_id
@@ -135,14 +159,14 @@ def main() -> None:
         per_call = (time.perf_counter() - t) / 200
 
     print(
-        "| trial | metric points | no-op writer s | rlgen (writer process) s | overhead | "
-        "in-process writer thread | unbuffered log_metric would add |"
+        "| trial | metric points | no-op writer s | embedded: via the relay s | overhead | "
+        "cluster: MLflow in-process | unbuffered log_metric would add |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, points, null, thread, process in rows:
+    for name, points, null, relayed, direct in rows:
         print(
-            f"| {name} | {points:,} | {null:.2f} | {process:.2f} | {(process - null) / null:+.1%} | "
-            f"{(thread - null) / null:+.1%} | {points * per_call:.1f} s |"
+            f"| {name} | {points:,} | {null:.2f} | {relayed:.2f} | {(relayed - null) / null:+.1%} | "
+            f"{(direct - null) / null:+.1%} | {points * per_call:.1f} s |"
         )
 
 

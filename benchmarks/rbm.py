@@ -20,7 +20,7 @@ import torch
 
 from generative import rbm
 from generative.probe import probe_accuracy
-from service.context import RunContext
+from runctx import RunContext
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ them one after another.
    imports the algorithm, calls it and exits, end to end, as `python dqn.py` runs a CleanRL
    script; (b) `rlgen run` in a subprocess (validation, embedded Ray, MLflow on SQLite, the trial,
    closing). The embedded cluster's start and stop are measured on their own (a
-   `ray.init`/`ray.shutdown` cycle of the same lean cluster) and reported apart; the overhead is
+   `start_ray`/`ray.shutdown` cycle of the same cluster) and reported apart; the overhead is
    (b) minus them, against (a) and (a'). (c) The same spec POSTed to `rlgen serve` in front of
    a running `ray start --head` cluster (2 CPUs), timed from the POST until the API reports the
    job SUCCEEDED (polled every 0.2 s): a Ray Job whose driver is `rlgen run --address auto`.
@@ -61,7 +61,7 @@ def in_process(timesteps: int) -> float:
     import torch
 
     from agents import dqn
-    from service.context import RunContext
+    from runctx import RunContext
     from service.spec import load_spec
 
     spec = load_spec(SPEC, [f"params.total_timesteps={timesteps}", "params.stop_at_return=null"])
@@ -83,7 +83,7 @@ import os, sys, tempfile, time
 import torch
 torch.set_num_threads(1)
 from agents import dqn
-from service.context import RunContext
+from runctx import RunContext
 from service.spec import load_spec
 
 def train(timesteps):
@@ -100,7 +100,6 @@ if sys.argv[3] != "-":
     train(2000)
     time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
 print(train(int(sys.argv[2])), flush=True)
-os._exit(0)  # as `rlgen run` does: no interpreter teardown (~1 s with torch loaded)
 """
 
 
@@ -135,14 +134,10 @@ def side_by_side(timesteps: int, count: int) -> float:
 
 
 def ray_start_stop() -> float:
-    # The cluster `rlgen run` starts (service.cluster: the same daemons), without its work:
-    # no preloading workers.
+    """Seconds to start and stop the embedded cluster `rlgen run` starts, with no work."""
     code = (
-        "import time, ray\nfrom service.cluster import EMBEDDED_SYSTEM_CONFIG, RAY_INIT_KWARGS, lean_head\n"
-        "t = time.perf_counter()\n"
-        "with lean_head(): ray.init(address='local', _system_config=EMBEDDED_SYSTEM_CONFIG, "
-        "**RAY_INIT_KWARGS)\n"
-        "ray.shutdown(); print(time.perf_counter() - t)"
+        "import time, ray\nfrom service.cluster import start_ray\n"
+        "t = time.perf_counter()\nstart_ray()\nray.shutdown()\nprint(time.perf_counter() - t)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT

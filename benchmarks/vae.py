@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from generative import vae
-from service.context import RunContext
+from runctx import RunContext
 
 
 class PlainVAE(torch.nn.Module):

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from generative import data
 from generative.plots import image_grid
 from generative.probe import probe_accuracy
-from service.context import RunContext
+from runctx import RunContext
 
 # What a run logs (see the registry).
 METRICS = ("pretrain/layer*/loss", "train/loss", "eval/recon_loss", "eval/probe_accuracy")
@@ -133,10 +133,14 @@ def fit_layer(
     params = [model.enc_w[layer], model.enc_b[layer], model.dec_b[layer]]
     params += [] if model.tied else [model.dec_w[layer]]
     opt = torch.optim.Adam(params, lr=config.learning_rate)
-    g = ctx.torch_rng
+    # Streams of their own per layer: pretraining one layer longer never shifts the next.
+    order = ctx.torch_generator(f"pretrain{layer}/batches")
+    g = ctx.torch_generator(f"pretrain{layer}/noise")
     for epoch in range(config.pretrain_epochs):
         total = 0.0
-        for idx in torch.randperm(len(x), generator=g, device=x.device).split(config.batch_size):
+        for idx in torch.randperm(len(x), generator=order, device=x.device).split(
+            config.batch_size
+        ):
             batch = x[idx]
             h = torch.sigmoid(
                 torch.addmm(model.enc_b[layer], corrupt(config, batch, g), model.enc_w[layer])
@@ -158,10 +162,12 @@ def check_data(config: Config, dataset: data.DatasetSpec | None) -> str | None:
 
 def train(config: Config, ctx: RunContext) -> None:
     ds = data.load(ctx.dataset or data.DigitsDataset(), ctx.seed)
-    dev, g = ctx.device, ctx.torch_rng
+    dev = ctx.device
+    # Independent streams: batch order, and the noise of training (samples, corruption).
+    order, g = ctx.torch_generator("batches"), ctx.torch_generator("noise")
     x_train, x_test = ds.x_train.to(dev), ds.x_test.to(dev)
     model = AutoEncoder(
-        [ds.dim, *config.layers], config.tied, torch.Generator().manual_seed(ctx.seed)
+        [ds.dim, *config.layers], config.tied, ctx.torch_generator("init", device="cpu")
     ).to(dev)
     if config.pretrain:
         codes = x_train
@@ -173,7 +179,9 @@ def train(config: Config, ctx: RunContext) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     for epoch in range(config.epochs):
         total = 0.0
-        for idx in torch.randperm(len(x_train), generator=g, device=dev).split(config.batch_size):
+        for idx in torch.randperm(len(x_train), generator=order, device=dev).split(
+            config.batch_size
+        ):
             x = x_train[idx]
             hs = model.encode(corrupt(config, x, g))
             loss = recon_loss(model.decode(hs[-1]), x) + penalty(config, list(model.enc_w), hs)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from generative import data, rbm
-from service.context import RunContext
+from runctx import RunContext
 
 
 class PretrainConfig(BaseModel):
@@ -144,10 +144,11 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> torch.nn.Sequentia
     """Pretrain (optionally) and fine-tune on `ds`; returns the fine-tuned network."""
     if ds.y_train is None or ds.y_test is None:
         raise ValueError("dbn fine-tuning needs a labelled data set")
-    dev, g = ctx.device, ctx.torch_rng
+    dev = ctx.device
+    order = ctx.torch_generator("finetune/batches")
     n_classes = int(max(ds.y_train.max(), ds.y_test.max())) + 1
     net = build_network(
-        [ds.dim, *config.layers], n_classes, torch.Generator().manual_seed(ctx.seed)
+        [ds.dim, *config.layers], n_classes, ctx.torch_generator("init", device="cpu")
     )
     net = net.to(dev)
     if config.pretrain:
@@ -171,10 +172,10 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> torch.nn.Sequentia
     )
     for epoch in range(config.finetune_epochs):
         net.train()
-        order = torch.randperm(n, generator=g, device=dev)
+        perm = torch.randperm(n, generator=order, device=dev)
         total_loss, correct = 0.0, 0
         for i in range(0, n, config.finetune_batch_size):
-            idx = order[i : i + config.finetune_batch_size]
+            idx = perm[i : i + config.finetune_batch_size]
             logits = net(x_train[idx])  # (B, classes)
             loss = F.cross_entropy(logits, y_train[idx])
             opt.zero_grad()

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from generative import data, fid
 from generative.fid import FIDConfig
 from generative.plots import image_grid
-from service.context import RunContext
+from runctx import RunContext
 
 EXPLODED = 1e6  # |loss| beyond this is divergence, not training
 
@@ -144,23 +144,29 @@ def train(config: Config, ctx: RunContext) -> None:
 
 def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> torch.nn.Module:
     """Train on `ds` (`spec` identifies the data set for the FID classifier's cache)."""
-    dev, g = ctx.device, ctx.torch_rng
+    dev = ctx.device
+    # Independent streams: batch order, and the noise of training (samples, corruption).
+    order, g = ctx.torch_generator("batches"), ctx.torch_generator("noise")
     with ctx.timer.paused():  # the FID classifier is evaluation machinery, not GAN training
         score = fid.setup(config.fid, ds, spec, ctx)
-    gen, disc = build(config, ds.image_shape, torch.Generator().manual_seed(ctx.seed))
+    gen, disc = build(config, ds.image_shape, ctx.torch_generator("init", device="cpu"))
     gen, disc = gen.to(dev), disc.to(dev)
     betas = (config.beta1, config.beta2)
     opt_g = torch.optim.Adam(gen.parameters(), lr=config.learning_rate, betas=betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.learning_rate, betas=betas)
     x_train = ds.x_train.to(dev)
-    fixed_z = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(ctx.seed))
+    fixed_z = torch.randn(
+        64, config.latent_dim, generator=ctx.torch_generator("fixed_noise", device="cpu")
+    )
     wgan = config.loss == "wgan_gp"
     step = 0
     for epoch in range(config.epochs):
         t0 = ctx.timer.elapsed()
         sums = {"losses/d": 0.0, "losses/g": 0.0, "charts/d_real": 0.0, "charts/d_fake": 0.0}
         batches = g_steps = 0
-        for idx in torch.randperm(len(x_train), generator=g, device=dev).split(config.batch_size):
+        for idx in torch.randperm(len(x_train), generator=order, device=dev).split(
+            config.batch_size
+        ):
             if len(idx) < 2:  # a last batch of one: BatchNorm1d cannot normalise a single row
                 continue
             real = x_train[idx]

@@ -12,14 +12,11 @@ Gibbs steps from the data, PCD with chains that persist across updates.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +24,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from generative import data
 from generative.plots import image_grid
 from generative.probe import probe_accuracy
-from service.context import RunContext
+from generative.rbm_ops import (
+    RNG,
+    add_outer_,
+    addmm,
+    bernoulli,
+    blas_threads,
+    loop_rng,
+    normal,
+    pick_openblas,
+)
+from runctx import RunContext
 
 
 class AISConfig(BaseModel):
@@ -119,13 +126,11 @@ class RBM(torch.nn.Module):
         )
         self.b = torch.nn.Parameter(torch.zeros(n_visible), requires_grad=False)
         self.c = torch.nn.Parameter(torch.zeros(n_hidden), requires_grad=False)
-        self.openblas = False  # products through numpy's OpenBLAS (CPU float32; see `fit`)
+        self.openblas = False  # products through numpy's OpenBLAS (see `rbm_ops`)
 
     def affine(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """bias + x @ w: (B, K) @ (K, N) -> (B, N)."""
-        if self.openblas:
-            return torch.from_numpy(np.matmul(x.numpy(), w.numpy())).add_(bias)
-        return torch.addmm(bias, x, w)
+        return addmm(bias, x, w, self.openblas)
 
     def p_h(self, v: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """p(h_j = 1 | v) = sigmoid(beta (c_j + v.W_j)): (B, D) -> (B, H)."""
@@ -142,11 +147,7 @@ class RBM(torch.nn.Module):
 
     def sample_from_mean(self, mean: torch.Tensor, g: RNG) -> torch.Tensor:
         """A visible sample given E[v | h]."""
-        if self.gaussian:
-            if isinstance(g, np.random.Generator):
-                return mean + torch.from_numpy(g.standard_normal(mean.shape, dtype=np.float32))
-            return mean + torch.randn(mean.shape, generator=g, device=mean.device)
-        return bernoulli(mean, g)
+        return mean + normal(mean, g) if self.gaussian else bernoulli(mean, g)
 
     def free_energy(self, v: torch.Tensor) -> torch.Tensor:
         """F(v), (B, D) -> (B,)."""
@@ -154,82 +155,6 @@ class RBM(torch.nn.Module):
         if self.gaussian:
             return 0.5 * ((v - self.b) ** 2).sum(1) - hidden
         return -(v @ self.b) - hidden
-
-
-# The training loop's random source: torch's generator, or on the CPU numpy's PCG64, which fills
-# float32 uniforms ~1.6x faster than torch's Mersenne Twister (66 vs 105 us for 64 x 784), ~5% of a
-# CD-1 update. Both are seeded from the trial's seed.
-RNG = torch.Generator | np.random.Generator
-
-
-def bernoulli(p: torch.Tensor, g: RNG) -> torch.Tensor:
-    """Binary samples with probabilities p; u < p computed in place in u's buffer (one pass)."""
-    if isinstance(g, np.random.Generator):  # CPU float32 only (see `loop_rng`)
-        return torch.from_numpy(g.random(p.shape, dtype=np.float32)).lt_(p)
-    return torch.rand(p.shape, generator=g, device=p.device, dtype=p.dtype).lt_(p)
-
-
-def loop_rng(device: torch.device, g: torch.Generator, np_rng: np.random.Generator) -> RNG:
-    return np_rng if device.type == "cpu" else g
-
-
-def add_outer_(
-    c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float, openblas: bool
-) -> None:
-    """c <- beta c + alpha a^T b, in place: c (D, H), a (B, D), b (B, H).
-
-    torch: one GEMM straight into c. OpenBLAS: numpy's matmul, then one pass to accumulate (the
-    in-place GEMM is scipy's, whose separate OpenBLAS would bring a second thread pool).
-    """
-    if not openblas:
-        c.addmm_(a.T, b, beta=beta, alpha=alpha)
-        return
-    outer = torch.from_numpy(np.matmul(a.numpy().T, b.numpy()))  # (D, H)
-    if beta == 0.0:  # as BLAS: c's old values (even NaN) do not matter
-        c.copy_(outer).mul_(alpha)
-    else:
-        (c if beta == 1.0 else c.mul_(beta)).add_(outer, alpha=alpha)
-
-
-@contextlib.contextmanager
-def blas_threads(model: RBM) -> Iterator[None]:
-    """OpenBLAS gets the trial's threads (torch's count) and torch runs its elementwise ops on one:
-    two thread pools spinning for the same cores in turn would run ~50x slower."""
-    if not model.openblas:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(threads, user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def pick_openblas(choice: str, model: RBM, v: torch.Tensor) -> bool:
-    """Whether the training loop's products go through OpenBLAS: `choice`, or for `auto` the
-    faster way on this machine, timed on the batch `v` (B, D) with an update's three kinds of
-    product, each way under the thread settings the loop would use."""
-    if v.device.type != "cpu" or v.dtype != torch.float32 or choice == "torch":
-        return False
-    if choice == "openblas":
-        return True
-    scratch = torch.empty_like(model.W)
-    best: dict[bool, float] = {}
-    for flag in (False, True, False, True):  # alternating: the machine's speed drifts
-        model.openblas = flag
-        with blas_threads(model):
-            for _ in range(10):
-                t = time.perf_counter()
-                ph = model.p_h(v)
-                model.mean_v(ph)
-                add_outer_(scratch, v, ph, alpha=1.0, beta=0.0, openblas=flag)
-                best[flag] = min(best.get(flag, math.inf), time.perf_counter() - t)
-    model.openblas = False
-    return best[True] < best[False]
 
 
 def gibbs(model: RBM, v: torch.Tensor, steps: int, g: RNG) -> torch.Tensor:
@@ -373,7 +298,9 @@ def fit(
     Returns the model and the input transform it was trained on (identity, or the per-pixel
     standardisation of Gaussian visibles), so callers can compute features of new data.
     """
-    dev, g = ctx.device, ctx.torch_rng
+    dev = ctx.device
+    # Independent streams: the initial weights, the order of the batches, and Gibbs sampling.
+    g, order_g = ctx.torch_generator(f"{prefix}gibbs"), ctx.torch_generator(f"{prefix}batches")
     x_train, x_test = ds.x_train.to(dev), ds.x_test.to(dev)
     gaussian = config.visible == "gaussian"
     mean = x_train.mean(0) if gaussian else None
@@ -385,7 +312,8 @@ def fit(
 
     x_train, x_test = standardise(x_train), standardise(x_test)
     n, D = x_train.shape
-    model = RBM(D, config.n_hidden, config.visible, config.init_std, g).to(dev)
+    init = ctx.torch_generator(f"{prefix}init", device="cpu")
+    model = RBM(D, config.n_hidden, config.visible, config.init_std, init).to(dev)
     # Visible biases log(p / (1 - p)) from the pixel marginals (Hinton's guide, section 8).
     p = x_train.mean(0).clamp(1e-3, 1 - 1e-3)
     base_b = torch.log(p / (1 - p)) if config.visible == "bernoulli" else torch.zeros(D, device=dev)
@@ -403,14 +331,14 @@ def fit(
     batches_per_epoch = math.ceil(n / config.batch_size)
     total_updates = config.epochs * batches_per_epoch
     subset = x_train[: len(x_test)]  # for the free-energy gap
-    draw = loop_rng(dev, g, ctx.np_rng)
+    draw = loop_rng(dev, g, ctx.rng(f"{prefix}gibbs"))
     # Only the training loop runs its products through OpenBLAS, under `blas_threads`: elsewhere
     # (evaluation, figures' long Gibbs chains) torch's own thread pool does the elementwise work.
     openblas = pick_openblas(config.cpu_blas, model, x_train[: config.batch_size])
     for epoch in range(start_epoch, config.epochs):
         t0, samples = ctx.timer.elapsed(), 0
         momentum = config.momentum if epoch < config.momentum_epochs else config.final_momentum
-        order = torch.randperm(n, generator=g, device=dev)
+        order = torch.randperm(n, generator=order_g, device=dev)
         recon = torch.zeros((), device=dev)  # summed on the device: no sync per batch
         model.openblas = openblas
         with blas_threads(model):
@@ -479,7 +407,9 @@ def evaluate(
     ctx: RunContext,
 ) -> dict[str, float]:
     """Per-epoch held-out metrics, figures on the last epoch of each `ais.every` cycle."""
-    g = ctx.torch_rng
+    # A fresh generator each epoch: every epoch is scored with the same random draws, so the
+    # differences between epochs are the model's.
+    g = ctx.torch_generator("eval")
     metrics = {
         # Train subset minus held-out: it drifts negative as the model overfits.
         "eval/free_energy_gap": float(

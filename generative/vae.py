@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from generative import data, fid
 from generative.fid import FIDConfig
 from generative.plots import image_grid
-from service.context import RunContext
+from runctx import RunContext
 
 # What a run logs (see the registry); FID's with a labelled data set.
 METRICS = (
@@ -216,21 +216,25 @@ def train(config: Config, ctx: RunContext) -> None:
 
 def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel | None = None) -> VAE:
     """Train on `ds`; with the data set's `spec` (its cache key) samples are also scored by FID."""
-    dev, g = ctx.device, ctx.torch_rng
+    dev = ctx.device
+    # Independent streams: batch order, and the noise of training (samples, corruption).
+    order, g = ctx.torch_generator("batches"), ctx.torch_generator("noise")
     score = None
     if spec is not None:
         with ctx.timer.paused():
             score = fid.setup(config.fid, ds, spec, ctx)
     x_train, x_test = ds.x_train.to(dev), ds.x_test.to(dev)
-    model = VAE(config, ds.image_shape, torch.Generator().manual_seed(ctx.seed)).to(dev)
+    model = VAE(config, ds.image_shape, ctx.torch_generator("init", device="cpu")).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
-    fixed_z = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(ctx.seed))
+    fixed_z = torch.randn(
+        64, config.latent_dim, generator=ctx.torch_generator("fixed_noise", device="cpu")
+    )
     for epoch in range(config.epochs):
         model.train()
         total, t0 = 0.0, ctx.timer.elapsed()
         for i, idx in enumerate(
-            torch.randperm(len(x_train), generator=g, device=dev).split(config.batch_size)
+            torch.randperm(len(x_train), generator=order, device=dev).split(config.batch_size)
         ):
             progress = (epoch * steps_per_epoch + i) / max(
                 1, config.kl_warmup_epochs * steps_per_epoch

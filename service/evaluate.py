@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ import torch
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from agents.evaluation import DEFAULT_MAX_STEPS
+from agents.evaluation import evaluate_policy
 from service.registry import ALGORITHMS
 from service.spec import SpecError, load_spec_text
-from service.tracking import TAG_LAUNCH, TAG_SEED, TAG_TRIAL, client_for, runs_of_launch
+from service.store import client_for
+from service.tracking import TAG_LAUNCH, TAG_SEED, TAG_TRIAL, runs_of_launch
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,16 @@ def evaluate_run(
         env = spec.env.make(render_mode="rgb_array" if render else None)  # type: ignore[attr-defined]
         try:
             policy = algo.load_policy(spec.params, state, env)  # type: ignore[attr-defined]
-            returns, lengths, frames = _rollouts(env, policy, episodes, seed, bool(render))
+
+            frames: list[np.ndarray] = []
+            returns, lengths = evaluate_policy(
+                env,
+                one_at_a_time(policy),
+                episodes,
+                seed,
+                frames=frames if render else None,
+                max_frames=MAX_GIF_FRAMES,
+            )
         finally:
             env.close()
 
@@ -108,29 +119,16 @@ def evaluate_run(
         return Evaluation(run_id, returns, lengths, Path("videos/evaluate.gif") if gif else None)
 
 
-def _rollouts(
-    env: Any, policy: Any, episodes: int, seed: int, render: bool
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Greedy episodes; the policy maps a batch of observations to a batch of actions."""
-    limit = env.spec.max_episode_steps if env.spec and env.spec.max_episode_steps else None
-    returns, lengths = np.zeros(episodes), np.zeros(episodes, dtype=np.int64)
-    frames: list[np.ndarray] = []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed if ep == 0 else None)
-        record = render and ep == 0
-        if record:
-            frames.append(env.render())
-        done = False
-        while not done and lengths[ep] < (limit or DEFAULT_MAX_STEPS):
-            # A batch of one: an array (1, *shape), or a list of one Tuple/Dict observation.
-            action = policy([obs] if isinstance(obs, tuple | dict) else np.asarray(obs)[None])[0]
-            obs, reward, terminated, truncated, _ = env.step(action.item())
-            returns[ep] += float(reward)
-            lengths[ep] += 1
-            done = terminated or truncated
-            if record and len(frames) < MAX_GIF_FRAMES:
-                frames.append(env.render())
-    return returns, lengths, frames
+def one_at_a_time(policy: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An algorithm's policy (a batch of observations -> a batch of actions) as the rollout
+    loop calls it: one observation -> one action. A batch of one is an array (1, *shape), or a
+    list of one Tuple/Dict observation."""
+
+    def act(obs: Any) -> Any:
+        batch = [obs] if isinstance(obs, tuple | dict) else np.asarray(obs)[None]
+        return policy(batch)[0].item()
+
+    return act
 
 
 def _write_gif(frames: list[np.ndarray], path: Path, fps: int) -> None:

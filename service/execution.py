@@ -4,15 +4,13 @@ in-process. A single trial is one Ray task; several go through Ray Tune.
 The driver creates the parent run (when there is more than one trial), hands each worker a
 `TrialRequest`, and afterwards closes whatever a dead or interrupted worker left RUNNING, so that no
 MLflow run stays RUNNING forever; should the driver itself be killed, its watcher process
-(`service.guard`) does that. Results are read back from MLflow, the single source of truth.
+(`service.watchdog`) does that. Results are read back from MLflow, the single source of truth.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import os
 import signal
 import threading
 import uuid
@@ -22,29 +20,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import ray
 
 from service import __version__
-from service.cluster import embedded_session_dir, start_ray
-from service.guard import LaunchGuard
+from service.aggregates import write_parent
+from service.cluster import embedded, embedded_session_dir, start_ray
 from service.relay import Relay
-from service.report import write_parent
 from service.spec import SpecBase, flatten, resolved, spec_hash, to_yaml
+from service.store import client_for, ensure_experiment, resolve_tracking_uri
+from service.sweeps import Trial, expand
 from service.tracking import (
     TAG_ERROR,
     TAG_LAUNCH,
     TAG_STOPPED_EARLY,
     TAG_TRIAL,
-    client_for,
     close_dangling,
-    ensure_experiment,
     git_commit,
     params_batch,
-    resolve_tracking_uri,
     runs_of_launch,
 )
-from service.trial import TrialRequest, run_on_ray_worker, run_trial, trial_label
+from service.trial import TrialRequest, run_on_ray_worker, run_trial
+from service.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -54,56 +50,8 @@ ProgressFn = Callable[[str, str, str | None], None]  # (trial label, status, run
 STOPPED_EARLY = "stopped early by the ASHA scheduler"
 
 
-@dataclass(frozen=True)
-class Trial:
-    seed: int
-    overrides: dict[str, Any]  # swept params: dotted path -> value
-
-    @property
-    def label(self) -> str:
-        return trial_label(self.seed, self.overrides)
-
-
-def expand(spec: SpecBase) -> list[Trial]:
-    """Every trial of a spec: its seeds, crossed with the sweep's grid points and samples.
-
-    Random values are drawn here, once per grid point and sample, from a generator seeded by the
-    spec's hash: the seeds of one configuration replicate it exactly (that is what the parent
-    aggregates), and the same spec expands to the same trials in --local and Ray modes. Draws
-    from `uniform`/`loguniform` keep 4 significant digits (what the labels show). A trial that
-    repeats an earlier one exactly (a `choice` drawn the same way twice, a repeated grid value)
-    runs once: trials are deterministic, and each one's label names its MLflow run.
-    """
-    if spec.sweep is None:
-        return [Trial(seed, {}) for seed in spec.seeds]
-    rng = np.random.default_rng(int(spec_hash(spec), 16) % 2**63)
-    grid = {k: d.grid for k, d in spec.sweep.params.items() if d.grid is not None}
-    trials = []
-    for _ in range(spec.sweep.num_samples):
-        for point in itertools.product(*grid.values()):
-            overrides = dict(zip(grid, point, strict=True))
-            for path, dist in spec.sweep.params.items():
-                if dist.choice is not None:
-                    overrides[path] = dist.choice[int(rng.integers(len(dist.choice)))]
-                elif dist.uniform is not None:
-                    overrides[path] = _round_within(rng.uniform(*dist.uniform), *dist.uniform)
-                elif dist.loguniform is not None:
-                    low, high = np.log(dist.loguniform)
-                    value = np.exp(rng.uniform(low, high))
-                    overrides[path] = _round_within(value, *dist.loguniform)
-            trials += [Trial(seed, overrides) for seed in spec.seeds]
-    unique = {t.label: t for t in reversed(trials)}  # the first of equal trials, in order
-    return [t for t in trials if unique[t.label] is t]
-
-
-def _round_within(value: float, low: float, high: float) -> float:
-    """`value` to 4 significant digits, unless that leaves [low, high] (e.g. 0.99999 -> 1.0)."""
-    rounded = float(f"{value:.4g}")
-    return rounded if low <= rounded <= high else float(value)
-
-
 @dataclass
-class TrialReport:
+class TrialResult:
     run_id: str
     seed: int
     status: str
@@ -114,11 +62,11 @@ class TrialReport:
 
 
 @dataclass
-class LaunchReport:
+class LaunchResult:
     experiment: str
     experiment_id: str
     parent_run_id: str | None
-    trials: list[TrialReport] = field(default_factory=list)
+    trials: list[TrialResult] = field(default_factory=list)
     interrupted: bool = False
 
     @property
@@ -152,18 +100,6 @@ def runs_on_tune(spec: SpecBase) -> bool:
     return spec.sweep is not None or len(spec.seeds) > 1
 
 
-def concurrent_trials(spec: SpecBase, cpus: float | None = None) -> int:
-    """How many of the spec's trials run at once on an embedded cluster of `cpus` CPUs (default:
-    this machine's), which is how many of its workers should preload (`set_preload_workers`)."""
-    if not runs_on_tune(spec):
-        return 1
-    count = len(expand(spec))
-    if spec.sweep is not None and spec.sweep.max_concurrent_trials:
-        count = min(count, spec.sweep.max_concurrent_trials)
-    fit = int((cpus or os.cpu_count() or 1) // spec.resources.num_cpus)
-    return max(1, min(count, fit))
-
-
 def launch(
     spec: SpecBase,
     *,
@@ -172,11 +108,11 @@ def launch(
     tracking_uri: str | None = None,
     spec_path: Path | None = None,
     progress: ProgressFn | None = None,
-) -> LaunchReport:
+) -> LaunchResult:
     """Run every trial of `spec` and return what MLflow recorded for them."""
     uri = resolve_tracking_uri(tracking_uri)
     if mode == "ray":  # before any run exists: a bad address or resources leave nothing
-        start_ray(address, preload_workers=concurrent_trials(spec))
+        start_ray(address)
         check_resources(spec, address)
     client = client_for(uri)
     experiment_id = ensure_experiment(client, spec.name, uri)
@@ -195,10 +131,10 @@ def launch(
         **({"rlgen.git_commit": commit} if commit else {}),
     }
 
-    # Should this process be killed, the guard ends the runs it leaves RUNNING (and what is left
-    # of its embedded cluster); told `done` at the end, it exits without a word.
+    # Should this process be killed, the watchdog ends the runs it leaves RUNNING (and what is
+    # left of its embedded cluster); told `done` at the end, it exits without a word.
     session_dir = embedded_session_dir() if mode == "ray" else None
-    with LaunchGuard(uri, experiment_id, launch_id, session_dir) as guard:
+    with Watchdog(uri, experiment_id, launch_id, session_dir) as watchdog:
         trials = expand(spec)
         if mode == "local" and spec.sweep is not None and spec.sweep.scheduler is not None:
             log.warning("--local runs every trial to its end: sweep.scheduler needs Ray")
@@ -220,12 +156,8 @@ def launch(
                     client.set_terminated(parent_run_id, "FAILED")
                 raise
 
-        relay = None
-        if mode == "ray":  # trials on this machine use it (`service.relay`)
-            try:
-                relay = Relay(uri)
-            except OSError as e:  # e.g. TMPDIR too long for a socket's path: trials open MLflow
-                log.warning("no tracking relay (%s); each trial opens MLflow itself", e)
+        # On the embedded cluster, trials reach MLflow through this process (`service.relay`).
+        relay = Relay(uri) if mode == "ray" and embedded() else None
         request = TrialRequest(
             spec=resolved(spec),
             seed=spec.seeds[0],
@@ -234,7 +166,6 @@ def launch(
             launch_id=launch_id,
             parent_run_id=parent_run_id,
             tags=tags,
-            # Trials on this machine (all, on the embedded cluster) reach MLflow through us.
             relay=relay.address if relay else None,
         )
         notify = progress or (lambda *_: None)
@@ -245,9 +176,9 @@ def launch(
             stop = threading.Event()
             with _signals_request_stop(stop, interrupt=mode == "ray"):
                 if mode == "local":
-                    _run_local(request, trials, notify, stop)
+                    run_local(request, trials, notify, stop)
                 elif not runs_on_tune(spec):
-                    errors = _run_task(request, spec, trials[0], notify, stop)
+                    errors = run_task(request, spec, trials[0], notify, stop)
                 else:
                     from service.tuning import run_tune  # Ray Tune's modules cost ~1 s to import
 
@@ -256,7 +187,7 @@ def launch(
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             interrupted = True
-            guard.interrupted()
+            watchdog.interrupted()
             if mode == "ray" and address is None:
                 ray.shutdown()  # stops the embedded cluster's workers before their runs are closed
         finally:
@@ -295,10 +226,10 @@ def launch(
                 client.set_terminated(
                     parent_run_id, "KILLED" if interrupted else ("FINISHED" if ok else "FAILED")
                 )
-        report = LaunchReport(spec.name, experiment_id, parent_run_id, interrupted=interrupted)
+        report = LaunchResult(spec.name, experiment_id, parent_run_id, interrupted=interrupted)
         for run in runs_of_launch(client, experiment_id, launch_id):
             report.trials.append(
-                TrialReport(
+                TrialResult(
                     run_id=run.info.run_id,
                     seed=int(run.data.tags["rlgen.seed"]),
                     status=run.info.status,
@@ -341,7 +272,7 @@ def _signals_request_stop(stop: threading.Event, interrupt: bool = False) -> Ite
             signal.signal(sig, old)
 
 
-def _run_local(
+def run_local(
     request: TrialRequest, trials: list[Trial], notify: ProgressFn, stop: threading.Event
 ) -> None:
     for trial in trials:
@@ -383,7 +314,7 @@ def cause_of(error: BaseException) -> str:
     return str(cause).strip().splitlines()[-1][:2000] if str(cause).strip() else repr(cause)
 
 
-def _run_task(
+def run_task(
     request: TrialRequest, spec: SpecBase, trial: Trial, notify: ProgressFn, stop: threading.Event
 ) -> dict[str, str]:
     """One trial without a sweep, as a plain Ray task; returns {label: error} if it failed.

@@ -12,13 +12,17 @@ anything is submitted.
 from __future__ import annotations
 
 import shlex
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from service import __version__
 from service.spec import SpecBase, to_yaml
 
 SPEC_VAR = "RLGEN_SPEC_YAML"
 ENTRY = f"rlgen run --spec-env {SPEC_VAR} --address auto --json"
+PROBE = "rlgen --version"  # a job that shows whether, and at which version, the head runs rlgen
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 @dataclass
@@ -42,6 +46,8 @@ class JobsError(Exception):
 class Jobs:
     """Ray Jobs API client for rlgen experiments on one cluster (`http://HEAD:8265`)."""
 
+    rlgen_checked = False  # the cluster showed it runs this rlgen (`check_rlgen`), once
+
     def __init__(self, address: str):
         from ray.job_submission import JobSubmissionClient
 
@@ -51,7 +57,43 @@ class Jobs:
         except Exception as e:  # ConnectionError, ValueError for malformed addresses
             raise JobsError(f"cannot reach the Ray Jobs API at {address}: {e}") from None
 
+    def check_rlgen(self, timeout_s: float = 120.0) -> None:
+        """Raise JobsError unless the cluster's head can run `rlgen` at this version: a job's
+        driver is `rlgen run` on the head's PATH, and without this check a missing or other
+        rlgen shows only as `/bin/sh: rlgen: not found` in a failed job's log. Asked with one
+        small job (`rlgen --version`), once per client."""
+        if self.rlgen_checked:
+            return
+        try:
+            job_id = self.client.submit_job(entrypoint=PROBE, metadata={"rlgen.probe": "1"})
+            deadline = time.monotonic() + timeout_s
+            while (status := self._status(job_id)) not in TERMINAL:
+                if time.monotonic() > deadline:
+                    raise JobsError(f"`{PROBE}` did not finish on the cluster in {timeout_s:.0f} s")
+                time.sleep(0.25)
+            output = str(self.client.get_job_logs(job_id)).strip()
+        except JobsError:
+            raise
+        except Exception as e:
+            raise JobsError(f"cannot ask the cluster whether it runs rlgen: {e}") from None
+        last = output.splitlines()[-1] if output else "(no output)"
+        fix = (
+            f"install rlgen {__version__} on the head node, on the PATH of the process that "
+            "ran `ray start` (the Dockerfile's image has it)"
+        )
+        if status != "SUCCEEDED":
+            raise JobsError(f"the cluster's head cannot run rlgen (`{PROBE}`: {last}); {fix}")
+        theirs = last.split()[-1]
+        if theirs != __version__:
+            raise JobsError(f"the cluster runs rlgen {theirs}, this is rlgen {__version__}; {fix}")
+        self.rlgen_checked = True
+
+    def _status(self, job_id: str) -> str:
+        status = self.client.get_job_status(job_id)
+        return str(getattr(status, "value", status))
+
     def submit(self, spec: SpecBase, tracking_uri: str) -> str:
+        self.check_rlgen()
         # The spec travels in the job's environment, not in a `working_dir` package: the Ray
         # runtime-env agent may garbage-collect an unreferenced package under a starting driver.
         entrypoint = f"{ENTRY} --tracking-uri {shlex.quote(tracking_uri)}"

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from agents import dp, dqn, policy_iteration, q_learning, value_iteration
 from generative import autoencoder, dbn, gan, rbm, vae
-from service.context import RunContext
+from runctx import RunContext
 
 
 @dataclass(frozen=True)

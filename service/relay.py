@@ -1,35 +1,52 @@
-"""The driver's tracking relay: trials on the driver's machine reach MLflow through it.
+"""The driver's tracking relay: on the embedded cluster, trials reach MLflow through it.
 
-A worker that imports MLflow (and, on SQLite, its SQLAlchemy store) spends ~1.3 s of CPU before
-its trial can start, on top of torch; the driver has all of it loaded already. On the embedded
-cluster the driver and its workers share a machine, so `launch` serves its `Tracker` on a Unix
-socket and the trials call it there: a single trial starts ~1.3 s sooner, and a sweep's workers
-import MLflow zero times instead of once each. Metric writes then cost the training process only
-the pickling (~1 us a point), as with `service.metric_writer`'s helper.
+The driver serves `Tracker(client_for(tracking_uri))` on a Unix socket (`Relay`), and each trial
+asks it there (`RelayTracker`): the driver has MLflow loaded already, so the trials' processes
+never import it, and a SQLite store has one writer, the driver, however many trials run. See
+`service.tracking` for the path a metric takes.
 
-Each request is `(method, args)`, answered `(True, result)` or `(False, "Type: message")`: the
-caller's retries and the metric logger's buffer work as with MLflow in-process. Only the methods
-in `Tracker.REMOTE` are served. The socket lives in a directory only this user can open, and
-peers are this user's own processes, so frames are pickled (as between the writer and its helper).
-
-On other clusters `launch` serves it too (a Ray Job's driver, `rlgen run --address auto`, runs on
-the head node): trials on the driver's machine use it, and trials on other nodes, where its
-socket does not exist, open the tracking server themselves.
+Each request is a frame `(method, args)`, answered `(True, result)` or `(False, (transient,
+"Type: message"))`: the trial's retries and its metric logger's buffer work as with MLflow
+in-process (`is_transient`). Only the methods in `Tracker.REMOTE` are served. The socket lives in
+a directory only this user can open, and peers are this user's own processes, so frames are
+pickled. A frame is a 4-byte big-endian length and the pickled object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
 import shutil
 import socket
 import socketserver
+import struct
 import threading
-from typing import Any
+from typing import IO, Any
 
 from service.cluster import private_dir
-from service.metric_writer import recv_frame, send_frame
-from service.tracking import Tracker, client_for
+from service.store import client_for
+from service.tracking import Tracker, is_transient
+
+_LEN = struct.Struct(">I")
+
+
+def send_frame(stream: IO[bytes] | io.BufferedIOBase, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LEN.pack(len(data)) + data)
+    stream.flush()
+
+
+def recv_frame(stream: IO[bytes] | io.BufferedIOBase) -> Any:
+    header = stream.read(_LEN.size)
+    if len(header) < _LEN.size:
+        raise EOFError("relay connection closed")
+    (size,) = _LEN.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("relay connection closed mid-message")
+    return pickle.loads(data)
 
 
 class Relay:
@@ -67,13 +84,13 @@ class Relay:
                     except (EOFError, OSError):
                         return  # the trial is done (or its worker died)
                     if method not in Tracker.REMOTE:
-                        reply: tuple[bool, Any] = (False, f"ValueError: no method {method!r}")
+                        reply: tuple[bool, Any] = (False, (False, f"no method {method!r}"))
                     else:
                         try:
                             with lock:
                                 reply = (True, getattr(tracker, method)(*args))
                         except Exception as e:
-                            reply = (False, f"{type(e).__name__}: {e}")
+                            reply = (False, (is_transient(e), f"{type(e).__name__}: {e}"))
                     try:
                         send_frame(self.wfile, reply)
                     except OSError:
@@ -113,7 +130,12 @@ class Relay:
 
 
 class RelayError(RuntimeError):
-    """The driver could not do what the trial asked (its message says why)."""
+    """The driver could not do what the trial asked (its message says why); `transient`: the
+    driver's own call failed in a way that may pass if tried again (see `is_transient`)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class RelayTracker:
@@ -150,7 +172,8 @@ class RelayTracker:
                 self.close_locked()
                 raise ConnectionError(f"the driver's tracking relay went away ({e})") from None
         if not ok:
-            raise RelayError(value)
+            transient, message = value
+            raise RelayError(message, transient)
         return value
 
     def close_locked(self) -> None:

@@ -1,30 +1,38 @@
-"""MLflow tracking: the writer behind `RunContext`, experiments, and run bookkeeping.
+"""MLflow tracking: how a trial's records reach MLflow, experiments, and run bookkeeping.
 
-Algorithms never call MLflow: they log through the run context, whose buffered `MetricLogger`
-hands batches to `MlflowWriter`, which writes them with `log_batch` (~0.1 ms a metric against
-SQLite, where `log_metric` costs ~5 ms a call) and retries with backoff when the store is busy or
-unreachable, so that a restart of the tracking server loses nothing. `Tracker` is everything else
-a trial asks of MLflow (its run, params, checkpoints to resume from), in plain data, so that the
-driver can serve it to the embedded cluster's workers (`service.relay`).
+Algorithms never call MLflow: they log through the run context (`runctx`), whose `MetricLogger`
+buffers points and hands batches to a writer on a background thread. There is one path per
+deployment:
+
+    embedded (`rlgen run`, local Ray: the driver and its trials share one machine)
+        trial: ctx.log_metrics -> MetricLogger -> RunWriter -> RelayTracker ==unix socket==>
+        driver: Relay -> Tracker -> MlflowWriter.log_batch -> sqlite:///mlflow.db (or a server)
+
+    cluster (`--address`, a Ray Job; trials on any node)
+        trial: ctx.log_metrics -> MetricLogger -> RunWriter -> Tracker -> MlflowWriter.log_batch
+               -> http://MLFLOW:5000
+
+On the embedded cluster the driver, which has MLflow loaded already, is the store's only writer
+(`service.relay`): trials never import MLflow, and SQLite never sees two writers at once. On a
+cluster every trial talks to the tracking server itself.
+
+Failures: `with_retries` retries what may pass (a lost connection, a 5xx answer, SQLite busy)
+with backoff, and the metric logger keeps a batch that still failed in its buffer for the next
+attempt, so a restart of the tracking server loses nothing. A permanent rejection (a 4xx answer,
+an invalid value) is not retried: the writer raises `runctx.RejectedError` naming the metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import os
-import posixpath
 import re
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from service.points import MetricPoint
-from service.settings import DEFAULT_TRACKING_URI
+from runctx import MetricPoint, RejectedError, name_problem
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -46,121 +54,34 @@ TAG_ERROR = "rlgen.error"
 SEARCH_MAX = 50_000
 TAG_PARENT = "mlflow.parentRunId"
 ACTIVE = ("RUNNING", "SCHEDULED")
-# MLflow 3's UI opens an experiment on its GenAI overview unless told it holds training runs.
-TAG_KIND, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI to use, with relative SQLite paths made absolute.
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed tracking call may pass if tried again: a lost connection, a 5xx (or
+    429) answer, a busy SQLite file. A 4xx answer, an invalid value, will fail every time."""
+    from mlflow.exceptions import MlflowException
 
-    Ray workers do not share the driver's working directory, so `sqlite:///mlflow.db` must name
-    the driver's file explicitly before it is handed to them.
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
-
-
-class TrackingStoreError(ValueError):
-    """A tracking URI that cannot work: said before any run exists."""
-
-
-def check_store(
-    uri: str, timeout_s: float = 10.0, *, reach: bool = True, must_exist: bool = False
-) -> None:
-    """Fail fast, with the reason, when `uri` cannot work as a tracking store.
-
-    Only at the start of a command: later, a store that goes away is waited for (the metric
-    logger retries and keeps its buffer), but MLflow's own client would retry an address where no
-    server ever answered for minutes, and show a file store's or a missing driver's error as a
-    traceback. `must_exist`: the command reads runs (`evaluate`, `--from-run`), so a SQLite file
-    that is not there is a wrong path, not a store to create.
-    """
-    from urllib.parse import urlparse
-
-    parsed = urlparse(uri)
-    scheme = parsed.scheme
-    # What the messages show: never a password, into a terminal or a log.
-    shown = uri.replace(f":{parsed.password}@", ":***@", 1) if parsed.password else uri
-    if scheme in ("", "file"):
-        raise TrackingStoreError(
-            f"{shown!r} is MLflow's file store, which MLflow 3 no longer accepts; use "
-            "sqlite:///mlflow.db or an MLflow server, http://HOST:5000"
-        )
-    if not reach:  # the form only: a long-lived service waits for its store to come up
-        return
-    if scheme in ("http", "https"):
-        import urllib.error
-        import urllib.request
-
-        try:  # one request, no retries; any HTTP answer (even 401/404) means a server is there
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
-        except urllib.error.HTTPError:
-            pass
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise TrackingStoreError(f"no MLflow server answers at {shown} ({reason})") from None
-        return
-    if scheme == "sqlite" and not Path(uri.removeprefix("sqlite:///")).exists():
-        if must_exist:
-            raise TrackingStoreError(f"no tracking store at {shown}: the file does not exist")
-        return  # created on first use (not before the spec is known to be valid)
-    try:
-        client_for(uri).search_experiments(max_results=1)
-    except ImportError as e:
-        raise TrackingStoreError(f"{shown}: its database driver is missing ({e})") from None
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if parsed.password:
-            first = first.replace(parsed.password, "***")
-        raise TrackingStoreError(f"cannot open the tracking store {shown}: {first}") from None
-
-
-_opened: set[str] = set()  # SQLite stores this process has opened (complete from then on)
-
-
-def client_for(uri: str) -> MlflowClient:
-    from mlflow.tracking import MlflowClient
-
-    if not uri.startswith("sqlite:///") or uri in _opened:
-        return MlflowClient(tracking_uri=uri)
-    # MLflow creates (or upgrades) a SQLite store's tables when it first opens it; two processes
-    # doing so at once (two `rlgen run` on a new store) both migrate and one crashes ("table
-    # latest_metrics already exists"). One process at a time opens it, the first time.
-    with _store_lock(uri):
-        client = MlflowClient(tracking_uri=uri)
-    _opened.add(uri)
-    return client
-
-
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    digest = hashlib.sha1(uri.encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"rlgen.store-{digest}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    if isinstance(error, OSError | TimeoutError):  # ConnectionError, requests' errors
+        return True
+    if isinstance(error, MlflowException):
+        # MLflow reports an unreachable server as INTERNAL_ERROR (500), a locked SQLite file
+        # as TEMPORARILY_UNAVAILABLE (503), a refused value as INVALID_PARAMETER_VALUE (400).
+        status = error.get_http_status_code()
+        return status >= 500 or status == 429
+    return bool(getattr(error, "transient", False))  # `service.relay.RelayError`
 
 
 def with_retries(
     fn: Callable[[], T], what: str, *, attempts: int = 6, first_wait_s: float = 0.5
 ) -> T:
-    """Call `fn`, retrying with exponential backoff (0.5 s, 1 s, 2 s, ...) on any error."""
+    """Call `fn`, retrying transient failures (`is_transient`) with exponential backoff (0.5 s,
+    1 s, 2 s, ...); anything else is raised at once."""
     wait = first_wait_s
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as e:  # sqlite "database is locked", HTTP errors, connection resets
-            if attempt == attempts:
+        except Exception as e:
+            if attempt == attempts or not is_transient(e):
                 raise
             log.warning(
                 "%s failed (%s); retry %d/%d in %.1f s", what, e, attempt, attempts - 1, wait
@@ -171,7 +92,7 @@ def with_retries(
 
 
 class MlflowWriter:
-    """`service.context.Writer` for one MLflow run."""
+    """`runctx.Writer` for one MLflow run."""
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
@@ -187,7 +108,13 @@ class MlflowWriter:
             def write(chunk: list[Metric] = chunk) -> None:
                 self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
 
-            with_retries(write, "log_batch")
+            try:
+                with_retries(write, "log_batch")
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                keys = ", ".join(sorted({m.key for m in chunk}))
+                raise RejectedError(f"MLflow refused metrics {keys}: {e}") from None
 
     def write_artifact(self, local_path: Path, artifact_dir: str) -> None:
         with_retries(
@@ -304,13 +231,20 @@ class Tracker:
 
 
 class RunWriter:
-    """`service.context.Writer` for one run, through any tracker (in-process or relayed)."""
+    """`runctx.Writer` for one run, through a tracker (in-process, or the driver's relay)."""
 
     def __init__(self, tracker: Any, run_id: str):
         self.tracker, self.run_id = tracker, run_id
 
     def write_metrics(self, points: Sequence[MetricPoint]) -> None:
-        self.tracker.write_metrics(self.run_id, [tuple(p) for p in points])
+        try:
+            self.tracker.write_metrics(self.run_id, [tuple(p) for p in points])
+        except RejectedError:
+            raise
+        except Exception as e:  # from the relay: permanent failures come back as RelayError
+            if is_transient(e):
+                raise
+            raise RejectedError(str(e)) from None
 
     def write_artifact(self, local_path: Path, artifact_dir: str) -> None:
         self.tracker.write_artifact(self.run_id, str(local_path), artifact_dir)
@@ -320,37 +254,6 @@ class RunWriter:
 
     def close(self) -> None:
         pass
-
-
-def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """Id of the experiment `name`, created (or restored) as needed.
-
-    For a local SQLite store the artifacts go beside the database, in `mlartifacts/`.
-    """
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        if TAG_KIND not in exp.tags:
-            client.set_experiment_tag(exp.experiment_id, TAG_KIND, KIND_TRAINING)
-        return str(exp.experiment_id)
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        root = Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts"
-        location = root.as_uri()
-    try:
-        return str(
-            client.create_experiment(
-                name, artifact_location=location, tags={TAG_KIND: KIND_TRAINING}
-            )
-        )
-    except MlflowException:  # created concurrently by another launch
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return str(exp.experiment_id)
 
 
 def runs_of_launch(client: MlflowClient, experiment_id: str, launch_id: str) -> list[Run]:
@@ -400,21 +303,6 @@ def params_batch(flat: dict[str, str]) -> list[Any]:
 
     params: dict[str, str] = {}
     for key, value in flat.items():
-        name = re.sub(r"[^\w.\- :]", "_", key)[:250] if mlflow_name_problem(key) else key
+        name = re.sub(r"[^\w.\- :]", "_", key)[:250] if name_problem(key) else key
         params.setdefault(name, value[:6000])
     return [Param(k, v) for k, v in params.items()]
-
-
-def mlflow_name_problem(name: str) -> str | None:
-    """Why MLflow would refuse `name` as a tag, param or metric name (None: it would not):
-    letters, digits, _ - . space : /, at most 250 characters, and a path that does not
-    normalise to another name ("a//b", "../x")."""
-    if not name:
-        return "empty"
-    if len(name) > 250:
-        return "longer than MLflow's 250 characters"
-    if not re.fullmatch(r"[/\w.\- :]+", name):
-        return "MLflow names hold only letters, digits, _ - . space : and /"
-    if posixpath.normpath(name) != name or name.startswith(".."):
-        return f"reads as the path {posixpath.normpath(name)!r} in MLflow"
-    return None

@@ -7,7 +7,6 @@ its MLflow run: FINISHED, FAILED with the error as the `rlgen.error` tag (and th
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -24,11 +23,11 @@ from typing import Any
 
 import torch
 
-from service.context import RunContext, Writer
-from service.metric_writer import ProcessWriter
+from runctx import RunContext
 from service.registry import ALGORITHMS
 from service.relay import RelayTracker
 from service.spec import SpecBase, dump_yaml, flatten, set_dotted, spec_model
+from service.store import client_for
 from service.tracking import (
     TAG_ERROR,
     TAG_LAUNCH,
@@ -39,7 +38,6 @@ from service.tracking import (
     TAG_WORKER,
     RunWriter,
     Tracker,
-    client_for,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +55,7 @@ class TrialRequest:
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)  # version, commit, spec hash
     overrides: dict[str, Any] = field(default_factory=dict)  # swept params: dotted path -> value
-    relay: str | None = None  # the driver's tracking relay, on the embedded cluster
+    relay: str | None = None  # the driver's tracking relay's socket, on the embedded cluster
 
     def for_trial(self, seed: int, overrides: dict[str, Any]) -> TrialRequest:
         return replace(self, seed=seed, overrides=dict(overrides))
@@ -168,12 +166,7 @@ def run_trial(
         tracker.set_tag(run_id, TAG_RESTARTS, str(restarts))
         tracker.set_tag(run_id, TAG_WORKER, tags[TAG_WORKER])
     workdir = make_workdir(run_id)
-    writer: Writer
-    if isinstance(tracker, Tracker):
-        # Moves MLflow's log_batch off this process in long trials (starts while we set up).
-        writer = ProcessWriter(tracker.client, request.tracking_uri, run_id)
-    else:  # the driver writes: off this process already
-        writer = RunWriter(tracker, run_id)
+    writer = RunWriter(tracker, run_id)
     status, error = "FAILED", None
     ctx: RunContext | None = None
     try:
@@ -225,7 +218,6 @@ def run_trial(
                 ctx.close()
             except Exception as e:  # metrics could not be written even after retries
                 status, error = "FAILED", error or f"metrics were not written: {e}"
-        writer.close()
         if error:
             _best_effort(lambda: tracker.set_tag(run_id, TAG_ERROR, error[:5000]))
         _best_effort(lambda: tracker.set_terminated(run_id, status))
@@ -266,39 +258,20 @@ def remove_abandoned_workdirs(root: Path | None = None) -> int:
 
 
 def tracker_for(request: TrialRequest) -> Tracker | RelayTracker:
-    """The driver's relay when this trial runs on the driver's machine (`service.relay`: always
-    on the embedded cluster), else MLflow in this process."""
-    if request.relay is not None and os.path.exists(request.relay):
+    """How this trial reaches MLflow (see `service.tracking`): through the driver's relay on the
+    embedded cluster, else MLflow in this process."""
+    if request.relay is not None:
         relay = RelayTracker(request.relay)
-        try:
-            relay.connect()
-            return relay
-        except OSError as e:  # e.g. a /tmp shared between machines: the socket is another's
-            log.warning("the driver's tracking relay does not answer (%s); opening MLflow", e)
+        relay.connect()  # OSError: the driver is gone, and with it the launch
+        return relay
     return Tracker(client_for(request.tracking_uri))
 
 
 def run_on_ray_worker(request: TrialRequest) -> TrialOutcome:
-    """A single trial as a plain Ray task (see `service.execution._run_task`)."""
+    """A single trial as a plain Ray task (see `service.execution.run_task`)."""
     import ray
 
-    freeze_imports()
     return run_trial(request, gpu_ids=ray.get_gpu_ids())
-
-
-_imports_frozen = False
-
-
-def freeze_imports() -> None:
-    """On a Ray worker, once: take every object alive now out of the cyclic garbage collector's
-    reach (`gc.freeze`). They are what the worker imported (~220k objects with torch and the
-    algorithms) and live as long as the process, yet each full collection traverses them all:
-    ~0.2 s a time, 2-3 times in a 30 s DQN trial here. Never in a user's own process (`--local`,
-    a notebook): what is frozen is never collected."""
-    global _imports_frozen
-    if not _imports_frozen:
-        _imports_frozen = True
-        gc.freeze()
 
 
 def _best_effort(fn: Any) -> None:

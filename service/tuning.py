@@ -1,37 +1,34 @@
 """Several trials as one Ray Tune experiment: scheduling, early stopping (ASHA), restarts.
 
-`service.execution.launch` imports this module only for sweeps and several seeds: a single trial is
-a plain Ray task, and Ray Tune's modules cost ~1 s to import.
+A single trial is a plain Ray task (`service.execution.run_task`): Tune has nothing to schedule.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
 
-from service.cluster import embedded
 from service.settings import get_settings
 from service.spec import SpecBase
 from service.tracking import TAG_ERROR
 from service.trial import (
     TrialRequest,
-    freeze_imports,
     run_name,
     run_trial,
     tracker_for,
     trial_label,
 )
 
-if TYPE_CHECKING:  # not imported at run time: trial processes unpickle `_trainable` from here,
-    # and `service.execution` brings MLflow with it, which the relay spares them
-    from service.execution import ProgressFn, Trial
+if TYPE_CHECKING:  # not at run time: trial processes unpickle `_trainable` from here, and
+    # `service.execution` imports MLflow, which trials on the embedded cluster never need
+    from service.execution import ProgressFn
+    from service.sweeps import Trial
 
 
 class TrialFailedError(RuntimeError):
@@ -60,7 +57,6 @@ class _TuneReporter:
 
 
 def _trainable(config: dict[str, Any], request: TrialRequest, metric: str | None) -> None:
-    freeze_imports()
     trial = config["trial"]
     reporter = _TuneReporter(metric) if metric else None
     outcome = run_trial(
@@ -131,32 +127,6 @@ class _StopOnRequest(tune.Stopper):
         return self.event is not None and self.event.is_set()
 
 
-@contextmanager
-def _trial_actors_on_prestarted_workers() -> Iterator[None]:
-    """Tune's trial actors without a runtime_env of their own, on the embedded cluster.
-
-    Tune gives each trial actor `runtime_env={"env_vars": ...}` (variables it forwards from the
-    driver), and for any runtime_env unlike the job's, Ray starts a fresh worker process, which
-    then imports torch, the algorithms and MLflow (~3 s of CPU) once the trial is scheduled.
-    Without it, trials land on the workers Ray prestarted, which imported all that while Ray was
-    starting (`service.preload`). The embedded cluster's workers inherit this process's
-    environment, so the variables reach them anyway. Should Ray's internals move, Tune's
-    default stands.
-    """
-    try:
-        from ray.tune.execution import class_cache
-
-        saved = class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE
-    except (ImportError, AttributeError):
-        yield
-        return
-    class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = {}, set()
-    try:
-        yield
-    finally:
-        class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = saved
-
-
 def run_tune(
     request: TrialRequest,
     spec: SpecBase,
@@ -215,8 +185,7 @@ def run_tune(
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         ),
     )
-    with _trial_actors_on_prestarted_workers() if embedded() else nullcontext():
-        results = tuner.fit()
+    results = tuner.fit()
     if stop.is_set():  # Ctrl-C: the trials Tune stopped were interrupted, not stopped early
         raise KeyboardInterrupt
     errors: dict[str, str] = {}

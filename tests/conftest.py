@@ -36,7 +36,7 @@ def experiment_name() -> str:
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     """Ray starts in ~5 s: start it once and share it across the session. It is the embedded
-    cluster `rlgen run` starts (preloading workers, trials tracked through the driver's relay),
+    cluster `rlgen run` starts (trials tracked through the driver's relay),
     with logical GPUs (there are none here): placement of GPU trials is testable."""
     import ray
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -306,7 +308,7 @@ def test_a_body_declared_too_large_is_read_before_its_413_unless_huge(api: Any) 
     """Answering while the client still sends makes the client's kernel see a reset, so the
     client reports "connection reset" instead of the 413: a body up to DRAIN_FACTOR times the
     limit is read (and dropped) first; a larger one is answered at once, unread."""
-    from service.api import DRAIN_FACTOR
+    from service.api.deps import DRAIN_FACTOR
 
     client, jobs, _ = api
     chunks = 2 * 20_000 // 4096 + 1  # twice the 20 kB limit
@@ -325,3 +327,81 @@ def test_openapi_docs(api: Any) -> None:
     assert client.get("/docs", headers=AUTH).status_code == 200
     paths = client.get("/openapi.json", headers=AUTH).json()["paths"]
     assert {"/experiments", "/experiments/{exp_id}", "/healthz"} <= set(paths)
+
+
+def test_every_route_declares_its_response_schema(api: Any) -> None:
+    client, _, _ = api
+    spec = client.get("/openapi.json", headers=AUTH).json()
+    schemas = set(spec["components"]["schemas"])
+    assert {"Submitted", "ExperimentSummary", "ExperimentDetail", "Run", "Cancelled"} <= schemas
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            ok = next(code for code in op["responses"] if code.startswith("2"))
+            content = op["responses"][ok]["content"]
+            if path.endswith("/logs"):
+                assert "text/plain" in content
+                continue
+            schema = content["application/json"]["schema"]
+            assert schema.get("$ref") or schema.get("items", {}).get("$ref"), (method, path)
+
+
+class SlowJobs(LocalJobs):
+    """A cluster whose Jobs API takes a second to accept each job."""
+
+    def submit(self, spec: Any, tracking_uri: str) -> str:
+        time.sleep(1.0)
+        self.jobs[f"job_{len(self.jobs)}"] = JobInfo("j", "PENDING", spec.name, "", "", 0.0, None)
+        return f"job_{len(self.jobs) - 1}"
+
+
+def test_the_event_loop_never_blocks_while_submissions_are_validated(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    import threading
+
+    import httpx
+    import uvicorn
+
+    config = ApiConfig(token=TOKEN, tracking_uri=tracking_uri, db_path=tmp_path / "api.db")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, SlowJobs()), host="127.0.0.1", port=port, log_level="error"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the server never started"
+            time.sleep(0.05)
+        statuses: list[int] = []
+
+        def post() -> None:
+            with httpx.Client(timeout=60) as c:
+                statuses.append(
+                    c.post(f"{base}/experiments", content=SPEC, headers=AUTH).status_code
+                )
+
+        posts = [threading.Thread(target=post) for _ in range(20)]
+        for p in posts:
+            p.start()
+        latencies = []
+        with httpx.Client(timeout=10) as c:
+            while any(p.is_alive() for p in posts):
+                t = time.perf_counter()
+                assert c.get(f"{base}/healthz").status_code == 200
+                latencies.append(time.perf_counter() - t)
+                time.sleep(0.05)
+        for p in posts:
+            p.join()
+        assert statuses == [202] * 20
+        assert len(latencies) >= 10  # the submissions took a while: healthz was asked throughout
+        assert max(latencies) < 0.1, sorted(latencies)[-5:]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -336,26 +336,19 @@ def test_invalid_file_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "x.db").exists()
 
 
-def test_auto_is_checked_where_it_points(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_is_checked_where_it_points(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`--address auto` reads the last `ray start`'s address, which may be long dead: ray.init
     would wait on it for minutes (seen with a stale /tmp/ray/ray_current_cluster)."""
-    import ray._private.services as services
-
-    from service.cluster import _check_reachable
+    from service import cluster
 
     port = _free_port()
-    monkeypatch.setattr(
-        services, "canonicalize_bootstrap_address_or_die", lambda addr: f"127.0.0.1:{port}"
-    )
+    current = tmp_path / "ray_current_cluster"
+    current.write_text(f"127.0.0.1:{port}\n")
+    monkeypatch.setattr(cluster, "CURRENT_CLUSTER_FILE", current)
     with pytest.raises(ConnectionError, match=f"nothing answers at 127.0.0.1:{port}"):
-        _check_reachable("auto")
-
-    def none_found(addr: str) -> str:
-        raise ConnectionError("Could not find any running Ray instance.")
-
-    monkeypatch.setattr(services, "canonicalize_bootstrap_address_or_die", none_found)
-    with pytest.raises(ConnectionError, match="Could not find any running Ray instance"):
-        _check_reachable("auto")
+        cluster.check_reachable("auto")
+    current.unlink()  # no cluster was ever started here: ray.init says so itself
+    cluster.check_reachable("auto")
 
 
 def test_an_address_where_nothing_listens_exits_2_at_once(tmp_path: Path) -> None:
@@ -540,7 +533,7 @@ def test_a_killed_command_leaves_no_run_running_and_no_process_behind(
     tmp_path: Path, mode: str, experiment_name: str
 ) -> None:
     """SIGKILL (the OOM killer, kill -9) lets the command end nothing itself: its watcher
-    (service.guard) ends the runs FAILED, and stops the Ray agents that outlive their raylet."""
+    (service.watchdog) ends the runs FAILED, and stops the Ray agents that outlive their raylet."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = long_solve(uri, experiment_name, seeds=2)
     proc = cli_process(tmp_path, *args, *([mode] if mode == "--local" else []))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from service.context import InMemoryWriter, MetricLogger, RunContext
+from runctx import InMemoryWriter, MetricLogger, RejectedError, RunContext
+from runctx.context import stream_seed
 
 
 def test_metrics_are_buffered_and_written_in_batches() -> None:
@@ -81,8 +83,11 @@ def test_background_writer_keeps_training_thread_free_and_loses_nothing() -> Non
 
 def test_metric_names_are_checked() -> None:
     logger = MetricLogger(InMemoryWriter())
-    with pytest.raises(ValueError):
-        logger.log({"bad\nname": 1}, step=0)
+    for bad in ("bad\nname", "a//b", "x" * 251, "", "../up"):
+        with pytest.raises(ValueError, match="metric name"):
+            logger.log({bad: 1}, step=0)
+    with pytest.raises(ValueError, match="64-bit"):
+        logger.log({"x/y": 1}, step=2**70)
 
 
 def test_train_timer_excludes_paused_time(tmp_path: Path) -> None:
@@ -143,15 +148,90 @@ def test_checkpoints_round_trip_and_rotate(tmp_path: Path) -> None:
     assert [d for _, d in ctx.writer.artifacts] == ["checkpoints"] * 3
 
 
-def test_generators_are_seeded_per_run(tmp_path: Path) -> None:
+def test_random_streams_are_reproducible_and_independent(tmp_path: Path) -> None:
     a = RunContext.in_memory(seed=3, workdir=tmp_path)
     b = RunContext.in_memory(seed=3, workdir=tmp_path)
     c = RunContext.in_memory(seed=4, workdir=tmp_path)
-    assert a.np_rng.integers(1 << 30) == b.np_rng.integers(1 << 30)
-    assert torch.equal(torch.rand(4, generator=a.torch_rng), torch.rand(4, generator=b.torch_rng))
-    assert not torch.equal(
-        torch.rand(4, generator=a.torch_rng), torch.rand(4, generator=c.torch_rng)
+    # The same seed and stream: the same numbers, whatever other streams were drawn from.
+    b.rng("init").random(100)
+    assert a.rng("exploration").integers(1 << 30) == b.rng("exploration").integers(1 << 30)
+    assert torch.equal(
+        torch.rand(4, generator=a.torch_generator("replay")),
+        torch.rand(4, generator=b.torch_generator("replay")),
     )
+    # Another seed, or another stream of the same seed: other numbers.
+    assert not torch.equal(
+        torch.rand(4, generator=a.torch_generator("replay")),
+        torch.rand(4, generator=c.torch_generator("replay")),
+    )
+    streams = ["init", "exploration", "replay", "fixed_noise"]
+    draws = [a.rng(name).random(8) for name in streams]
+    assert len({tuple(d) for d in draws}) == len(streams)
+    torch_draws = [torch.rand(8, generator=a.torch_generator(name)) for name in streams]
+    assert len({tuple(d.tolist()) for d in torch_draws}) == len(streams)
+    # Not one generator per stream seeded with the same number: the streams are uncorrelated.
+    x, y = a.rng("init").random(10_000), a.rng("fixed_noise").random(10_000)
+    assert abs(np.corrcoef(x, y)[0, 1]) < 0.05
+
+
+def test_streams_are_spawned_from_the_seed_sequence(tmp_path: Path) -> None:
+    ctx = RunContext.in_memory(seed=11, workdir=tmp_path)
+    seq = stream_seed(11, "exploration")
+    assert seq.entropy == 11 and len(seq.spawn_key) == 1  # a child, as SeedSequence.spawn makes
+    expected = np.random.default_rng(seq).integers(1 << 40, size=5)
+    assert (ctx.rng("exploration").integers(1 << 40, size=5) == expected).all()
+
+
+def test_algorithms_draw_from_named_streams_only() -> None:
+    # No algorithm seeds a generator with the trial's seed itself, or draws from a global RNG.
+    offenders = []
+    for package in ("agents", "generative"):
+        for path in (Path(__file__).parents[1] / package).rglob("*.py"):
+            text = path.read_text()
+            for pattern in (
+                "manual_seed(ctx.seed)",
+                "default_rng(ctx.seed)",
+                "np.random.seed(",
+                "torch.manual_seed(",
+                "np.random.rand",
+                "torch_rng",
+                "np_rng",
+            ):
+                if pattern in text:
+                    offenders.append(f"{path.name}: {pattern}")
+    assert offenders == []
+
+
+def test_a_rejected_batch_fails_fast_and_blocks_nothing_after_it() -> None:
+    class Refusing(InMemoryWriter):
+        def write_metrics(self, points):  # type: ignore[no-untyped-def]
+            if any(p.key == "bad/value" for p in points):
+                raise RejectedError("MLflow refused metrics bad/value: invalid value")
+            super().write_metrics(points)
+
+    writer = Refusing()
+    logger = MetricLogger(writer, max_buffer=1000, background=False)
+    logger.log({"bad/value": 1.0, "good/a": 1.0}, step=0)
+    with pytest.raises(RejectedError, match="bad/value"):
+        logger.flush()  # raised at once: not kept for retries forever
+    logger.log({"good/a": 2.0}, step=1)
+    logger.flush()
+    assert writer.metrics["good/a"] == [(1, 2.0)]  # later points are written
+
+
+def test_a_rejection_on_the_background_thread_reaches_the_training_thread() -> None:
+    class Refusing(InMemoryWriter):
+        def write_metrics(self, points):  # type: ignore[no-untyped-def]
+            raise RejectedError("MLflow refused metrics x/y: step out of range")
+
+    logger = MetricLogger(Refusing(), max_buffer=1, flush_interval_s=3600)
+    logger.log({"x/y": 1.0}, step=0)  # the background thread writes it, and is refused
+    deadline = time.monotonic() + 5
+    with pytest.raises(RejectedError, match="x/y"):
+        while time.monotonic() < deadline:
+            logger.log({"x/z": 1.0}, step=1)
+            time.sleep(0.01)
+    logger._closing.set()
 
 
 def test_stop_requests(tmp_path: Path) -> None:

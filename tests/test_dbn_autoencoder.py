@@ -9,7 +9,7 @@ import torch
 
 from generative import autoencoder as ae
 from generative import data, dbn
-from service.context import RunContext
+from runctx import RunContext
 
 
 def run(train, config, tmp_path: Path, dataset=None):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.execution import LaunchReport, launch
+from service.execution import LaunchResult, launch
 from service.spec import load_spec
 from service.tracking import TAG_RESTARTS
 
@@ -40,7 +40,7 @@ def trial_workers() -> list[int]:
 @pytest.mark.parametrize(
     ("seeds", "relay"),
     [("[0]", True), ("[0, 1]", True), ("[0]", False)],
-    ids=["task", "tune", "task-without-relay"],
+    ids=["task", "tune", "task-cluster-path"],
 )
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
     ray_cluster: None,
@@ -51,14 +51,10 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
     relay: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Through the driver's relay (the embedded cluster), and with trials opening MLflow
-    themselves (what they do on other clusters, or when the relay cannot start)."""
+    """Through the driver's relay (the embedded cluster's path to MLflow), and with trials
+    opening MLflow themselves (the path on other clusters)."""
     if not relay:
-
-        def no_relay(uri: str) -> None:
-            raise OSError("AF_UNIX path too long")
-
-        monkeypatch.setattr("service.execution.Relay", no_relay)
+        monkeypatch.setattr("service.execution.embedded", lambda: False)
     spec = load_spec(
         ROOT / "experiments" / "dqn_cartpole.yaml",
         [
@@ -100,7 +96,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
                 os.kill(killed, signal.SIGKILL)
     assert killed is not None, "never saw a checkpoint and a trial worker to kill"
     thread.join(timeout=300)
-    report: LaunchReport = result["report"]
+    report: LaunchResult = result["report"]
     assert report.ok, [(t.status, t.error) for t in report.trials]
     # The restart continued the killed trial's run: one run per trial, all FINISHED.
     assert sorted(t.seed for t in report.trials) == spec.seeds

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from generative import data, fid, gan
-from service.context import RunContext
+from runctx import RunContext
 
 
 def test_fid_of_a_set_with_itself_is_zero() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from generative import data, rbm
-from service.context import RunContext
+from runctx import RunContext
 
 
 def small_rbm(D: int, H: int, scale: float, seed: int = 0) -> rbm.RBM:

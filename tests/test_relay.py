@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from service.relay import Relay, RelayError, RelayTracker
 from service.spec import load_spec, resolved
-from service.tracking import TAG_LAUNCH, TAG_TRIAL, Tracker, ensure_experiment
+from service.store import ensure_experiment
+from service.tracking import TAG_LAUNCH, TAG_TRIAL, Tracker
 from service.trial import TrialRequest, tracker_for
 
 from .conftest import ROOT
@@ -161,20 +162,22 @@ def test_a_trial_through_the_relay_never_imports_mlflow(
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"spec.yaml", "figures"}
 
 
-def test_trials_use_the_relay_only_where_it_answers(tracking_uri: str, tmp_path: Path) -> None:
-    """On another node the relay's socket does not exist; on a /tmp shared between machines it
-    exists but nothing here answers: both trials open MLflow themselves."""
+def test_trials_use_the_relay_exactly_when_the_launch_gives_one(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    """One path per deployment: a request with the driver's relay (the embedded cluster) goes
+    through it, one without (a cluster) opens MLflow; a relay that no longer answers is an
+    error (its driver, and with it the launch, is gone), never a quiet switch of paths."""
     request = TrialRequest(
         spec={}, seed=0, tracking_uri=tracking_uri, experiment_id="0", launch_id="x"
     )
-    stale = tmp_path / "socket"
-    stale.write_text("")
     with Relay(tracking_uri) as relay:
         tracker = tracker_for(replace(request, relay=relay.address))
         assert isinstance(tracker, RelayTracker)
         tracker.close()
-    for address in (None, relay.address, str(stale)):  # none, gone (another node), stale
-        assert isinstance(tracker_for(replace(request, relay=address)), Tracker), address
+    assert isinstance(tracker_for(request), Tracker)
+    with pytest.raises(OSError):
+        tracker_for(replace(request, relay=relay.address))  # its driver is gone
 
 
 def test_a_killed_drivers_directory_is_removed_by_the_next_one(

@@ -346,7 +346,7 @@ def test_frozenlake_random_lake_is_drawn_once_and_recorded(tmp_path: Path) -> No
     gym.make: value iteration solved one lake and was evaluated on another (return 0 on a
     deterministic lake it had solved). The lake is drawn once, at load, into `kwargs.desc`."""
     from agents import value_iteration
-    from service.context import RunContext
+    from runctx import RunContext
     from service.spec import load_spec_text, to_yaml
 
     text = (

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from service.aggregates import aggregate
 from service.execution import expand, launch
-from service.report import aggregate
 from service.spec import SpecError, load_spec
 from service.tracking import TAG_PARENT, TAG_STOPPED_EARLY, TAG_TRIAL
 

@@ -1,4 +1,4 @@
-"""The MLflow side: batched writes, the writer process, retries."""
+"""The MLflow side: batched writes, retries of transient failures only."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.metric_writer import ProcessWriter
-from service.points import MetricPoint
-from service.tracking import MlflowWriter, ensure_experiment, resolve_tracking_uri, with_retries
+from runctx import MetricPoint, RejectedError
+from service.store import ensure_experiment, resolve_tracking_uri
+from service.tracking import MlflowWriter, is_transient, with_retries
 
 
 def points(start: int, n: int) -> list[MetricPoint]:
@@ -33,23 +33,49 @@ def test_mlflow_writer_batches_over_the_limit(tracking_uri: str, experiment_name
     assert sorted(m.step for m in history) == list(range(2500))
 
 
-def test_writer_process_writes_and_survives_the_helper_dying(
+def test_points_mlflow_refuses_fail_fast_naming_the_metric(
     tracking_uri: str, experiment_name: str
 ) -> None:
     client, run_id = new_run(tracking_uri, experiment_name)
-    writer = ProcessWriter(client, tracking_uri, run_id, spawn_after_cost_s=0.0)
-    writer.write_metrics(points(0, 10))  # spawns the helper; written in-process meanwhile
-    deadline = time.monotonic() + 60
-    while writer._helper() is None:
-        assert time.monotonic() < deadline, "helper never became ready"
-        time.sleep(0.1)
-    writer.write_metrics(points(10, 10))  # through the helper
-    assert writer.proc is not None
-    writer.proc.kill()
-    writer.proc.wait()
-    writer.write_metrics(points(20, 10))  # the helper is dead: written in-process, not lost
-    writer.close()
-    assert sorted(m.step for m in client.get_metric_history(run_id, "losses/x")) == list(range(30))
+    client.delete_run(run_id)  # MLflow refuses writes to a deleted run: a 4xx, for good
+    t = time.monotonic()
+    with pytest.raises(RejectedError, match="losses/x"):
+        MlflowWriter(client, run_id).write_metrics(points(0, 3))
+    assert time.monotonic() - t < 5  # no backoff: 0.5 + 1 + 2 + ... seconds of retries
+
+
+def test_transient_and_permanent_failures_are_told_apart() -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import (
+        INTERNAL_ERROR,
+        INVALID_PARAMETER_VALUE,
+        RESOURCE_DOES_NOT_EXIST,
+        TEMPORARILY_UNAVAILABLE,
+    )
+
+    from service.relay import RelayError
+
+    assert is_transient(ConnectionError("reset"))
+    assert is_transient(TimeoutError())
+    assert is_transient(MlflowException("API request failed", error_code=INTERNAL_ERROR))
+    assert is_transient(MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not is_transient(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE))
+    assert not is_transient(MlflowException("no run", error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not is_transient(ValueError("invalid"))
+    assert is_transient(RelayError("x", transient=True))
+    assert not is_transient(RelayError("x", transient=False))
+
+
+def test_permanent_failures_are_not_retried() -> None:
+    calls = []
+
+    def refused() -> None:
+        calls.append(1)
+        raise ValueError("invalid value")
+
+    with pytest.raises(ValueError):
+        with_retries(refused, "x", first_wait_s=0.01)
+    assert len(calls) == 1
 
 
 def test_retries_with_backoff_then_gives_up() -> None:
@@ -84,7 +110,7 @@ def test_stepped_figures_become_an_mlflow_image_series(
 ) -> None:  # type: ignore[no-untyped-def]
     from matplotlib.figure import Figure
 
-    from service.context import RunContext
+    from runctx import RunContext
 
     client, run_id = new_run(tracking_uri, experiment_name)
     ctx = RunContext(seed=0, writer=MlflowWriter(client, run_id), workdir=tmp_path)
@@ -104,9 +130,10 @@ def test_ui_command_opens_mlflow_ui_on_the_store(monkeypatch: pytest.MonkeyPatch
     from typer.testing import CliRunner
 
     from service import cli
+    from service.cli import experiments
 
     calls = []
-    monkeypatch.setattr(cli.os, "execvp", lambda prog, args: calls.append(args))
+    monkeypatch.setattr(experiments.os, "execvp", lambda prog, args: calls.append(args))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = CliRunner().invoke(cli.app, ["ui", "--port", "5055"])
@@ -133,7 +160,7 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path: Path
     uri = f"sqlite:///{tmp_path / 'new.db'}"
     start = time.time() + 3  # past the imports: the three open the store at the same moment
     code = (
-        "import sys, time; from service.tracking import client_for; "
+        "import sys, time; from service.store import client_for; "
         f"time.sleep(max(0, {start} - time.time())); "
         f"client_for({uri!r}).search_experiments(max_results=1)"
     )
@@ -147,7 +174,8 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path: Path
 
 def test_param_names_mlflow_refuses_are_made_valid(tracking_uri: str, experiment_name: str) -> None:
     """Keys of free-form mappings (env.kwargs, driver.resources) become param names."""
-    from service.tracking import mlflow_name_problem, params_batch
+    from runctx import name_problem as mlflow_name_problem
+    from service.tracking import params_batch
 
     flat = {
         "env.kwargs.a,b": "1",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from generative import data, vae
-from service.context import RunContext
+from runctx import RunContext
 
 
 def test_kl_closed_form_matches_monte_carlo() -> None:

@@ -1,4 +1,4 @@
-"""The watcher that ends what a killed driver leaves behind (service.guard); the command-line case
+"""The watcher that ends what a killed driver leaves behind (service.watchdog); the command-line case
 (SIGKILL of `rlgen run`, embedded Ray and --local) is in test_cli."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.guard import kill_cluster
 from service.tracking import TAG_ERROR, TAG_LAUNCH
+from service.watchdog import kill_cluster
 
 from .conftest import ROOT, alive
 
@@ -58,10 +58,10 @@ def test_kill_cluster_stops_only_rays_processes_of_that_session(tmp_path: Path) 
 
 DRIVER = """
 import os, signal, sys
-from service.guard import LaunchGuard
+from service.watchdog import Watchdog
 
 uri, experiment_id, launch_id, session_dir, how = sys.argv[1:]
-guard = LaunchGuard(uri, experiment_id, launch_id, session_dir)
+guard = Watchdog(uri, experiment_id, launch_id, session_dir)
 print(guard._proc.pid, flush=True)
 if how == "done":
     guard.close()

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 DONE, INTERRUPTED, END = b"done\n", b"interrupted\n", b"end "
 
 
-class LaunchGuard:
+class Watchdog:
     """The driver's side: start the watcher, tell it how the launch ended (a context manager)."""
 
     def __init__(
@@ -59,7 +59,7 @@ class LaunchGuard:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         try:
             self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-m", "service.guard"],
+                [sys.executable, "-m", "service.watchdog"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 env=env,
@@ -97,7 +97,7 @@ class LaunchGuard:
                 self._proc.stdin.close()
         self._proc = None
 
-    def __enter__(self) -> LaunchGuard:
+    def __enter__(self) -> Watchdog:
         return self
 
     def __exit__(
@@ -151,7 +151,8 @@ def cluster_processes(session_dir: str) -> list[tuple[int, bytes]]:
 
 def end_runs(header: dict[str, Any], status: str, reason: str) -> int:
     """End the launch's runs (its parent too) that are still active; returns how many."""
-    from service.tracking import SEARCH_MAX, TAG_LAUNCH, client_for, close_dangling
+    from service.store import client_for
+    from service.tracking import SEARCH_MAX, TAG_LAUNCH, close_dangling
 
     client = client_for(header["tracking_uri"])
     runs = client.search_runs(
