@@ -1,4 +1,4 @@
-"""Figures for tabular solvers. matplotlib is imported lazily (it costs ~0.5 s), without pyplot."""
+"""Figures for tabular solvers. matplotlib is imported when a figure is drawn, without pyplot."""
 
 from __future__ import annotations
 

@@ -55,6 +55,7 @@ class MetricLogger:
         self.last_step = 0
         self.last_error: BaseException | None = None
         self._rejected: RejectedError | None = None
+        self._valid_names: set[str] = set()
         self._buffer: list[MetricPoint] = []
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()  # guards the buffer
@@ -70,9 +71,11 @@ class MetricLogger:
         now_ms = int(time.time() * 1000)
         points = []
         for key, value in metrics.items():
-            problem = name_problem(key)
-            if problem is not None:
-                raise ValueError(f"metric name {key!r}: {problem}")
+            if key not in self._valid_names:  # each name is checked once
+                problem = name_problem(key)
+                if problem is not None:
+                    raise ValueError(f"metric name {key!r}: {problem}")
+                self._valid_names.add(key)
             v = float(value.item() if isinstance(value, torch.Tensor) else value)
             if step <= self.logged_until.get(key, -1):
                 continue

@@ -130,3 +130,9 @@ def alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def warm_up() -> None:
+    """Ray's `worker_process_setup_hook` on the embedded cluster: import what trials run
+    (torch and the algorithms), as a worker starts, while the driver is still busy."""
+    import service.trial  # noqa: F401

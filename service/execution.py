@@ -1,5 +1,6 @@
 """Running an experiment: one trial per seed (and sweep point) on Ray, embedded or remote, or
-in-process. A single trial is one Ray task; several go through Ray Tune.
+in-process. Trials are plain Ray tasks; a sweep whose scheduler stops trials early (ASHA) runs as
+one Ray Tune experiment (`service.tuning`).
 
 The driver creates the parent run (when there is more than one trial), hands each worker a
 `TrialRequest`, and afterwards closes whatever a dead or interrupted worker left RUNNING, so that no
@@ -95,9 +96,9 @@ class LaunchResult:
 
 
 def runs_on_tune(spec: SpecBase) -> bool:
-    """Whether `launch` runs the spec's trials through Ray Tune (a sweep, or several seeds); a
-    single trial is one plain Ray task."""
-    return spec.sweep is not None or len(spec.seeds) > 1
+    """Whether `launch` runs the spec's trials through Ray Tune: only for a sweep's scheduler
+    (ASHA), which stops trials early. Every other trial is a plain Ray task (`run_tasks`)."""
+    return spec.sweep is not None and spec.sweep.scheduler is not None
 
 
 def launch(
@@ -178,9 +179,9 @@ def launch(
                 if mode == "local":
                     run_local(request, trials, notify, stop)
                 elif not runs_on_tune(spec):
-                    errors = run_task(request, spec, trials[0], notify, stop)
+                    errors = run_tasks(request, spec, trials, notify, stop)
                 else:
-                    from service.tuning import run_tune  # Ray Tune's modules cost ~1 s to import
+                    from service.tuning import run_tune  # Tune only where it schedules
 
                     errors, stopped = run_tune(request, spec, trials, notify, stop)
             if stop.is_set():
@@ -226,9 +227,9 @@ def launch(
                 client.set_terminated(
                     parent_run_id, "KILLED" if interrupted else ("FINISHED" if ok else "FAILED")
                 )
-        report = LaunchResult(spec.name, experiment_id, parent_run_id, interrupted=interrupted)
+        result = LaunchResult(spec.name, experiment_id, parent_run_id, interrupted=interrupted)
         for run in runs_of_launch(client, experiment_id, launch_id):
-            report.trials.append(
+            result.trials.append(
                 TrialResult(
                     run_id=run.info.run_id,
                     seed=int(run.data.tags["rlgen.seed"]),
@@ -239,7 +240,7 @@ def launch(
                     stopped_early=TAG_STOPPED_EARLY in run.data.tags,
                 )
             )
-        return report
+        return result
 
 
 # -- Ctrl-C and in-process ------------------------------------------------------------------------
@@ -314,35 +315,68 @@ def cause_of(error: BaseException) -> str:
     return str(cause).strip().splitlines()[-1][:2000] if str(cause).strip() else repr(cause)
 
 
-def run_task(
-    request: TrialRequest, spec: SpecBase, trial: Trial, notify: ProgressFn, stop: threading.Event
+def run_tasks(
+    request: TrialRequest,
+    spec: SpecBase,
+    trials: list[Trial],
+    notify: ProgressFn,
+    stop: threading.Event,
 ) -> dict[str, str]:
-    """One trial without a sweep, as a plain Ray task; returns {label: error} if it failed.
+    """The trials as plain Ray tasks; returns {label: error} for each trial whose worker died
+    more often than `max_failures` allows (a trial that fails in its algorithm ends its own run
+    FAILED, and is a result here).
 
-    Tune has nothing to schedule here, and its controller and fresh actor process cost seconds
-    (see benchmarks/service_overhead.py); a task starts on one of Ray's prestarted workers. When
-    the worker dies, Ray runs the task again (`max_failures` retries), and the trial continues its
-    MLflow run from its last checkpoint, as under Tune.
+    A task starts on an idle Ray worker of the job, and a worker that finished one trial takes
+    the next: no process is started per trial. At most as many run at once as the cluster has
+    room for (and `sweep.max_concurrent_trials`). When a worker dies, Ray runs its task again
+    (`max_retries`), and the trial continues its MLflow run from its last checkpoint.
     """
-    task = ray.remote(run_on_ray_worker).options(
-        num_cpus=spec.resources.num_cpus,
-        num_gpus=spec.resources.num_gpus,
-        max_retries=spec.max_failures,
-        retry_exceptions=False,  # an algorithm's exception is a result (FAILED), not a crash
-        name=f"rlgen:{spec.name}:{trial.label}",
-    )
-    notify(trial.label, "RUNNING", None)
-    ref = task.remote(request.for_trial(trial.seed, trial.overrides))
+    remote = ray.remote(run_on_ray_worker)
+    options = {
+        "num_cpus": spec.resources.num_cpus,
+        "num_gpus": spec.resources.num_gpus,
+        "max_retries": spec.max_failures,
+        "retry_exceptions": False,  # an algorithm's exception is a result (FAILED), not a crash
+    }
+    limit = min(len(trials), room_for(spec))
+    if spec.sweep is not None and spec.sweep.max_concurrent_trials:
+        limit = min(limit, spec.sweep.max_concurrent_trials)
+    waiting = list(trials)
+    running: dict[ray.ObjectRef, Trial] = {}
+    errors: dict[str, str] = {}
     try:
-        while not ray.wait([ref], timeout=0.2)[0]:  # not ray.get: Ctrl-C must get through
+        while waiting or running:
+            while waiting and len(running) < limit:
+                trial = waiting.pop(0)
+                task = remote.options(name=f"rlgen:{spec.name}:{trial.label}", **options)
+                running[task.remote(request.for_trial(trial.seed, trial.overrides))] = trial
+                notify(trial.label, "RUNNING", None)
+            # ray.wait with a timeout, not ray.get: Ctrl-C must get through.
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
             if stop.is_set():
                 raise KeyboardInterrupt
-        outcome = ray.get(ref)
+            for ref in ready:
+                trial = running.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayError as e:  # its worker died too often
+                    notify(trial.label, "FAILED", None)
+                    errors[trial.label] = cause_of(e)
+                    continue
+                notify(trial.label, outcome.status, outcome.run_id)
     except KeyboardInterrupt:
-        ray.cancel(ref, force=True)
+        for ref in running:
+            ray.cancel(ref, force=True)
         raise
-    except ray.exceptions.RayError as e:  # the worker died more often than max_failures allows
-        notify(trial.label, "FAILED", None)
-        return {trial.label: cause_of(e)}
-    notify(trial.label, outcome.status, outcome.run_id)
-    return {}
+    return errors
+
+
+def room_for(spec: SpecBase) -> int:
+    """How many of the spec's trials the cluster can run at once now (at least 1: on a cluster
+    that grows, the others wait for room)."""
+    available = ray.cluster_resources()
+    res = spec.resources
+    fits = [available.get("CPU", 0.0) // res.num_cpus]
+    if res.num_gpus:
+        fits.append(available.get("GPU", 0.0) // res.num_gpus)
+    return max(1, int(min(fits)))

@@ -138,9 +138,8 @@ class MlflowWriter:
 
 class Tracker:
     """What a trial asks of MLflow, in plain data (ids, dicts, paths), so that it can be asked
-    in-process or, on the embedded cluster, of the driver (`service.relay`): the driver has
-    MLflow loaded already, and workers that never import it start ~1.3 s sooner. Every call
-    retries with backoff (`with_retries`)."""
+    in-process or, on the embedded cluster, of the driver (`service.relay`). Every call retries
+    transient failures with backoff (`with_retries`)."""
 
     # What the relay serves: a closed table, like the algorithm registry.
     REMOTE = frozenset(

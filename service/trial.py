@@ -213,10 +213,10 @@ def run_trial(
     finally:
         if ctx is not None:
             ctx.timer.stop()
-            ctx.log_metrics({"time/train_s": ctx.timer.elapsed()}, step=ctx.metrics.last_step)
             try:
+                ctx.log_metrics({"time/train_s": ctx.timer.elapsed()}, step=ctx.metrics.last_step)
                 ctx.close()
-            except Exception as e:  # metrics could not be written even after retries
+            except Exception as e:  # refused, or not written even after retries
                 status, error = "FAILED", error or f"metrics were not written: {e}"
         if error:
             _best_effort(lambda: tracker.set_tag(run_id, TAG_ERROR, error[:5000]))

@@ -1,6 +1,7 @@
-"""Several trials as one Ray Tune experiment: scheduling, early stopping (ASHA), restarts.
+"""A sweep with an early-stopping scheduler (ASHA) as one Ray Tune experiment.
 
-A single trial is a plain Ray task (`service.execution.run_task`): Tune has nothing to schedule.
+Tune is here for what plain Ray tasks (`service.execution.run_tasks`) cannot do: stop trials
+early on the metric they report. Restarts of trials whose worker died work as for tasks.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ class _TuneReporter:
             tune.report({self.metric: self.last, "step": step})
 
 
-def _trainable(config: dict[str, Any], request: TrialRequest, metric: str | None) -> None:
+def _trainable(config: dict[str, Any], request: TrialRequest, metric: str) -> None:
     trial = config["trial"]
-    reporter = _TuneReporter(metric) if metric else None
+    reporter = _TuneReporter(metric)
     outcome = run_trial(
         request.for_trial(int(trial["seed"]), trial["overrides"]),
         gpu_ids=ray.get_gpu_ids(),
@@ -66,7 +67,7 @@ def _trainable(config: dict[str, Any], request: TrialRequest, metric: str | None
     )
     if outcome.status == "FAILED":
         raise TrialFailedError(outcome.error)
-    if reporter is not None and reporter.last is None and outcome.status == "FINISHED":
+    if reporter.last is None and outcome.status == "FINISHED":
         # Validation checks the algorithm can log the metric, but this configuration did not
         # (eval/fid without labels, eval/value_gap without a model...): ASHA had nothing to rank.
         reason = (
@@ -79,7 +80,7 @@ def _trainable(config: dict[str, Any], request: TrialRequest, metric: str | None
         tracker.close()
         raise TrialFailedError(reason)
     final: dict[str, Any] = {"run_id": outcome.run_id, "status": outcome.status}
-    if reporter is not None and reporter.last is not None:
+    if reporter.last is not None:
         final[reporter.metric] = reporter.last
     tune.report(final)
 
@@ -139,24 +140,23 @@ def run_tune(
 
     storage = Path(get_settings().workdir).resolve() / "ray_results"
     sweep = spec.sweep
-    asha = sweep.scheduler if sweep else None
+    assert sweep is not None and sweep.scheduler is not None, "Tune runs sweeps with a scheduler"
+    asha = sweep.scheduler
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, request=request, metric=asha.metric if asha else None),
+        tune.with_parameters(_trainable, request=request, metric=asha.metric),
         {"cpu": spec.resources.num_cpus, "gpu": spec.resources.num_gpus},
     )
-    scheduler = None
-    if asha is not None:
-        from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(
-            metric=asha.metric,
-            mode=asha.mode,
-            # +1: a trial that reports max_t times then ends on its own, with its final
-            # evaluation, checkpoint and figures, instead of being stopped at its last report.
-            max_t=asha.max_t + 1,
-            grace_period=asha.grace_period,
-            reduction_factor=asha.reduction_factor,
-        )
+    scheduler = ASHAScheduler(
+        metric=asha.metric,
+        mode=asha.mode,
+        # +1: a trial that reports max_t times then ends on its own, with its final
+        # evaluation, checkpoint and figures, instead of being stopped at its last report.
+        max_t=asha.max_t + 1,
+        grace_period=asha.grace_period,
+        reduction_factor=asha.reduction_factor,
+    )
 
     tuner = tune.Tuner(
         trainable,
@@ -166,11 +166,10 @@ def run_tune(
         },
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
-            max_concurrent_trials=sweep.max_concurrent_trials if sweep else None,
-            # The next trial reuses a finished trial's worker process: no new Python process,
-            # no second import of torch, gymnasium and MLflow (seconds per trial). Not with a
-            # scheduler: a stopped trial's thread never returns, so its process is not reusable.
-            reuse_actors=scheduler is None,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+            # A trial the scheduler stops never returns from `tune.report`: its process is not
+            # reusable.
+            reuse_actors=False,
             trial_name_creator=lambda t: run_name(spec, int(t.config["trial"]["seed"])),
             trial_dirname_creator=lambda t: f"seed_{t.config['trial']['seed']}_{t.trial_id}",
         ),
@@ -181,7 +180,7 @@ def run_tune(
             verbose=0,
             callbacks=[_Progress(notify)],
             # A trial whose worker dies is restarted; it continues its MLflow run from its
-            # last checkpoint (see `service.trial.find_restarted`).
+            # last checkpoint (`Tracker.find_run`, `Tracker.resume`).
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         ),
     )

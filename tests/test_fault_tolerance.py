@@ -37,10 +37,14 @@ def trial_workers() -> list[int]:
     return found
 
 
+# Under Ray Tune, an ASHA that never stops anyone (its grace period is the whole trial).
+ASHA = "sweep={params: {gamma: [0.99]}, scheduler: {metric: eval/return_mean, mode: max, max_t: 100, grace_period: 100}}"
+
+
 @pytest.mark.parametrize(
-    ("seeds", "relay"),
-    [("[0]", True), ("[0, 1]", True), ("[0]", False)],
-    ids=["task", "tune", "task-cluster-path"],
+    ("seeds", "relay", "tune"),
+    [("[0]", True, False), ("[0, 1]", True, False), ("[0, 1]", True, True), ("[0]", False, False)],
+    ids=["task", "tasks", "tune", "task-cluster-path"],
 )
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
     ray_cluster: None,
@@ -49,6 +53,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
     in_tmp: Path,
     seeds: str,
     relay: bool,
+    tune: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Through the driver's relay (the embedded cluster's path to MLflow), and with trials
@@ -66,6 +71,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
             "params.checkpoint_every=2000",
             "params.checkpoint_buffer=true",
             "params.eval_every=2000",
+            *([ASHA] if tune else []),
         ],
     )
     result: dict[str, Any] = {}

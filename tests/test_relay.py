@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -202,3 +203,23 @@ def test_a_killed_drivers_directory_is_removed_by_the_next_one(
     assert not dead.exists() and live.exists() and other.exists()
     assert new.parent == tmp_path and new.name.startswith(f"rlgen.relay-{os.getpid()}-")
     assert new.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_rejection_through_the_relay_fails_fast_naming_the_metric(
+    tracking_uri: str, experiment_name: str
+) -> None:
+    """A permanent refusal (writing to a deleted run) comes back through the relay as
+    `RejectedError` with the metric's name, without the retries a transient failure gets."""
+    from runctx import MetricPoint, RejectedError
+    from service.tracking import RunWriter
+
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(ensure_experiment(client, experiment_name, tracking_uri)).info.run_id
+    client.delete_run(run_id)
+    with Relay(tracking_uri) as relay:
+        tracker = RelayTracker(relay.address)
+        t = time.monotonic()
+        with pytest.raises(RejectedError, match="losses/x"):
+            RunWriter(tracker, run_id).write_metrics([MetricPoint("losses/x", 1.0, 0, 0)])
+        assert time.monotonic() - t < 5
+        tracker.close()

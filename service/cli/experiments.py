@@ -103,7 +103,7 @@ def run(
     )
     try:
         with table.live:
-            report = launch(
+            result = launch(
                 spec,
                 mode="local" if local else "ray",
                 address=address,
@@ -111,7 +111,7 @@ def run(
                 spec_path=spec_path,
                 progress=table.update,
             )
-            for trial in report.trials:
+            for trial in result.trials:
                 table.update(trial.label, trial.status, trial.run_id, trial.metrics)
     except SpecError as e:
         raise invalid(str(e)) from None
@@ -119,8 +119,8 @@ def run(
         err.print("[yellow]interrupted[/yellow]: runs ended KILLED")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if as_json:
-        sys.stdout.write(json.dumps(report.to_json()) + "\n")
-    for trial in report.trials:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+    for trial in result.trials:
         if trial.error:
             style = "yellow" if trial.stopped_early else "red"
             err.print(
@@ -129,9 +129,9 @@ def run(
                 markup=True,
                 highlight=False,
             )
-    if report.interrupted:
+    if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
-    raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILED)
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILED)
 
 
 @app.command()
