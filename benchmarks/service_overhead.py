@@ -17,7 +17,7 @@ them one after another.
    a running `ray start --head` cluster (2 CPUs), timed from the POST until the API reports the
    job SUCCEEDED (polled every 0.2 s): a Ray Job whose driver is `rlgen run --address auto`.
 2. Throughput: `--trials` seeds of the same trial, each reserving one CPU, on Ray (as many at
-   once as there are CPUs, through Ray Tune) against one after another in-process; measured twice:
+   once as there are CPUs, as Ray tasks) against one after another in-process; measured twice:
    (a) `launch` called in this (already warm) process, the embedded cluster started beforehand;
    (b) as a user runs them, `rlgen run --local` against `rlgen run` minus the embedded cluster's
    start and stop, the same method as for the single trial. The ceiling: as many warm trainings
@@ -329,6 +329,7 @@ def main() -> None:
         help="Rounds of every measurement in turn; ratios are each round's, then the median.",
     )  # fmt: skip
     parser.add_argument("--no-api", action="store_true", help="Skip the HTTP API path.")
+    parser.add_argument("--no-sweep", action="store_true", help="Skip the sweep (part 2).")
     args = parser.parse_args()
     # Warm: a first call also pays torch's one-time imports (TorchDynamo at the first optimizer
     # step, ~1 s), which the in-process rows are meant to leave out (the script's row has them).
@@ -349,12 +350,13 @@ def main() -> None:
             r["beyond"] = r["wall"] - r["start_stop"]
             if not args.no_api:
                 r["api_wall"], r["api_run_s"] = through_api(timesteps, tmp)
-            cpus = os.cpu_count() or 1
-            r["side_by_side"] = side_by_side(timesteps, cpus)
-            r["ceiling"] = cpus * r["direct"] / r["side_by_side"]
-            r["sequential"], r["parallel"] = sweep(args.trials, timesteps, tmp)
-            r["cli_sequential"] = through_cli(timesteps, tmp, args.trials, local=True)[0]
-            r["cli_parallel"] = through_cli(timesteps, tmp, args.trials)[0] - r["start_stop"]
+            if not args.no_sweep:
+                cpus = os.cpu_count() or 1
+                r["side_by_side"] = side_by_side(timesteps, cpus)
+                r["ceiling"] = cpus * r["direct"] / r["side_by_side"]
+                r["sequential"], r["parallel"] = sweep(args.trials, timesteps, tmp)
+                r["cli_sequential"] = through_cli(timesteps, tmp, args.trials, local=True)[0]
+                r["cli_parallel"] = through_cli(timesteps, tmp, args.trials)[0] - r["start_stop"]
             rounds.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
     print(
@@ -384,6 +386,8 @@ def main() -> None:
             f"| {median_ratio(rounds, key, 'script')} |"
         )
     print(f"| embedded Ray start + stop alone | {median(rounds, 'start_stop'):.1f} | | |")
+    if args.no_sweep:
+        return
     print(f"\n{args.trials} trials of {timesteps:,} steps, one CPU each, {os.cpu_count()} CPUs\n")
     for r in rounds:  # the ratios' share of what the machine allows, round by round
         r["of_ceiling"] = r["sequential"] / r["parallel"] / r["ceiling"]
@@ -397,7 +401,7 @@ def main() -> None:
     )
     print(f"| `launch`, one after another (local) | {median(rounds, 'sequential'):.1f} | 1.00x | |")
     print(
-        f"| `launch`, Ray Tune, concurrent | {median(rounds, 'parallel'):.1f} "
+        f"| `launch`, on Ray, concurrent | {median(rounds, 'parallel'):.1f} "
         f"| {median_ratio(rounds, 'sequential', 'parallel')} "
         f"| {median(rounds, 'of_ceiling'):.0%} |"
     )
@@ -406,7 +410,7 @@ def main() -> None:
         "| 1.00x | |"
     )
     print(
-        f"| `rlgen run`, Ray Tune, concurrent, minus Ray start/stop "
+        f"| `rlgen run`, on Ray, concurrent, minus Ray start/stop "
         f"| {median(rounds, 'cli_parallel'):.1f} "
         f"| {median_ratio(rounds, 'cli_sequential', 'cli_parallel')} "
         f"| {median(rounds, 'cli_of_ceiling'):.0%} |"

@@ -40,7 +40,7 @@ from service.tracking import (
     params_batch,
     runs_of_launch,
 )
-from service.trial import TrialRequest, run_on_ray_worker, run_trial
+from service.trial import TrialRequest, imported, run_on_ray_worker, run_trial
 from service.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,13 @@ def launch(
 ) -> LaunchResult:
     """Run every trial of `spec` and return what MLflow recorded for them."""
     uri = resolve_tracking_uri(tracking_uri)
+    trials = expand(spec)
+    warming: list[ray.ObjectRef] = []
     if mode == "ray":  # before any run exists: a bad address or resources leave nothing
         start_ray(address)
         check_resources(spec, address)
+        if embedded() and not runs_on_tune(spec):
+            warming = warm_up(spec, len(trials))
     client = client_for(uri)
     experiment_id = ensure_experiment(client, spec.name, uri)
     launch_id = uuid.uuid4().hex
@@ -136,7 +140,6 @@ def launch(
     # left of its embedded cluster); told `done` at the end, it exits without a word.
     session_dir = embedded_session_dir() if mode == "ray" else None
     with Watchdog(uri, experiment_id, launch_id, session_dir) as watchdog:
-        trials = expand(spec)
         if mode == "local" and spec.sweep is not None and spec.sweep.scheduler is not None:
             log.warning("--local runs every trial to its end: sweep.scheduler needs Ray")
         parent_run_id = None
@@ -179,6 +182,7 @@ def launch(
                 if mode == "local":
                     run_local(request, trials, notify, stop)
                 elif not runs_on_tune(spec):
+                    ray.wait(warming, num_returns=len(warming))
                     errors = run_tasks(request, spec, trials, notify, stop)
                 else:
                     from service.tuning import run_tune  # Tune only where it schedules
@@ -369,6 +373,18 @@ def run_tasks(
             ray.cancel(ref, force=True)
         raise
     return errors
+
+
+def warm_up(spec: SpecBase, trials: int) -> list[ray.ObjectRef]:
+    """Have as many of the embedded cluster's workers as will run trials at once import what
+    trials run (`service.trial`), now: a Ray worker imports a task's module when it first runs
+    one, and these imports then overlap this process's own set-up (MLflow, the experiment, its
+    runs). Ray hands the next task to the worker that ran the last one, so the trials, submitted
+    once these are done, start on warm workers. Returns the tasks to wait for."""
+    remote = ray.remote(imported).options(
+        num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus
+    )
+    return [remote.remote() for _ in range(min(trials, room_for(spec)))]
 
 
 def room_for(spec: SpecBase) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,10 +73,9 @@ def check_store(
             reason = getattr(e, "reason", e)
             raise TrackingStoreError(f"no MLflow server answers at {shown} ({reason})") from None
         return
-    if scheme == "sqlite" and not Path(uri.removeprefix("sqlite:///")).exists():
-        if must_exist:
-            raise TrackingStoreError(f"no tracking store at {shown}: the file does not exist")
-        return  # created on first use (not before the spec is known to be valid)
+    if scheme == "sqlite":
+        check_sqlite_store(Path(uri.removeprefix("sqlite:///")), shown, must_exist, timeout_s)
+        return
     try:
         client_for(uri).search_experiments(max_results=1)
     except ImportError as e:
@@ -85,6 +85,28 @@ def check_store(
         if parsed.password:
             first = first.replace(parsed.password, "***")
         raise TrackingStoreError(f"cannot open the tracking store {shown}: {first}") from None
+
+
+def check_sqlite_store(path: Path, shown: str, must_exist: bool, timeout_s: float) -> None:
+    """A SQLite store can work if its file does not exist yet (MLflow creates it on first use),
+    or is a SQLite database that is empty or holds MLflow's tables. Read with the standard
+    library: MLflow opens it later, when the launch needs it."""
+    if not path.exists():
+        if must_exist:
+            raise TrackingStoreError(f"no tracking store at {shown}: the file does not exist")
+        return  # created on first use (not before the spec is known to be valid)
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s)
+        ) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    except sqlite3.Error as e:
+        raise TrackingStoreError(f"cannot open the tracking store {shown}: {e}") from None
+    tables = {name for (name,) in rows}
+    if tables and "experiments" not in tables:
+        raise TrackingStoreError(
+            f"cannot open the tracking store {shown}: a SQLite database, but not MLflow's"
+        )
 
 
 _opened: set[str] = set()  # SQLite stores this process has opened (complete from then on)

@@ -267,6 +267,12 @@ def tracker_for(request: TrialRequest) -> Tracker | RelayTracker:
     return Tracker(client_for(request.tracking_uri))
 
 
+def imported() -> int:
+    """The worker's pid; a Ray task running it imports this module (torch, the algorithms) in its
+    worker, which then runs trials without importing them again (`service.execution.warm_up`)."""
+    return os.getpid()
+
+
 def run_on_ray_worker(request: TrialRequest) -> TrialOutcome:
     """A single trial as a plain Ray task (see `service.execution.run_task`)."""
     import ray

@@ -14,6 +14,8 @@ from service.execution import expand, launch
 from service.spec import SpecError, load_spec
 from service.tracking import TAG_PARENT, TAG_STOPPED_EARLY, TAG_TRIAL
 
+from .conftest import ROOT
+
 SWEEP = """\
 name: {name}
 algorithm: q_learning
@@ -301,3 +303,26 @@ def test_tune_stops_every_trial_once_ctrl_c_set_the_event() -> None:
     event.set()
     assert stopper.stop_all() and stopper("trial", {})
     assert not pickle.loads(pickle.dumps(stopper)).stop_all()  # the event stays with the driver
+
+
+def test_trials_start_on_the_workers_that_imported_them(ray_cluster: None) -> None:
+    """`warm_up` has as many workers as trials will run at once import `service.trial`; Ray
+    gives the next task to the worker that ran the last, so the trial starts warm."""
+    import os
+
+    import ray
+
+    from service.execution import room_for, warm_up
+
+    spec = load_spec(ROOT / "experiments" / "dqn_cartpole.yaml", ["seeds=[0]"])
+    assert room_for(spec) == 2  # the session's cluster: 2 CPUs, one per trial
+    assert len(warm_up(spec, 5)) == 2 and len(warm_up(spec, 1)) == 1
+    warmed = set(ray.get(warm_up(spec, 1)))
+
+    def where() -> tuple[int, bool]:
+        import sys
+
+        return os.getpid(), "service.trial" in sys.modules
+
+    pid, imported = ray.get(ray.remote(where).options(num_cpus=1).remote())
+    assert pid in warmed and imported

@@ -212,3 +212,36 @@ def test_a_parent_run_that_cannot_be_set_up_ends_failed_not_running(
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]  # the parent; no trial started
+
+
+def test_sqlite_stores_are_checked_without_importing_mlflow(tmp_path: Path) -> None:
+    """`rlgen run` checks its store before Ray starts; MLflow is imported later, by the launch."""
+    import sqlite3
+
+    from service.store import TrackingStoreError, check_store
+
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    check_store(f"sqlite:///{empty}")  # an empty database: MLflow creates its tables
+    check_store(f"sqlite:///{tmp_path / 'new.db'}")  # no file yet: created on first use
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER)")
+    with pytest.raises(TrackingStoreError, match="not MLflow's"):
+        check_store(f"sqlite:///{other}")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(TrackingStoreError, match="cannot open the tracking store"):
+        check_store(f"sqlite:///{garbage}")
+    code = (
+        "import sys; from service.store import check_store; "
+        f"check_store({'sqlite:///' + str(empty)!r}); sys.exit('mlflow' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_an_mlflow_store_passes_the_check(tracking_uri: str, experiment_name: str) -> None:
+    from service.store import check_store
+
+    new_run(tracking_uri, experiment_name)  # the store now holds MLflow's tables
+    check_store(tracking_uri)
