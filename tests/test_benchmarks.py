@@ -104,5 +104,5 @@ def test_dqn_cartpole() -> None:
 def test_service_overhead() -> None:
     out = run("service_overhead.py", "--timesteps", "2000", "--trials", "2", "--rounds", "1")
     assert "rlgen run" in out and "HTTP API: POST to SUCCEEDED" in out
-    assert "Ray Tune, concurrent" in out and "side by side (the ceiling)" in out
+    assert "on Ray, concurrent" in out and "side by side (the ceiling)" in out
     assert "as a script (fresh Python)" in out
