@@ -182,7 +182,8 @@ def launch(
                 if mode == "local":
                     run_local(request, trials, notify, stop)
                 elif not runs_on_tune(spec):
-                    ray.wait(warming, num_returns=len(warming))
+                    if warming:  # done by now, or nearly: the trials then start on warm workers
+                        ray.wait(warming, num_returns=len(warming))
                     errors = run_tasks(request, spec, trials, notify, stop)
                 else:
                     from service.tuning import run_tune  # Tune only where it schedules
