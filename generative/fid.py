@@ -19,14 +19,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from generative.data import Dataset
 from runctx import RunContext
-from runctx.context import stream_seed
+from runctx.context import stream_torch_generator
 
 FEATURES = 128
 # What scoring logs, into the runs of the models it scores.
@@ -181,8 +180,7 @@ def scorer(ds: Dataset, seed: int, cache_dir: Path, dataset_key: str, epochs: in
 def train_classifier(model: Classifier, ds: Dataset, seed: int, epochs: int) -> None:
     # A stream of its own (as `RunContext.torch_generator` makes them), keyed by the seed alone
     # so that the classifier, cached by seed and data, is the same in every run that shares it.
-    (state,) = stream_seed(seed, "fid_classifier").generate_state(1, dtype=np.uint64)
-    g = torch.Generator().manual_seed(int(state) & (2**63 - 1))
+    g = stream_torch_generator(seed, "fid_classifier")
     for m in model.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             torch.nn.init.kaiming_uniform_(m.weight, nonlinearity="relu", generator=g)

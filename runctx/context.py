@@ -53,6 +53,14 @@ def stream_seed(seed: int, stream: str) -> np.random.SeedSequence:
     return np.random.SeedSequence(seed, spawn_key=(zlib.crc32(stream.encode()),))
 
 
+def stream_torch_generator(
+    seed: int, stream: str, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A torch generator on `device` for one named stream of `seed` (see `stream_seed`)."""
+    (state,) = stream_seed(seed, stream).generate_state(1, dtype=np.uint64)
+    return torch.Generator(device=torch.device(device)).manual_seed(int(state) & (2**63 - 1))
+
+
 class RunContext:
     """What `train(config, ctx)` gets besides its config. See the module docstring."""
 
@@ -115,9 +123,7 @@ class RunContext:
         self, stream: str, device: torch.device | str | None = None
     ) -> torch.Generator:
         """A new torch generator for the named stream, on `device` (default: the run's)."""
-        (state,) = stream_seed(self.seed, stream).generate_state(1, dtype=np.uint64)
-        g = torch.Generator(device=torch.device(device) if device else self.device)
-        return g.manual_seed(int(state) & (2**63 - 1))
+        return stream_torch_generator(self.seed, stream, device or self.device)
 
     # -- metrics and files --------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
