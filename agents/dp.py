@@ -16,6 +16,7 @@ from agents.evaluation import evaluate_policy
 from agents.mdp import TabularMDP, TorchMDP, unmodelled_dynamics
 from agents.plots import residual_curve, value_heatmap
 from runctx import RunContext
+from runctx.checkpoints import capture
 
 
 class DPConfig(BaseModel):
@@ -38,6 +39,34 @@ class DPConfig(BaseModel):
         100, ge=1, description="Greedy rollouts of the final policy in the real env."
     )
     figures: bool = Field(True, description="Log the value heatmap and residual curve.")
+    checkpoint_every: int = Field(
+        1_000, gt=0, description="Iterations between checkpoints (and at the end)."
+    )
+
+
+def resume_point(
+    ctx: RunContext, weights: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Where a solver starts: `weights` (V, and the policy for policy iteration) filled from the
+    run's checkpoint (a restart, `rlgen continue`) or from another run's (`--init-from`: a warm
+    start), and the residuals of the iterations done so far."""
+    saved = ctx.checkpoints.restore(weights)
+    return weights, (saved["residuals"].tolist() if saved is not None else [])
+
+
+def checkpoint(
+    ctx: RunContext, V: torch.Tensor, policy: torch.Tensor, residuals: list[float]
+) -> None:
+    """The values, the greedy policy (what `rlgen evaluate` runs) and the residuals so far."""
+    with ctx.timer.paused():
+        ctx.checkpoints.save(
+            {
+                **capture({"V": V, "policy": policy}),
+                "residuals": torch.tensor(residuals, dtype=torch.float64),
+                "step": len(residuals),
+            },
+            len(residuals),
+        )
 
 
 @dataclass
@@ -110,13 +139,11 @@ def report(
         "solver/value_mean": float(V_np.mean()),
         "time/solve_s": solve_s,
     }
+    # The policy and values, for `rlgen evaluate`, reuse, and going on from here.
+    checkpoint(ctx, solution.V, solution.policy, solution.residuals)
     if ctx.should_stop():  # interrupted: record how far the solver got, skip the rollouts
         ctx.log_metrics(metrics, step=iterations)
         return
-    # The policy and values, for `rlgen evaluate` and for reuse.
-    ctx.checkpoints.save(
-        {"policy": solution.policy.cpu(), "V": solution.V.cpu(), "step": iterations}, iterations
-    )
     with ctx.timer.paused():
         env = ctx.make_env()
         try:

@@ -30,12 +30,14 @@ from gymnasium.wrappers.vector import FlattenObservation
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
+from agents import envstate
 from agents.evaluation import evaluate_vector
 from agents.plots import learning_curve
 from agents.replay import NStep, PrioritizedReplayBuffer, ReplayBuffer
 from agents.schedules import linear_schedule
 from agents.spaces import buffer_obs_dtype, is_composite, takes
 from runctx import RunContext
+from runctx.checkpoints import capture
 
 
 class Config(BaseModel):
@@ -145,6 +147,16 @@ METRICS = (
     "time/sps",
     "time/train_s",
 )
+
+
+def resume_problem(config: Config) -> str | None:
+    """Why a restart of this config would not continue the same trajectory, or None."""
+    if not config.checkpoint_buffer:
+        return (
+            "params.checkpoint_buffer is false: a restarted trial would refill its replay "
+            "buffer from scratch; set it to true to allow restarts"
+        )
+    return None
 
 
 def check_env(env: gym.Env) -> str | None:
@@ -328,49 +340,88 @@ def train(config: Config, ctx: RunContext) -> None:
     loss_fn = F.smooth_l1_loss if config.loss == "huber" else F.mse_loss
     act = greedy_actor(q, device, a0)
 
-    # Counters (all in timesteps, except `updates`), restored from a checkpoint when one exists.
+    # Everything the trajectory depends on besides the counters below and the envs: a
+    # checkpoint holds all of it, so a resumed run takes the same steps the uninterrupted one
+    # would (with `checkpoint_buffer`; without, it refills the buffer from where it was).
+    state: dict[str, Any] = {
+        "q": q,
+        "target": target,
+        "optimizer": optimizer,
+        "explore_rng": explore_rng,
+        "action_rng": envs.action_space.np_random,
+        "replay_rng": replay_rng,
+        "nstep": nstep,
+        **({"buffer": buffer} if config.checkpoint_buffer else {}),
+    }
+    # Counters (all in timesteps, except `updates`).
     step, updates, episodes = 0, 0, 0
     next_train = config.learning_starts + config.train_freq
     next_eval, next_ckpt = config.eval_every, config.checkpoint_every
     evals: list[tuple[int, float, float]] = []  # (step, mean, std)
     history: list[tuple[int, float]] = []  # (step, return) of training episodes, for the figure
-    if (state := ctx.checkpoints.latest()) is not None:
-        q.load_state_dict(state["q"])
-        target.load_state_dict(state["target"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, updates, episodes = state["step"], state["updates"], state["episodes"]
+    loss_sum = torch.zeros((), device=device)  # summed since the last loss metric
+    q_sum = torch.zeros((), device=device)
+    losses_logged = 0  # `updates` at the last loss metric
+    obs, _ = envs.reset(seed=ctx.seed)
+    valid = np.ones(n_envs, dtype=bool)  # False on next-step autoreset's reset step
+    ep_return, ep_length = np.zeros(n_envs), np.zeros(n_envs, dtype=np.int64)
+    if (saved := ctx.checkpoints.restore(state)) is not None:
+        step, updates, episodes = saved["step"], saved["updates"], saved["episodes"]
         next_train, next_eval, next_ckpt = (
-            state["next_train"],
-            state["next_eval"],
-            state["next_ckpt"],
+            saved["next_train"],
+            saved["next_eval"],
+            saved["next_ckpt"],
         )
-        evals = [(int(s), m, sd) for s, m, sd in state["evals"].tolist()]
-        explore_rng.bit_generator.state = state["explore_rng"]
-        replay_rng.set_state(state["replay_rng"])
-        if "buffer" in state:
-            buffer.load_state_dict(state["buffer"])
+        evals = [(int(s), m, sd) for s, m, sd in saved["evals"].tolist()]
+        history = [(int(s), r) for s, r in saved["history"].tolist()]
+        loss_sum.copy_(saved["loss_sum"])
+        q_sum.copy_(saved["q_sum"])
+        losses_logged = saved["losses_logged"]
+        if "envs" in saved:  # inside the episodes the run was in
+            envs.close()
+            envs = envstate.revive(saved["envs"])
+            state["action_rng"] = envs.action_space.np_random  # the revived one, same state
+            obs, valid = saved["obs"].numpy(), saved["valid"].numpy()
+            ep_return, ep_length = saved["ep_return"].numpy(), saved["ep_length"].numpy()
+        else:  # an env that does not pickle: fresh episodes
+            obs, _ = envs.reset(seed=ctx.seed + step)
+            nstep.reset()
+        for group in optimizer.param_groups:  # the config's, should it differ (PBT)
+            group["lr"] = config.learning_rate
         ctx.log.info("resumed from the checkpoint at timestep %d", step)
 
     def checkpoint() -> None:
         with ctx.timer.paused():
-            state = {
-                "q": q.state_dict(),
-                "target": target.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "updates": updates,
-                "episodes": episodes,
-                "next_train": next_train,
-                "next_eval": next_eval,
-                "next_ckpt": next_ckpt,
-                "evals": torch.tensor(evals, dtype=torch.float64).reshape(-1, 3),
-                "explore_rng": explore_rng.bit_generator.state,
-                "replay_rng": replay_rng.get_state(),
-                "config": config.model_dump(mode="json"),
-            }
-            if config.checkpoint_buffer:
-                state["buffer"] = buffer.state_dict()
-            ctx.checkpoints.save(state, step=step)
+            envs_state = envstate.snapshot(envs)
+            ctx.checkpoints.save(
+                {
+                    **capture(state),
+                    "step": step,
+                    "updates": updates,
+                    "episodes": episodes,
+                    "next_train": next_train,
+                    "next_eval": next_eval,
+                    "next_ckpt": next_ckpt,
+                    "evals": torch.tensor(evals, dtype=torch.float64).reshape(-1, 3),
+                    "history": torch.tensor(history, dtype=torch.float64).reshape(-1, 2),
+                    "loss_sum": loss_sum.cpu(),
+                    "q_sum": q_sum.cpu(),
+                    "losses_logged": losses_logged,
+                    "config": config.model_dump(mode="json"),
+                    **(
+                        {
+                            "envs": envs_state,
+                            "obs": torch.from_numpy(np.asarray(obs).copy()),
+                            "valid": torch.from_numpy(valid.copy()),
+                            "ep_return": torch.from_numpy(ep_return.copy()),
+                            "ep_length": torch.from_numpy(ep_length.copy()),
+                        }
+                        if envs_state is not None
+                        else {}
+                    ),
+                },
+                step=step,
+            )
 
     def evaluate() -> float:
         with ctx.timer.paused():
@@ -410,12 +461,6 @@ def train(config: Config, ctx: RunContext) -> None:
         optimizer.step()
         return loss.detach(), q_taken.detach().mean()
 
-    obs, _ = envs.reset(seed=ctx.seed + step)  # a resumed run starts fresh episodes
-    valid = np.ones(n_envs, dtype=bool)  # False on next-step autoreset's reset step
-    ep_return, ep_length = np.zeros(n_envs), np.zeros(n_envs, dtype=np.int64)
-    loss_sum = torch.zeros((), device=device)
-    q_sum = torch.zeros((), device=device)
-    losses_logged = 0
     explore_steps = config.exploration_fraction * config.total_timesteps
     tick = (step, ctx.timer.elapsed())
     while step < config.total_timesteps and not ctx.should_stop():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -49,5 +50,12 @@ class EnvSpec(BaseModel):
 
     def make_vec(self, num_envs: int, **overrides: Any) -> gym.vector.VectorEnv:
         """`num_envs` copies as one vector env: the env's own batched implementation where
-        gymnasium ships one (classic control), else a `SyncVectorEnv` of `gym.make` copies."""
-        return gym.make_vec(self.id, num_envs=num_envs, **{**self.kwargs, **overrides})
+        gymnasium ships one (classic control), else a `SyncVectorEnv` of `gym.make` copies.
+
+        The copies are made by a `functools.partial` of `gym.make` (what `gym.make_vec` does
+        with a local function), so the vector env pickles into checkpoints (`agents.envstate`).
+        """
+        kwargs = {**self.kwargs, **overrides}
+        if gym.spec(self.id).vector_entry_point is not None:
+            return gym.make_vec(self.id, num_envs=num_envs, **kwargs)
+        return gym.vector.SyncVectorEnv([functools.partial(gym.make, self.id, **kwargs)] * num_envs)

@@ -18,7 +18,16 @@ import torch
 from pydantic import Field
 
 from agents.dp import METRICS as DP_METRICS
-from agents.dp import DPConfig, Solution, Stopwatch, greedy, load_mdp, report
+from agents.dp import (
+    DPConfig,
+    Solution,
+    Stopwatch,
+    checkpoint,
+    greedy,
+    load_mdp,
+    report,
+    resume_point,
+)
 from agents.mdp import TabularMDP, TorchMDP, epsilon_optimal_threshold, precision_floor
 from runctx import RunContext
 
@@ -28,6 +37,9 @@ class Config(DPConfig):
         "exact", description="Policy evaluation by a sparse linear solve (exact) or by backups."
     )
     max_iterations: int = Field(1_000, gt=0, description="Upper bound on improvement steps.")
+    checkpoint_every: int = Field(
+        10, gt=0, description="Improvement steps between checkpoints (and at the end)."
+    )
     max_eval_sweeps: int = Field(
         10_000, gt=0, description="Upper bound on backups per iterative evaluation."
     )
@@ -74,14 +86,21 @@ def solve(
     max_eval_sweeps: int = 10_000,
     on_iteration: Callable[[int, float, int], None] = lambda it, residual, changes: None,
     should_stop: Callable[[], bool] = lambda: False,
+    start: tuple[torch.Tensor, torch.Tensor, list[float]] | None = None,
+    on_checkpoint: Callable[[torch.Tensor, torch.Tensor, list[float]], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> Solution:
+    """Evaluate the policy, improve it greedily, until no state changes its action. `start`:
+    (V, policy, residuals) of the iterations done already (a resumed run)."""
     threshold = epsilon_optimal_threshold(tol, gamma)
     device, dtype = model.R.device, model.R.dtype
     policy = greedy(model.R.view(mdp.n_actions, mdp.n_states))  # start greedy in the reward
     V = torch.zeros(mdp.n_states, dtype=dtype, device=device)
     residuals: list[float] = []
+    if start is not None:
+        V, policy, residuals = start[0].to(device, dtype), start[1].to(device), list(start[2])
     converged = False
-    for it in range(1, max_iterations + 1):
+    for it in range(len(residuals) + 1, max_iterations + 1):
         if evaluation == "exact":
             V = torch.from_numpy(evaluate_exact(mdp, policy.cpu().numpy(), gamma)).to(device, dtype)
         else:
@@ -101,12 +120,21 @@ def solve(
             break
         if should_stop():
             break
+        if on_checkpoint is not None and it % checkpoint_every == 0:
+            on_checkpoint(V, policy, residuals)
     return Solution(V, policy, residuals, threshold, converged)
 
 
 def train(config: Config, ctx: RunContext) -> None:
     mdp, model = load_mdp(ctx, config.dtype)
     clock = Stopwatch(ctx.device)
+    weights, residuals = resume_point(
+        ctx,
+        {
+            "V": torch.zeros(mdp.n_states, dtype=model.R.dtype, device=model.R.device),
+            "policy": greedy(model.R.view(mdp.n_actions, mdp.n_states)),
+        },
+    )
     solution = solve(
         mdp,
         model,
@@ -119,5 +147,8 @@ def train(config: Config, ctx: RunContext) -> None:
             {"solver/bellman_residual": r, "solver/policy_changes": n}, step=it
         ),
         should_stop=ctx.should_stop,
+        start=(weights["V"], weights["policy"], residuals),
+        on_checkpoint=lambda V, policy, res: checkpoint(ctx, V, policy, res),
+        checkpoint_every=config.checkpoint_every,
     )
     report(ctx, config, mdp, solution, clock.seconds(), "Policy iteration")

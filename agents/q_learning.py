@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from agents import envstate
 from agents.evaluation import evaluate_policy
 from agents.mdp import TabularMDP, unmodelled_dynamics
 from agents.plots import learning_curve
@@ -30,6 +31,7 @@ from agents.policy_iteration import evaluate_exact
 from agents.schedules import linear_schedule
 from agents.value_iteration import solve
 from runctx import RunContext
+from runctx.checkpoints import capture
 
 
 class Config(BaseModel):
@@ -65,6 +67,9 @@ class Config(BaseModel):
     )
     stop_at_return: float | None = Field(
         None, description="Stop once an evaluation's mean return reaches this."
+    )
+    checkpoint_every: int = Field(
+        50_000, gt=0, description="Timesteps between checkpoints (and at the end)."
     )
 
 
@@ -204,12 +209,51 @@ def train(config: Config, ctx: RunContext) -> None:
             evals.append((step, float(returns.mean()), float(returns.std())))
         return float(returns.mean())
 
+    def checkpoint() -> None:
+        with ctx.timer.paused():
+            env_state = envstate.snapshot(env)
+            ctx.checkpoints.save(
+                {
+                    **capture(state),
+                    "step": step,
+                    "episodes": episodes,
+                    "evals": torch.tensor(evals, dtype=torch.float64).reshape(-1, 3),
+                    "history": torch.tensor(history, dtype=torch.float64).reshape(-1, 2),
+                    **(
+                        {
+                            "env": env_state,
+                            "position": torch.tensor([s, a, ep_length]),
+                            "ep_return": ep_return,
+                        }
+                        if env_state is not None
+                        else {}
+                    ),
+                },
+                step=step,
+            )
+
+    # The table and the exploration stream, then the counters and the env's state: a resumed
+    # run goes on inside the episode it was in, with the same random draws.
+    state = {"q_table": torch.from_numpy(Q), "exploration": rng}  # the tensor shares Q's memory
+    step, episodes, ep_return, ep_length = 0, 0, 0.0, 0
+    eps = config.exploration_initial_eps
     obs, _ = env.reset(seed=ctx.seed)
     s = index(obs)
-    eps = config.exploration_initial_eps
     a = eps_greedy(s, eps)
-    ep_return, ep_length, episodes = 0.0, 0, 0
-    step = 0
+    if (saved := ctx.checkpoints.restore(state)) is not None:
+        step, episodes = int(saved["step"]), int(saved["episodes"])
+        evals = [(int(t), m, sd) for t, m, sd in saved["evals"].tolist()]
+        history = [(int(t), r) for t, r in saved["history"].tolist()]
+        if "env" in saved:
+            env.close()
+            env = envstate.revive(saved["env"])
+            s, a, ep_length = map(int, saved["position"].tolist())
+            ep_return = float(saved["ep_return"])
+        else:  # an env that does not pickle: a fresh episode
+            obs, _ = env.reset(seed=ctx.seed + step)
+            s = index(obs)
+            a = eps_greedy(s, eps)
+    next_ckpt = (step // config.checkpoint_every + 1) * config.checkpoint_every
     while step < config.total_timesteps and not ctx.should_stop():
         obs, r, terminated, truncated, _ = env.step(a + a0)
         s2, r = index(obs), float(r)
@@ -256,11 +300,14 @@ def train(config: Config, ctx: RunContext) -> None:
             mean = evaluate(step)
             if config.stop_at_return is not None and mean >= config.stop_at_return:
                 break
+        if step >= next_ckpt:
+            next_ckpt += config.checkpoint_every
+            checkpoint()
     ctx.timer.stop()
     if not evals or evals[-1][0] != step:
         evaluate(step)
     ctx.log_metrics({"charts/episodes": episodes}, step=step)
-    ctx.checkpoints.save({"q_table": torch.from_numpy(Q), "step": step}, step=step)
+    checkpoint()
     title = f"{config.update} on {ctx.env.id if ctx.env else 'env'}, seed {ctx.seed}"
     ctx.log_figure(learning_curve(history, evals, config.stop_at_return, title), "learning_curve")
     env.close()

@@ -106,6 +106,24 @@ class NStep:
         for queue in self.pending:
             queue.clear()
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The pending steps of every env, concatenated: obs (P, ...), actions (P,), rewards
+        (P,), and each env's count (num_envs,)."""
+        steps = [step for queue in self.pending for step in queue]
+        return {
+            "counts": torch.tensor([len(q) for q in self.pending], dtype=torch.int64),
+            "obs": torch.from_numpy(np.array([o for o, _, _ in steps])),
+            "actions": torch.tensor([a for _, a, _ in steps], dtype=torch.int64),
+            "rewards": torch.tensor([r for _, _, r in steps], dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        steps = (state["obs"].numpy(), state["actions"].tolist(), state["rewards"].tolist())
+        rows = iter(zip(*steps, strict=True))
+        for queue, count in zip(self.pending, state["counts"].tolist(), strict=True):
+            queue.clear()
+            queue.extend(next(rows) for _ in range(count))
+
 
 @dataclass
 class Batch:

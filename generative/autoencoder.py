@@ -29,6 +29,7 @@ from generative import data
 from generative.plots import image_grid
 from generative.probe import probe_accuracy
 from runctx import RunContext
+from runctx.checkpoints import capture
 
 # What a run logs (see the registry).
 METRICS = ("pretrain/layer*/loss", "train/loss", "eval/recon_loss", "eval/probe_accuracy")
@@ -57,6 +58,9 @@ class Config(BaseModel):
     contractive_weight: float = Field(0.1, ge=0, description="contractive: lambda.")
     probe: bool = Field(True, description="Score logistic regression on the codes.")
     figures: bool = Field(True, description="Log inputs vs reconstructions.")
+    checkpoint_every: int = Field(
+        1, gt=0, description="Epochs between checkpoints (and after pretraining, and the end)."
+    )
 
 
 class AutoEncoder(torch.nn.Module):
@@ -169,15 +173,25 @@ def train(config: Config, ctx: RunContext) -> None:
     model = AutoEncoder(
         [ds.dim, *config.layers], config.tied, ctx.torch_generator("init", device="cpu")
     ).to(dev)
-    if config.pretrain:
+    opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    # Everything the trajectory depends on. Checkpoints are taken after pretraining (epoch 0)
+    # and at the ends of epochs; a run that dies while pretraining pretrains again, the same.
+    state = {"model": model, "optimizer": opt, "batches": order, "noise": g}
+    start = 0
+    if (saved := ctx.checkpoints.restore(state)) is not None:
+        start = int(saved["epoch"])
+        for group in opt.param_groups:  # a PBT mutation's value
+            group["lr"] = config.learning_rate
+    elif config.pretrain and ctx.checkpoints.init is None:  # not when starting from a run's weights
         codes = x_train
         for layer in range(len(config.layers)):
             fit_layer(config, model, layer, codes, ctx)
             with torch.no_grad():
                 codes = model.encode(x_train, depth=layer + 1)[-1]
+        with ctx.timer.paused():
+            ctx.checkpoints.save({**capture(state), "epoch": 0}, step=0)
 
-    opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    for epoch in range(config.epochs):
+    for epoch in range(start, config.epochs):
         total = 0.0
         for idx in torch.randperm(len(x_train), generator=order, device=dev).split(
             config.batch_size
@@ -212,6 +226,8 @@ def train(config: Config, ctx: RunContext) -> None:
                     "reconstructions",
                 )
         ctx.log_metrics(metrics, step=epoch + 1)
+        if (epoch + 1) % config.checkpoint_every == 0 or last or ctx.should_stop():
+            with ctx.timer.paused():
+                ctx.checkpoints.save({**capture(state), "epoch": epoch + 1}, step=epoch + 1)
         if ctx.should_stop():
             break
-    ctx.checkpoints.save({"model": model.state_dict(), "epoch": config.epochs}, step=config.epochs)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from generative import data, rbm
 from runctx import RunContext
+from runctx.checkpoints import capture
 
 
 class PretrainConfig(BaseModel):
@@ -66,6 +67,9 @@ class Config(BaseModel):
     finetune_weight_decay: float = Field(0.0, ge=0, description="L2 penalty while fine-tuning.")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="Fine-tuning learning-rate schedule."
+    )
+    checkpoint_every: int = Field(
+        1, gt=0, description="Fine-tuning epochs between checkpoints (and after pretraining)."
     )
 
     @model_validator(mode="after")
@@ -151,9 +155,6 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> torch.nn.Sequentia
         [ds.dim, *config.layers], n_classes, ctx.torch_generator("init", device="cpu")
     )
     net = net.to(dev)
-    if config.pretrain:
-        pretrain(config, ds, net, ctx)
-
     x_train, y_train = ds.x_train.to(dev), ds.y_train.to(dev)
     x_test, y_test = ds.x_test.to(dev), ds.y_test.to(dev)
     opt = torch.optim.SGD(
@@ -170,7 +171,24 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> torch.nn.Sequentia
             1.0 if config.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * t / steps))
         ),
     )
-    for epoch in range(config.finetune_epochs):
+    # Everything the trajectory depends on. Checkpoints are taken after pretraining (epoch 0)
+    # and at the ends of fine-tuning epochs; a run that dies while pretraining pretrains again.
+    state = {"network": net, "optimizer": opt, "schedule": schedule, "batches": order}
+    start = 0
+    if (saved := ctx.checkpoints.restore(state)) is not None:
+        start = int(saved["epoch"])
+        # The config's step size (a PBT mutation may change it) on the schedule's curve.
+        schedule.base_lrs = [config.finetune_lr] * len(opt.param_groups)
+        for group, factor in zip(opt.param_groups, schedule.lr_lambdas, strict=True):
+            group["lr"] = config.finetune_lr * factor(schedule.last_epoch)
+    elif config.pretrain and ctx.checkpoints.init is None:  # not when starting from a run's weights
+        pretrain(config, ds, net, ctx)
+        if ctx.should_stop():
+            return net
+        with ctx.timer.paused():
+            ctx.checkpoints.save({**capture(state), "epoch": 0}, step=0)
+
+    for epoch in range(start, config.finetune_epochs):
         net.train()
         perm = torch.randperm(n, generator=order, device=dev)
         total_loss, correct = 0.0, 0
@@ -196,10 +214,10 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> torch.nn.Sequentia
                 "eval/accuracy": float((logits.argmax(1) == y_test).float().mean()),
             }
         ctx.log_metrics(metrics, step=epoch + 1)
+        last = epoch + 1 == config.finetune_epochs or ctx.should_stop()
+        if (epoch + 1) % config.checkpoint_every == 0 or last:
+            with ctx.timer.paused():
+                ctx.checkpoints.save({**capture(state), "epoch": epoch + 1}, step=epoch + 1)
         if ctx.should_stop():
             break
-    ctx.checkpoints.save(
-        {"network": net.state_dict(), "layers": torch.tensor(config.layers)},
-        step=config.finetune_epochs,
-    )
     return net

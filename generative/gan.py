@@ -24,6 +24,7 @@ from generative import data, fid
 from generative.fid import FIDConfig
 from generative.plots import image_grid
 from runctx import RunContext
+from runctx.checkpoints import capture
 
 EXPLODED = 1e6  # |loss| beyond this is divergence, not training
 
@@ -53,6 +54,7 @@ class Config(BaseModel):
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     fid: FIDConfig = Field(default_factory=FIDConfig, description="Sample quality.")
     figures: bool = Field(True, description="Per-epoch sample grids from fixed noise.")
+    checkpoint_every: int = Field(1, gt=0, description="Epochs between checkpoints (and the end).")
 
 
 def _init(module: torch.nn.Module, g: torch.Generator) -> None:
@@ -147,20 +149,33 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
     dev = ctx.device
     # Independent streams: batch order, and the noise of training (samples, corruption).
     order, g = ctx.torch_generator("batches"), ctx.torch_generator("noise")
-    with ctx.timer.paused():  # the FID classifier is evaluation machinery, not GAN training
-        score = fid.setup(config.fid, ds, spec, ctx)
     gen, disc = build(config, ds.image_shape, ctx.torch_generator("init", device="cpu"))
     gen, disc = gen.to(dev), disc.to(dev)
     betas = (config.beta1, config.beta2)
     opt_g = torch.optim.Adam(gen.parameters(), lr=config.learning_rate, betas=betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.learning_rate, betas=betas)
+    # Everything the trajectory depends on; an epoch's end is the point it resumes from.
+    state = {
+        "generator": gen,
+        "discriminator": disc,
+        "opt_g": opt_g,
+        "opt_d": opt_d,
+        "batches": order,
+        "noise": g,
+    }
+    start, step = 0, 0  # epochs done, discriminator steps taken (n_critic counts them)
+    if (saved := ctx.checkpoints.restore(state)) is not None:
+        start, step = int(saved["epoch"]), int(saved["d_steps"])
+        for group in (*opt_g.param_groups, *opt_d.param_groups):  # a PBT mutation's value
+            group["lr"] = config.learning_rate
+    with ctx.timer.paused():  # the FID classifier is evaluation machinery, not GAN training
+        score = fid.setup(config.fid, ds, spec, ctx)
     x_train = ds.x_train.to(dev)
     fixed_z = torch.randn(
         64, config.latent_dim, generator=ctx.torch_generator("fixed_noise", device="cpu")
     )
     wgan = config.loss == "wgan_gp"
-    step = 0
-    for epoch in range(config.epochs):
+    for epoch in range(start, config.epochs):
         t0 = ctx.timer.elapsed()
         sums = {"losses/d": 0.0, "losses/g": 0.0, "charts/d_real": 0.0, "charts/d_fake": 0.0}
         batches = g_steps = 0
@@ -224,7 +239,9 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
         with ctx.timer.paused(), torch.no_grad():
             gen.eval()
             if score is not None and config.fid.due(epoch, config.epochs):
-                samples = generate(gen, config.fid.samples, config.latent_dim, g, dev)
+                # Its own stream: scoring never draws from the training noise.
+                ev = ctx.torch_generator("eval")
+                samples = generate(gen, config.fid.samples, config.latent_dim, ev, dev)
                 metrics["eval/fid"] = score.fid(samples)
                 metrics["eval/classifier_score"] = score.classifier_score(samples)
             if config.figures:
@@ -234,12 +251,14 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
                 ctx.log_figure(grid, "samples", step=epoch + 1)
             gen.train()
         ctx.log_metrics(metrics, step=epoch + 1)
+        done = epoch + 1 == config.epochs or ctx.should_stop()
+        if (epoch + 1) % config.checkpoint_every == 0 or done:
+            with ctx.timer.paused():
+                ctx.checkpoints.save(
+                    {**capture(state), "epoch": epoch + 1, "d_steps": step}, step=epoch + 1
+                )
         if ctx.should_stop():
             break
-    ctx.checkpoints.save(
-        {"generator": gen.state_dict(), "discriminator": disc.state_dict(), "epoch": epoch + 1},
-        step=epoch + 1,
-    )
     return gen
 
 

@@ -35,6 +35,7 @@ from generative.rbm_ops import (
     pick_openblas,
 )
 from runctx import RunContext
+from runctx.checkpoints import capture
 
 
 class AISConfig(BaseModel):
@@ -108,6 +109,7 @@ class Config(BaseModel):
     sample_chains: int = Field(16, ge=0, description="Gibbs chains drawn for the samples figure.")
     sample_steps: int = Field(1000, gt=0, description="Gibbs steps per sample chain.")
     figures: bool = Field(True, description="Log filters and samples figures.")
+    checkpoint_every: int = Field(1, gt=0, description="Epochs between checkpoints (and the end).")
 
 
 class RBM(torch.nn.Module):
@@ -322,16 +324,19 @@ def fit(
     chains = bernoulli(torch.full((config.batch_size, config.n_hidden), 0.5, device=dev), g)
     chains = model.sample_v(chains, g)  # persistent fantasy particles (PCD)
     q = torch.full((config.n_hidden,), config.sparsity_target or 0.0, device=dev)
+    np_gibbs = ctx.rng(f"{prefix}gibbs")  # the Gibbs draws on the CPU (`loop_rng`)
+    # Everything the trajectory depends on; an epoch's end is the point it resumes from.
+    state = {"model": model, "gibbs": g, "gibbs_cpu": np_gibbs, "batches": order_g}
     start_epoch = 0
-    if checkpoints and (state := ctx.checkpoints.latest()) is not None:  # resume a restarted run
-        model.load_state_dict(state["model"])
-        velocity, chains, q = state["velocity"], state["chains"].to(dev), state["q"].to(dev)
-        start_epoch = int(state["epoch"])
+    if checkpoints and (saved := ctx.checkpoints.restore(state)) is not None:
+        velocity = {k: v.to(dev) for k, v in saved["velocity"].items()}
+        chains, q = saved["chains"].to(dev), saved["q"].to(dev)
+        start_epoch = int(saved["epoch"])
 
     batches_per_epoch = math.ceil(n / config.batch_size)
     total_updates = config.epochs * batches_per_epoch
     subset = x_train[: len(x_test)]  # for the free-energy gap
-    draw = loop_rng(dev, g, ctx.rng(f"{prefix}gibbs"))
+    draw = loop_rng(dev, g, np_gibbs)
     # Only the training loop runs its products through OpenBLAS, under `blas_threads`: elsewhere
     # (evaluation, figures' long Gibbs chains) torch's own thread pool does the elementwise work.
     openblas = pick_openblas(config.cpu_blas, model, x_train[: config.batch_size])
@@ -381,15 +386,19 @@ def fit(
         with ctx.timer.paused(), torch.no_grad():
             metrics |= evaluate(config, model, ds, x_test, subset, base_b, epoch, standardise, ctx)
         ctx.log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=epoch + 1)
-        if checkpoints:
-            state = {
-                "model": model.state_dict(),
-                "velocity": velocity,
-                "chains": chains,
-                "q": q,
-                "epoch": epoch + 1,
-            }
-            ctx.checkpoints.save(state, step=epoch + 1)
+        last = epoch + 1 == config.epochs or ctx.should_stop()
+        if checkpoints and ((epoch + 1) % config.checkpoint_every == 0 or last):
+            with ctx.timer.paused():
+                ctx.checkpoints.save(
+                    {
+                        **capture(state),
+                        "velocity": velocity,
+                        "chains": chains,
+                        "q": q,
+                        "epoch": epoch + 1,
+                    },
+                    step=epoch + 1,
+                )
         if ctx.should_stop():
             break
     return model, standardise

@@ -26,6 +26,7 @@ from generative import data, fid
 from generative.fid import FIDConfig
 from generative.plots import image_grid
 from runctx import RunContext
+from runctx.checkpoints import capture
 
 # What a run logs (see the registry); FID's with a labelled data set.
 METRICS = (
@@ -72,6 +73,7 @@ class Config(BaseModel):
     iwae_every: int = Field(0, ge=0, description="Also every N epochs (0: at the end only).")
     fid: FIDConfig = Field(default_factory=FIDConfig, description="Sample quality.")
     figures: bool = Field(True, description="Per-epoch samples and reconstructions.")
+    checkpoint_every: int = Field(1, gt=0, description="Epochs between checkpoints (and the end).")
 
 
 class VAE(torch.nn.Module):
@@ -219,18 +221,25 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel | Non
     dev = ctx.device
     # Independent streams: batch order, and the noise of training (samples, corruption).
     order, g = ctx.torch_generator("batches"), ctx.torch_generator("noise")
+    x_train, x_test = ds.x_train.to(dev), ds.x_test.to(dev)
+    model = VAE(config, ds.image_shape, ctx.torch_generator("init", device="cpu")).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    # Everything the trajectory depends on; an epoch's end is the point it resumes from.
+    state = {"model": model, "optimizer": opt, "batches": order, "noise": g}
+    start = 0
+    if (saved := ctx.checkpoints.restore(state)) is not None:
+        start = int(saved["epoch"])
+        for group in opt.param_groups:  # the config's, should it differ (a PBT mutation)
+            group["lr"] = config.learning_rate
     score = None
     if spec is not None:
         with ctx.timer.paused():
             score = fid.setup(config.fid, ds, spec, ctx)
-    x_train, x_test = ds.x_train.to(dev), ds.x_test.to(dev)
-    model = VAE(config, ds.image_shape, ctx.torch_generator("init", device="cpu")).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     fixed_z = torch.randn(
         64, config.latent_dim, generator=ctx.torch_generator("fixed_noise", device="cpu")
     )
-    for epoch in range(config.epochs):
+    for epoch in range(start, config.epochs):
         model.train()
         total, t0 = 0.0, ctx.timer.elapsed()
         for i, idx in enumerate(
@@ -252,7 +261,10 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel | Non
         last = epoch == config.epochs - 1
         with ctx.timer.paused(), torch.no_grad():
             model.eval()
-            recon, kl = elbo_terms(model, x_test, g)
+            # A fresh evaluation stream each epoch: scoring never draws from the training noise,
+            # so the trajectory does not depend on when the budget says to score.
+            ev = ctx.torch_generator("eval")
+            recon, kl = elbo_terms(model, x_test, ev)
             metrics = {
                 "time/epoch_s": epoch_s,
                 "train/loss": total / len(x_train),
@@ -262,12 +274,12 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel | Non
             }
             if last or (config.iwae_every and (epoch + 1) % config.iwae_every == 0):
                 metrics["eval/nll_iwae"] = nll_iwae(
-                    model, x_test[: config.iwae_examples], config.iwae_k, g
+                    model, x_test[: config.iwae_examples], config.iwae_k, ev
                 )
             if score is not None and config.fid.due(epoch, config.epochs):
                 samples = model.mean_image(
                     model.decode(
-                        torch.randn(config.fid.samples, config.latent_dim, generator=g, device=dev)
+                        torch.randn(config.fid.samples, config.latent_dim, generator=ev, device=dev)
                     )
                 )
                 metrics["eval/fid"] = score.fid(samples)
@@ -275,9 +287,11 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel | Non
             if config.figures:
                 log_figures(model, x_test, fixed_z.to(dev), ds.image_shape, epoch + 1, ctx)
         ctx.log_metrics(metrics, step=epoch + 1)
+        if (epoch + 1) % config.checkpoint_every == 0 or last or ctx.should_stop():
+            with ctx.timer.paused():
+                ctx.checkpoints.save({**capture(state), "epoch": epoch + 1}, step=epoch + 1)
         if ctx.should_stop():
             break
-    ctx.checkpoints.save({"model": model.state_dict(), "epoch": epoch + 1}, step=epoch + 1)
     return model
 
 

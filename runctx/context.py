@@ -5,7 +5,8 @@ ctx.rng("exploration")                  independent NumPy generators, one per pu
 ctx.torch_generator("init")             independent torch generators, one per purpose
 ctx.log_metrics({...}, step)            buffered `group/name` metrics (`MetricLogger`)
 ctx.log_figure(fig, name, step=None)    a figure, or one image of a per-step series
-ctx.checkpoints.save(state, step)       state dicts (`Checkpointer`); `.latest()` to resume
+ctx.checkpoints.restore(objects)        resume (or start from another run's weights)
+ctx.checkpoints.save(state, step)       state dicts (`Checkpointer`, `capture`)
 ctx.timer.paused()                      evaluation off the training clock (`TrainTimer`)
 ctx.should_stop()                       a stop was requested (Ctrl-C, cancel)
 ctx.make_env(), ctx.make_vec_env(n)     the spec's environment (RL)
@@ -77,6 +78,8 @@ class RunContext:
         stop_event: threading.Event | None = None,
         on_metrics: Callable[[Mapping[str, float], int, Any], None] | None = None,
         logged_until: Mapping[str, int] | None = None,
+        init_from: Mapping[str, Any] | None = None,
+        check_only: bool = False,
     ):
         self.seed = seed
         self.run_id = run_id
@@ -87,7 +90,16 @@ class RunContext:
         self.writer = writer
         self.metrics = MetricLogger(writer, on_log=on_metrics, logged_until=logged_until)
         self.timer = TrainTimer()
-        self.checkpoints = Checkpointer(workdir / "checkpoints", writer, timer=self.timer)
+        # init_from: another run's checkpoint whose weights start this run (`--init-from`);
+        # check_only: only check they fit (see `Checkpointer.restore`).
+        self.checkpoints = Checkpointer(
+            workdir / "checkpoints",
+            writer,
+            timer=self.timer,
+            init=init_from,
+            check_only=check_only,
+            before_save=self.metrics.flush,
+        )
         self.log = logging.getLogger(f"rlgen.run.{run_id}")
         self._stop = stop_event or threading.Event()
 

@@ -26,11 +26,14 @@ import ray
 from service import __version__
 from service.aggregates import write_parent
 from service.cluster import embedded, embedded_session_dir, start_ray
+from service.lineage import Sources
+from service.lineage import resolve as resolve_sources
 from service.relay import Relay
 from service.spec import SpecBase, flatten, resolved, spec_hash, to_yaml
 from service.store import client_for, ensure_experiment, resolve_tracking_uri
 from service.sweeps import Trial, expand
 from service.tracking import (
+    TAG_CONTINUED_FROM,
     TAG_ERROR,
     TAG_LAUNCH,
     TAG_STOPPED_EARLY,
@@ -109,10 +112,14 @@ def launch(
     tracking_uri: str | None = None,
     spec_path: Path | None = None,
     progress: ProgressFn | None = None,
+    sources: Sources | None = None,
 ) -> LaunchResult:
-    """Run every trial of `spec` and return what MLflow recorded for them."""
+    """Run every trial of `spec` and return what MLflow recorded for them. `sources`: the runs
+    its trials start from (`service.lineage.resolve`), resolved here when not given."""
     uri = resolve_tracking_uri(tracking_uri)
     trials = expand(spec)
+    if sources is None:  # before anything starts: a bad run id leaves nothing behind
+        sources = resolve_sources(spec, client_for(uri))
     warming: list[ray.ObjectRef] = []
     if mode == "ray":  # before any run exists: a bad address or resources leave nothing
         start_ray(address)
@@ -144,8 +151,11 @@ def launch(
             log.warning("--local runs every trial to its end: sweep.scheduler needs Ray")
         parent_run_id = None
         if len(trials) > 1:
+            lineage = {TAG_CONTINUED_FROM: spec.continue_from} if spec.continue_from else {}
             parent = client.create_run(
-                experiment_id, run_name=spec.name, tags={**tags, **spec.tags, TAG_LAUNCH: launch_id}
+                experiment_id,
+                run_name=spec.name,
+                tags={**tags, **spec.tags, **lineage, TAG_LAUNCH: launch_id},
             )
             parent_run_id = parent.info.run_id
             try:
@@ -171,6 +181,7 @@ def launch(
             parent_run_id=parent_run_id,
             tags=tags,
             relay=relay.address if relay else None,
+            continue_from=sources.continue_from,
         )
         notify = progress or (lambda *_: None)
         interrupted = False

@@ -31,6 +31,14 @@ class Algorithm:
     # The metric keys a run may log (fnmatch patterns: pretrain/layer*/...), for the spec's
     # `sweep.scheduler.metric` and `report`; besides them every run logs time/train_s.
     metrics: tuple[str, ...] = ()
+    # What a checkpoint holds, so what a restart (`max_failures`), `rlgen continue` and PBT go
+    # on from: every algorithm resumes exactly, on the cadence of its `checkpoint_every`.
+    resumes: str = ""
+    # Why this config would not resume exactly (a restart then changes the trajectory), or None;
+    # a spec asking for restarts of such a config is refused.
+    resume_problem: Callable[[Any], str | None] | None = None
+    # The params `rlgen continue` may change: the training budget (steps, epochs, iterations).
+    budget: tuple[str, ...] = ()
 
     def logs(self, key: str) -> bool:
         return key in SERVICE_METRICS or any(fnmatch(key, m) for m in self.metrics)
@@ -51,6 +59,8 @@ ALGORITHMS: dict[str, Algorithm] = {
             metrics=value_iteration.METRICS,
             check_env=dp.check_env,
             load_policy=dp.load_policy,
+            resumes="values and residuals, every checkpoint_every sweeps",
+            budget=("max_iterations",),
         ),
         Algorithm(
             "policy_iteration",
@@ -61,6 +71,8 @@ ALGORITHMS: dict[str, Algorithm] = {
             metrics=policy_iteration.METRICS,
             check_env=dp.check_env,
             load_policy=dp.load_policy,
+            resumes="values, policy and residuals, every checkpoint_every improvement steps",
+            budget=("max_iterations",),
         ),
         Algorithm(
             "q_learning",
@@ -71,6 +83,9 @@ ALGORITHMS: dict[str, Algorithm] = {
             metrics=q_learning.METRICS,
             check_env=q_learning.check_env,
             load_policy=q_learning.load_policy,
+            resumes="Q table, exploration stream, the env mid-episode; "
+            "every checkpoint_every steps",
+            budget=("total_timesteps",),
         ),
         Algorithm(
             "dqn",
@@ -81,6 +96,10 @@ ALGORITHMS: dict[str, Algorithm] = {
             metrics=dqn.METRICS,
             check_env=dqn.check_env,
             load_policy=dqn.load_policy,
+            resumes="networks, optimizer, random streams, n-step windows, the envs mid-episode, "
+            "and the replay buffer with checkpoint_buffer; every checkpoint_every steps",
+            resume_problem=dqn.resume_problem,
+            budget=("total_timesteps",),
         ),
         Algorithm(
             "rbm",
@@ -90,6 +109,8 @@ ALGORITHMS: dict[str, Algorithm] = {
             rbm.train,
             metrics=rbm.METRICS,
             check_data=rbm.check_data,
+            resumes="weights, momentum, persistent chains, random streams; every epoch",
+            budget=("epochs",),
         ),
         Algorithm(
             "dbn",
@@ -100,6 +121,9 @@ ALGORITHMS: dict[str, Algorithm] = {
             metrics=dbn.METRICS,
             check_data=dbn.check_data,
             needs_labels=True,
+            resumes="the pretrained network, then fine-tuning's optimizer, schedule and batch "
+            "order; after pretraining and every fine-tuning epoch",
+            budget=("finetune_epochs",),
         ),
         Algorithm(
             "autoencoder",
@@ -109,6 +133,8 @@ ALGORITHMS: dict[str, Algorithm] = {
             autoencoder.train,
             metrics=autoencoder.METRICS,
             check_data=autoencoder.check_data,
+            resumes="weights, optimizer, random streams; after pretraining and every epoch",
+            budget=("epochs",),
         ),
         Algorithm(
             "vae",
@@ -118,6 +144,8 @@ ALGORITHMS: dict[str, Algorithm] = {
             vae.train,
             metrics=vae.METRICS,
             check_data=vae.check_data,
+            resumes="weights, optimizer, random streams; every epoch",
+            budget=("epochs",),
         ),
         Algorithm(
             "gan",
@@ -127,6 +155,8 @@ ALGORITHMS: dict[str, Algorithm] = {
             gan.train,
             metrics=gan.METRICS,
             check_data=gan.check_data,
+            resumes="both networks and optimizers, random streams, critic steps; every epoch",
+            budget=("epochs",),
         ),
     ]
 }

@@ -204,6 +204,9 @@ class RelayTracker:
     def resume(self, run_id: str, workdir: str) -> dict[str, int]:
         return dict(self._call("resume", run_id, workdir))
 
+    def fetch_checkpoint(self, run_id: str, directory: str) -> str | None:
+        return self._call("fetch_checkpoint", run_id, directory)
+
     def write_metrics(self, run_id: str, points: list[tuple[Any, ...]]) -> None:
         self._call("write_metrics", run_id, points)
 

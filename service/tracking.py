@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +50,8 @@ TAG_STOPPED_EARLY = "rlgen.stopped_early"  # set on trials a scheduler stopped
 TAG_RESTARTS = "rlgen.restarts"  # times a trial's worker died and Tune restarted it
 TAG_WORKER = "rlgen.worker"  # host:pid of the process running the trial (a restart updates it)
 TAG_ERROR = "rlgen.error"
+TAG_CONTINUED_FROM = "rlgen.continued_from"  # the trial run a continued trial goes on from
+TAG_INIT_FROM = "rlgen.init_from"  # the run whose weights a trial started from
 # The most runs one MLflow search returns (its own limit): a launch has at most
 # `spec.MAX_TRIALS` trials and a parent, so one page holds them all.
 SEARCH_MAX = 50_000
@@ -144,8 +147,8 @@ class Tracker:
     # What the relay serves: a closed table, like the algorithm registry.
     REMOTE = frozenset(
         {
-            "find_run", "create_run", "set_tag", "log_params", "resume", "write_metrics",
-            "write_artifact", "write_image", "set_terminated",
+            "find_run", "create_run", "set_tag", "log_params", "resume", "fetch_checkpoint",
+            "write_metrics", "write_artifact", "write_image", "set_terminated",
         }
     )  # fmt: skip
 
@@ -193,25 +196,35 @@ class Tracker:
         `checkpoints/`); return, per metric, the last step already logged, so that the steps the
         algorithm replays are not logged twice."""
         client = self.client
+        found = self.fetch_checkpoint(run_id, str(Path(workdir) / "checkpoints"))
+        if found is not None:
+            log.info("run %s continues from %s", run_id, found)
+            self.set_tag(run_id, "rlgen.resumed_from", found)
+        metrics = with_retries(lambda: client.get_run(run_id), "get_run").data.metrics
+        return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in metrics}
+
+    def fetch_checkpoint(self, run_id: str, directory: str) -> str | None:
+        """Download the run's newest checkpoint into `directory`; its artifact path (such as
+        `checkpoints/step_0000001000.pt`), or None when the run has none."""
+        client = self.client
         checkpoints = [
             f.path
             for f in with_retries(lambda: client.list_artifacts(run_id, "checkpoints"), "list")
             if f.path.endswith(".pt")
         ]
-        if checkpoints:
-            target = Path(workdir) / "checkpoints"
-            target.mkdir(parents=True, exist_ok=True)
+        if not checkpoints:
+            return None
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target) as tmp:
             local = Path(
                 with_retries(
-                    lambda: client.download_artifacts(run_id, max(checkpoints), workdir),
+                    lambda: client.download_artifacts(run_id, max(checkpoints), tmp),
                     "checkpoint download",
                 )
             )
             local.replace(target / local.name)
-            log.info("run %s continues from %s", run_id, max(checkpoints))
-            self.set_tag(run_id, "rlgen.resumed_from", max(checkpoints))
-        metrics = with_retries(lambda: client.get_run(run_id), "get_run").data.metrics
-        return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in metrics}
+        return max(checkpoints)
 
     def write_metrics(self, run_id: str, points: Sequence[tuple[Any, ...]]) -> None:
         MlflowWriter(self.client, run_id).write_metrics([MetricPoint(*p) for p in points])

@@ -29,7 +29,9 @@ from service.relay import RelayTracker
 from service.spec import SpecBase, dump_yaml, flatten, set_dotted, spec_model
 from service.store import client_for
 from service.tracking import (
+    TAG_CONTINUED_FROM,
     TAG_ERROR,
+    TAG_INIT_FROM,
     TAG_LAUNCH,
     TAG_PARENT,
     TAG_RESTARTS,
@@ -56,6 +58,8 @@ class TrialRequest:
     tags: dict[str, str] = field(default_factory=dict)  # version, commit, spec hash
     overrides: dict[str, Any] = field(default_factory=dict)  # swept params: dotted path -> value
     relay: str | None = None  # the driver's tracking relay's socket, on the embedded cluster
+    # trial label -> the run whose newest checkpoint the trial goes on from (`continue_from`)
+    continue_from: dict[str, str] = field(default_factory=dict)
 
     def for_trial(self, seed: int, overrides: dict[str, Any]) -> TrialRequest:
         return replace(self, seed=seed, overrides=dict(overrides))
@@ -106,8 +110,13 @@ def pick_device(wanted: str, gpu_ids: list[Any] | tuple[Any, ...]) -> torch.devi
 def trial_spec(request: TrialRequest) -> SpecBase:
     """The typed spec of this trial: the resolved spec with `seeds: [seed]`, and for a trial of a
     sweep its values of the swept params (the sweep itself is the parent's business)."""
-    data = {**json.loads(json.dumps(request.spec)), "seeds": [request.seed], "sweep": None}
-    for path, value in request.overrides.items():
+    return spec_of_trial(request.spec, request.seed, request.overrides)
+
+
+def spec_of_trial(spec: dict[str, Any], seed: int, overrides: dict[str, Any]) -> SpecBase:
+    """A resolved spec's trial of `seed` with the swept params `overrides` set."""
+    data = {**json.loads(json.dumps(spec)), "seeds": [seed], "sweep": None}
+    for path, value in overrides.items():
         set_dotted(data.setdefault("params", {}), path, value)
     return spec_model(data["algorithm"]).model_validate(data)
 
@@ -151,6 +160,11 @@ def run_trial(
     }
     if request.parent_run_id:
         tags[TAG_PARENT] = request.parent_run_id
+    source = request.continue_from.get(request.label)
+    if source is not None:
+        tags[TAG_CONTINUED_FROM] = source
+    if spec.init_from is not None:
+        tags[TAG_INIT_FROM] = spec.init_from
     if gpu_ids:
         tags["rlgen.gpu_ids"] = ",".join(map(str, gpu_ids))  # which of the node's GPUs Ray gave
     if spec.description:
@@ -179,6 +193,17 @@ def run_trial(
             writer.write_artifact(spec_file, "")
         else:
             logged_until = tracker.resume(run_id, str(workdir))
+        checkpoints = workdir / "checkpoints"
+        init_from = None
+        if not any(checkpoints.glob("*.pt")):  # none of its own yet: where it starts from
+            if source is not None:  # goes on from the trial it continues
+                tracker.fetch_checkpoint(source, str(checkpoints))
+            elif spec.init_from is not None:  # its weights, checked by `service.lineage`
+                found = tracker.fetch_checkpoint(spec.init_from, str(workdir / "init"))
+                if found is None:
+                    raise RuntimeError(f"run {spec.init_from} has no checkpoint any more")
+                (path,) = (workdir / "init").glob("*.pt")
+                init_from = torch.load(path, map_location="cpu", weights_only=True)
 
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
         ctx = RunContext(
@@ -190,6 +215,7 @@ def run_trial(
             stop_event=stop_event,
             on_metrics=on_metrics,
             logged_until=logged_until,
+            init_from=init_from,
             env=getattr(spec, "env", None),
             dataset=getattr(spec, "dataset", None),
         )

@@ -20,7 +20,14 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Service, ServiceDep, authorized
-from service.api.schemas import Cancelled, ExperimentDetail, ExperimentSummary, Run, Submitted
+from service.api.schemas import (
+    Cancelled,
+    ContinueRequest,
+    ExperimentDetail,
+    ExperimentSummary,
+    Run,
+    Submitted,
+)
 from service.jobs import JobsError
 from service.spec import SpecError, dump_yaml, load_spec_text, parse_yaml
 from service.store import check_store, client_for
@@ -63,11 +70,15 @@ def json_as_yaml(body: bytes) -> bytes:
 
 def accept(svc: Service, body: bytes, is_json: bool) -> Submitted:
     """Validate, submit and record one experiment (blocking: in the thread pool)."""
-    exp_id = uuid.uuid4().hex[:12]
     try:
         spec = load_spec_text(json_as_yaml(body) if is_json else body, "body")
     except SpecError as e:
         raise HTTPException(422, {"errors": [str(p) for p in e.problems]}) from None
+    return _submit(svc, spec, body.decode("utf-8", "replace"))
+
+
+def _submit(svc: Service, spec: Any, text: str) -> Submitted:
+    exp_id = uuid.uuid4().hex[:12]
     # Tag every run of this experiment with its API id, to find them in MLflow.
     spec = spec.model_copy(update={"tags": {**spec.tags, TAG_API_ID: exp_id}})
     try:
@@ -81,7 +92,7 @@ def accept(svc: Service, body: bytes, is_json: bool) -> Submitted:
             "name": spec.name,
             "algorithm": spec.algorithm,
             "created": time.time(),
-            "spec": body.decode("utf-8", "replace"),
+            "spec": text,
         }
     )
     return Submitted(id=exp_id, job_id=job_id, status="PENDING", url=f"/experiments/{exp_id}")
@@ -191,6 +202,39 @@ def cancel(exp_id: str, svc: ServiceDep) -> Cancelled:
     except JobsError as e:
         raise HTTPException(503, str(e)) from None
     return Cancelled(id=exp_id, stopping=stopping)
+
+
+@router.post("/{exp_id}/continue", status_code=202, response_model=Submitted)
+def continue_experiment(exp_id: str, body: ContinueRequest, svc: ServiceDep) -> Submitted:
+    """Train the experiment's trials further from their last checkpoints, as a new experiment
+    whose runs are linked to the old ones (`rlgen continue`); 422 when the runs cannot be
+    continued (no checkpoint, a non-budget change), 409 while it has no ended run."""
+    from service.lineage import FREE_FIELDS, resolve
+
+    row = _row_or_404(svc, exp_id)
+    for item in body.set:
+        key = item.split("=", 1)[0].strip()
+        if key.split(".")[0] not in ("params", *FREE_FIELDS):
+            raise HTTPException(
+                422, {"errors": [f"{key}: a continued run may change only its budget params"]}
+            )
+    check_store(svc.config.tracking_uri, timeout_s=3.0)
+    client = client_for(svc.config.tracking_uri)
+    runs = _runs(svc, row)
+    ended = [r for r in runs if r.status not in ("RUNNING", "SCHEDULED")]
+    # A parent run (no trial label) stands for all its trials; else the experiment's one trial.
+    top = [r for r in ended if r.trial is None] or ended
+    if len(top) != 1:
+        raise HTTPException(409, f"experiment {exp_id} has {len(top)} ended top-level runs, not 1")
+    text = row["spec"]
+    try:
+        spec = load_spec_text(
+            text.encode(), "spec", [*body.set, f"continue_from={top[0].run_id}"]
+        )
+        resolve(spec, client)
+    except SpecError as e:
+        raise HTTPException(422, {"errors": [str(p) for p in e.problems]}) from None
+    return _submit(svc, spec, dump_yaml(spec.model_dump(mode="json", exclude_defaults=True)))
 
 
 @router.get("/{exp_id}/logs", response_class=PlainTextResponse)

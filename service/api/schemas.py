@@ -45,6 +45,13 @@ class ExperimentDetail(ExperimentSummary):
     )
 
 
+class ContinueRequest(BaseModel):
+    set: list[str] = Field(
+        default_factory=list,
+        description="Budget overrides, as `rlgen continue --set`: params.total_timesteps=200000.",
+    )
+
+
 class Cancelled(BaseModel):
     id: str = Field(description="The experiment's id.")
     stopping: bool = Field(description="False when the job had ended already.")

@@ -44,6 +44,14 @@ def run(
         str | None,
         typer.Option("--spec-env", hidden=True, help="Read the spec from this env variable."),
     ] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            metavar="RUN_ID",
+            help="Start every trial from this trial run's weights (same algorithm and shapes).",
+        ),
+    ] = None,
     address: Annotated[
         str | None,
         typer.Option("--address", help="Join this Ray cluster (default: embedded local Ray)."),
@@ -58,6 +66,57 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
 ) -> None:
     """Validate SPEC and run one trial per seed, logging to MLflow."""
+    if init_from is not None:
+        overrides = [*(overrides or []), f"init_from={init_from}"]
+    launch_spec(
+        spec_path, overrides, from_run, spec_env, address, local, tracking_uri, as_json, verbose
+    )
+
+
+@app.command("continue")
+def continue_(
+    run_id: Annotated[
+        str, typer.Argument(metavar="RUN_ID", help="A trial run, or a sweep's parent run.")
+    ],
+    overrides: SetOpt = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Join this Ray cluster (default: embedded local Ray)."),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run in-process, without Ray (for debugging).")
+    ] = False,
+    tracking_uri: TrackingOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
+    """Train RUN_ID's trials further from their last checkpoints, in new runs linked to them.
+
+    Only the budget may change: `--set params.total_timesteps=200000` (or `epochs`...)."""
+    from service.lineage import FREE_FIELDS
+
+    for item in overrides or []:  # the params are checked against the budget once read
+        key = item.split("=", 1)[0].strip()
+        if key.split(".")[0] not in ("params", *FREE_FIELDS):
+            raise invalid(f"--set {key}: a continued run may change only its budget params")
+    overrides = [*(overrides or []), f"continue_from={run_id}"]
+    launch_spec(None, overrides, run_id, None, address, local, tracking_uri, as_json, verbose)
+
+
+def launch_spec(
+    spec_path: Path | None,
+    overrides: list[str] | None,
+    from_run: str | None,
+    spec_env: str | None,
+    address: str | None,
+    local: bool,
+    tracking_uri: str | None,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """What `run` and `continue` do once their arguments are read."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -71,14 +130,22 @@ def run(
         raise invalid("--local and --address exclude each other")
 
     from service.cluster import start_ray
-    from service.store import TrackingStoreError, check_store, resolve_tracking_uri
+    from service.lineage import resolve
+    from service.spec import SpecError
+    from service.store import TrackingStoreError, check_store, client_for, resolve_tracking_uri
 
     # Everything that can be wrong with the input is found before Ray starts or a run exists.
     try:
         spec = load(spec_path, from_run, overrides or [], tracking_uri, spec_env)
-        check_store(resolve_tracking_uri(tracking_uri))
+        uri = resolve_tracking_uri(tracking_uri)
+        check_store(uri, must_exist=spec.continue_from is not None or spec.init_from is not None)
+        sources = resolve(spec, client_for(uri))
     except TrackingStoreError as e:
         raise invalid(f"--tracking-uri: {e}") from None
+    except SpecError as e:
+        for problem in e.problems:
+            print_error(str(problem))
+        raise typer.Exit(EXIT_INVALID) from None
     if not local:
         try:
             start_ray(address)
@@ -87,7 +154,6 @@ def run(
             raise invalid(f"cannot start or reach Ray ({where}): {e}") from None
 
     from service.execution import check_resources, launch
-    from service.spec import SpecError
     from service.sweeps import expand
 
     if not local:  # before the progress table: an unrunnable spec gets its error alone
@@ -110,6 +176,7 @@ def run(
                 tracking_uri=tracking_uri,
                 spec_path=spec_path,
                 progress=table.update,
+                sources=sources,
             )
             for trial in result.trials:
                 table.update(trial.label, trial.status, trial.run_id, trial.metrics)

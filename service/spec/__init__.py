@@ -28,6 +28,7 @@ from service.spec.checks import (
     check_booleans,
     check_data,
     check_metrics,
+    check_resume,
     check_sweep,
     check_world,
     set_dotted,
@@ -96,6 +97,7 @@ def validate(source: Source) -> SpecBase:
     check_data(spec, source)
     check_sweep(spec, source)
     check_metrics(spec, source)
+    check_resume(spec, source)
     check_world(spec, source)
     spec._source = source
     return spec

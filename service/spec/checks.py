@@ -85,6 +85,17 @@ def check_metrics(spec: SpecBase, source: Source) -> None:
         raise SpecError(problems)
 
 
+def check_resume(spec: SpecBase, source: Source) -> None:
+    """Restarts (`max_failures`) continue a trial from its checkpoint; refuse them for a config
+    whose checkpoint would not continue the same trajectory."""
+    problem = ALGORITHMS[spec.algorithm].resume_problem
+    if spec.max_failures == 0 or problem is None:
+        return
+    if (reason := problem(spec.params)) is not None:  # type: ignore[attr-defined]
+        msg = f"max_failures {spec.max_failures} needs an exact resume: {reason}"
+        raise SpecError([Problem(source.where(("max_failures",)), "max_failures", msg)])
+
+
 def set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
     """data["a"]["b"] = value for path "a.b", creating mappings on the way."""
     *parents, last = path.split(".")

@@ -167,6 +167,19 @@ class SpecBase(BaseModel):
         le=1000,
         description="Restarts of a trial whose worker died (from its last checkpoint).",
     )
+    continue_from: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="An MLflow run id (a trial, or a sweep's parent) whose trials this "
+        "experiment trains further from their last checkpoints; only budget params may differ "
+        "from that run's spec (`rlgen continue`).",
+    )
+    init_from: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="An MLflow run id of a trial of the same algorithm whose last checkpoint's "
+        "weights start every trial (`rlgen run --init-from`); their shapes must fit.",
+    )
 
     @field_validator("name")
     @classmethod
