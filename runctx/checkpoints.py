@@ -120,11 +120,13 @@ class Checkpointer:
         init: Mapping[str, Any] | None = None,
         check_only: bool = False,
         before_save: Callable[[], None] | None = None,
+        after_save: Callable[[Path, int], None] | None = None,
     ):
         self.directory = directory
         # The run context flushes the metrics here: a checkpoint is never ahead of them, so a
         # restart that replays the steps after it loses no point logged before it.
         self.before_save = before_save
+        self.after_save = after_save  # (file, step): a population scheduler hears of it
         self.writer = writer
         self.keep = keep
         self.timer = timer
@@ -143,6 +145,8 @@ class Checkpointer:
         self.writer.write_artifact(path, "checkpoints")
         for old in sorted(self.directory.glob("step_*.pt"))[: -self.keep]:
             old.unlink(missing_ok=True)
+        if self.after_save is not None:
+            self.after_save(path, step)
         return path
 
     def latest(self) -> dict[str, Any] | None:

@@ -80,6 +80,7 @@ class RunContext:
         logged_until: Mapping[str, int] | None = None,
         init_from: Mapping[str, Any] | None = None,
         check_only: bool = False,
+        on_checkpoint: Callable[[Path, int], None] | None = None,
     ):
         self.seed = seed
         self.run_id = run_id
@@ -99,6 +100,7 @@ class RunContext:
             init=init_from,
             check_only=check_only,
             before_save=self.metrics.flush,
+            after_save=on_checkpoint,
         )
         self.log = logging.getLogger(f"rlgen.run.{run_id}")
         self._stop = stop_event or threading.Event()

@@ -29,9 +29,10 @@ from service.cluster import embedded, embedded_session_dir, start_ray
 from service.lineage import Sources
 from service.lineage import resolve as resolve_sources
 from service.relay import Relay
-from service.spec import SpecBase, flatten, resolved, spec_hash, to_yaml
+from service.spec import SpecBase, SpecError, flatten, resolved, spec_hash, to_yaml
+from service.spec.errors import Problem
 from service.store import client_for, ensure_experiment, resolve_tracking_uri
-from service.sweeps import Trial, expand
+from service.sweeps import Trial, expand, trial_count
 from service.tracking import (
     TAG_CONTINUED_FROM,
     TAG_ERROR,
@@ -99,9 +100,11 @@ class LaunchResult:
 
 
 def runs_on_tune(spec: SpecBase) -> bool:
-    """Whether `launch` runs the spec's trials through Ray Tune: only for a sweep's scheduler
-    (ASHA), which stops trials early. Every other trial is a plain Ray task (`run_tasks`)."""
-    return spec.sweep is not None and spec.sweep.scheduler is not None
+    """Whether `launch` runs the spec's trials through Ray Tune: for a sweep's scheduler (ASHA,
+    PBT) or search (Optuna). Every other trial is a plain Ray task (`run_tasks`)."""
+    return spec.sweep is not None and (
+        spec.sweep.scheduler is not None or spec.sweep.search is not None
+    )
 
 
 def launch(
@@ -118,8 +121,11 @@ def launch(
     its trials start from (`service.lineage.resolve`), resolved here when not given."""
     uri = resolve_tracking_uri(tracking_uri)
     trials = expand(spec)
+    if mode == "local" and spec.sweep is not None and spec.sweep.search is not None:
+        where = spec.where("sweep", "search")
+        raise SpecError([Problem(where, "sweep.search", "a search needs Ray: drop --local")])
     if sources is None:  # before anything starts: a bad run id leaves nothing behind
-        sources = resolve_sources(spec, client_for(uri))
+        sources = resolve_sources(spec, uri)
     warming: list[ray.ObjectRef] = []
     if mode == "ray":  # before any run exists: a bad address or resources leave nothing
         start_ray(address)
@@ -150,7 +156,7 @@ def launch(
         if mode == "local" and spec.sweep is not None and spec.sweep.scheduler is not None:
             log.warning("--local runs every trial to its end: sweep.scheduler needs Ray")
         parent_run_id = None
-        if len(trials) > 1:
+        if trial_count(spec) > 1:
             lineage = {TAG_CONTINUED_FROM: spec.continue_from} if spec.continue_from else {}
             parent = client.create_run(
                 experiment_id,
@@ -225,7 +231,7 @@ def launch(
                 final = {r.data.tags.get(TAG_TRIAL, ""): r.info.status for r in runs}
                 ok = (
                     not interrupted
-                    and len(final) == len(trials)
+                    and len(final) == trial_count(spec)
                     and all(s == "FINISHED" or label in stopped for label, s in final.items())
                 )
                 if not interrupted:

@@ -28,6 +28,7 @@ from runctx.checkpoints import CheckpointError, InitChecked
 from service.registry import ALGORITHMS
 from service.spec import SpecBase, SpecError, flatten, load_spec_text, resolved
 from service.spec.errors import Problem
+from service.store import client_for
 from service.sweeps import Trial, expand
 from service.tracking import TAG_PARENT, TAG_SEED, TAG_TRIAL
 
@@ -49,10 +50,14 @@ def refuse(spec: SpecBase, field_name: str, message: str) -> SpecError:
     return SpecError([Problem(spec.where(field_name), field_name, message)])
 
 
-def resolve(spec: SpecBase, client: MlflowClient) -> Sources:
-    """Check the spec's `continue_from` and `init_from` against the tracking store; raise
-    `SpecError` naming the problem, else say which run each trial starts from."""
+def resolve(spec: SpecBase, tracking_uri: str) -> Sources:
+    """Check the spec's `continue_from` and `init_from` against the tracking store at
+    `tracking_uri` (read only when the spec names a run); raise `SpecError` naming the problem,
+    else say which run each trial starts from."""
     sources = Sources()
+    if spec.continue_from is None and spec.init_from is None:
+        return sources
+    client = client_for(tracking_uri)
     if spec.continue_from is not None:
         sources = Sources(continue_from=_continuations(spec, client))
     if spec.init_from is not None:

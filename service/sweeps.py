@@ -34,13 +34,16 @@ def expand(spec: SpecBase) -> list[Trial]:
     """
     if spec.sweep is None:
         return [Trial(seed, {}) for seed in spec.seeds]
+    if spec.sweep.search is not None:  # a search proposes its trials as it goes
+        return []
     rng = np.random.default_rng(int(spec_hash(spec), 16) % 2**63)
-    grid = {k: d.grid for k, d in spec.sweep.params.items() if d.grid is not None}
+    space = spec.sweep.space()
+    grid = {k: d.grid for k, d in space.items() if d.grid is not None}
     trials = []
     for _ in range(spec.sweep.num_samples):
         for point in itertools.product(*grid.values()):
             overrides = dict(zip(grid, point, strict=True))
-            for path, dist in spec.sweep.params.items():
+            for path, dist in space.items():
                 if dist.choice is not None:
                     overrides[path] = dist.choice[int(rng.integers(len(dist.choice)))]
                 elif dist.uniform is not None:
@@ -52,6 +55,13 @@ def expand(spec: SpecBase) -> list[Trial]:
             trials += [Trial(seed, overrides) for seed in spec.seeds]
     unique = {t.label: t for t in reversed(trials)}  # the first of equal trials, in order
     return [t for t in trials if unique[t.label] is t]
+
+
+def trial_count(spec: SpecBase) -> int:
+    """How many trials the spec runs: its expansion's, or a search's configurations x seeds."""
+    if spec.sweep is not None and spec.sweep.search is not None:
+        return spec.sweep.num_samples * len(spec.seeds)
+    return len(expand(spec))
 
 
 def _round_within(value: float, low: float, high: float) -> float:

@@ -158,10 +158,12 @@ class Tracker:
     def find_run(
         self, experiment_id: str, launch_id: str, label: str
     ) -> tuple[str, dict[str, str]] | None:
-        """Id and tags of the run of this launch and trial that a dead worker left RUNNING.
+        """Id and tags of the run of this launch and trial, if it exists already.
 
-        Launch ids are unique, so this only finds something when Ray restarts a trial whose
-        worker died (`max_failures`); the trial then continues that run instead of another."""
+        Launch ids are unique, so this only finds something when a trial runs again: Ray
+        restarted it after its worker died (`max_failures`; its run was left RUNNING), or PBT
+        resumes a trial it paused (its run ended KILLED when the worker was stopped). The trial
+        then continues that run (`resume` marks it RUNNING again) instead of starting another."""
         runs = with_retries(
             lambda: self.client.search_runs(
                 [experiment_id],
@@ -171,7 +173,7 @@ class Tracker:
             "search runs",
         )
         for run in runs:
-            if run.data.tags.get(TAG_TRIAL) == label and run.info.status in ACTIVE:
+            if run.data.tags.get(TAG_TRIAL) == label:
                 return run.info.run_id, dict(run.data.tags)
         return None
 
@@ -196,6 +198,7 @@ class Tracker:
         `checkpoints/`); return, per metric, the last step already logged, so that the steps the
         algorithm replays are not logged twice."""
         client = self.client
+        with_retries(lambda: client.update_run(run_id, status="RUNNING"), "reopen run")
         found = self.fetch_checkpoint(run_id, str(Path(workdir) / "checkpoints"))
         if found is not None:
             log.info("run %s continues from %s", run_id, found)

@@ -15,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -60,13 +61,17 @@ class TrialRequest:
     relay: str | None = None  # the driver's tracking relay's socket, on the embedded cluster
     # trial label -> the run whose newest checkpoint the trial goes on from (`continue_from`)
     continue_from: dict[str, str] = field(default_factory=dict)
+    # A PBT trial keeps the label of its first values while its params change (`service.tuning`).
+    fixed_label: str | None = None
 
-    def for_trial(self, seed: int, overrides: dict[str, Any]) -> TrialRequest:
-        return replace(self, seed=seed, overrides=dict(overrides))
+    def for_trial(
+        self, seed: int, overrides: dict[str, Any], label: str | None = None
+    ) -> TrialRequest:
+        return replace(self, seed=seed, overrides=dict(overrides), fixed_label=label)
 
     @property
     def label(self) -> str:
-        return trial_label(self.seed, self.overrides)
+        return self.fixed_label or trial_label(self.seed, self.overrides)
 
 
 LABEL_MAX = 1000  # the label is the `rlgen.trial` tag, which MLflow servers cap at 8000 characters
@@ -146,7 +151,12 @@ def run_trial(
     gpu_ids: list[Any] | tuple[Any, ...] = (),
     stop_event: threading.Event | None = None,
     on_metrics: Callable[[Mapping[str, float], int, Any], None] | None = None,
+    on_checkpoint: Callable[[Path, int, str], None] | None = None,
+    start_checkpoint: Path | None = None,
 ) -> TrialOutcome:
+    """Run one trial. `on_checkpoint(file, step, run_id)` hears of each checkpoint saved;
+    `start_checkpoint`: a directory (`population_checkpoint`) the trial starts from, its own or,
+    after a PBT exploit, another trial's."""
     spec = trial_spec(request)
     algo = ALGORITHMS[spec.algorithm]
     tracker = tracker_for(request)
@@ -195,6 +205,13 @@ def run_trial(
             logged_until = tracker.resume(run_id, str(workdir))
         checkpoints = workdir / "checkpoints"
         init_from = None
+        explored = explored_params(request)
+        if explored and previous is None:  # a population member's first values
+            tracker.write_metrics(run_id, explored_points(explored, request, 0))
+        if start_checkpoint is not None:
+            donor = start_from_population(start_checkpoint, checkpoints)
+            if donor["run_id"] != run_id:  # a PBT exploit: the donor's state, new values
+                record_exploit(tracker, run_id, previous, donor, explored, request)
         if not any(checkpoints.glob("*.pt")):  # none of its own yet: where it starts from
             if source is not None:  # goes on from the trial it continues
                 tracker.fetch_checkpoint(source, str(checkpoints))
@@ -214,6 +231,9 @@ def run_trial(
             device=pick_device(spec.resources.device, gpu_ids),
             stop_event=stop_event,
             on_metrics=on_metrics,
+            on_checkpoint=(
+                (lambda path, step: on_checkpoint(path, step, run_id)) if on_checkpoint else None
+            ),
             logged_until=logged_until,
             init_from=init_from,
             env=getattr(spec, "env", None),
@@ -250,6 +270,72 @@ def run_trial(
         tracker.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return TrialOutcome(run_id, request.seed, status, error)
+
+
+# -- population-based training ---------------------------------------------------------------
+LINEAGE_FILE = "lineage.json"  # in a population checkpoint: which trial's run saved it, when
+TAG_EXPLOITS = "rlgen.pbt.exploits"  # one line per exploit: step, donor, new values
+
+
+def explored_params(request: TrialRequest) -> list[str]:
+    """The params PBT explores in this trial's sweep (none outside PBT)."""
+    scheduler = (request.spec.get("sweep") or {}).get("scheduler") or {}
+    if scheduler.get("type") != "pbt":
+        return []
+    return sorted(scheduler["hyperparam_mutations"])
+
+
+def explored_points(
+    paths: list[str], request: TrialRequest, step: int
+) -> list[tuple[str, float, int, int]]:
+    """The explored params' current values as `pbt/<path>` metric points: in the MLflow UI,
+    each member's hyperparameter schedule is a curve beside its learning curve."""
+    now = int(time.time() * 1000)
+    return [
+        (f"pbt/{path}", float(request.overrides[path]), step, now)
+        for path in paths
+        if isinstance(request.overrides.get(path), (int, float))
+    ]
+
+
+def population_checkpoint(file: Path, step: int, run_id: str, label: str, into: Path) -> Path:
+    """A directory for Ray Tune: the checkpoint file and who saved it at which step."""
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(file, into / file.name)
+    lineage = {"run_id": run_id, "label": label, "step": step}
+    (into / LINEAGE_FILE).write_text(json.dumps(lineage))
+    return into
+
+
+def start_from_population(directory: Path, checkpoints: Path) -> dict[str, Any]:
+    """Make the population checkpoint in `directory` the one the algorithm resumes from;
+    return who saved it (see `population_checkpoint`)."""
+    lineage: dict[str, Any] = json.loads((directory / LINEAGE_FILE).read_text())
+    (source,) = directory.glob("step_*.pt")
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True)
+    shutil.copy2(source, checkpoints / source.name)
+    return lineage
+
+
+def record_exploit(
+    tracker: Tracker | RelayTracker,
+    run_id: str,
+    previous: tuple[str, dict[str, str]] | None,
+    donor: dict[str, Any],
+    explored: list[str],
+    request: TrialRequest,
+) -> None:
+    """The lineage in the run: a line per exploit in the `rlgen.pbt.exploits` tag (the newest
+    kept when long), and the new values as `pbt/<path>` points at the donor's step."""
+    values = " ".join(f"{p}={request.overrides.get(p)!r}" for p in explored)
+    line = f"step {donor['step']}: from {donor['label']} (run {donor['run_id']}) with {values}"
+    before = previous[1].get(TAG_EXPLOITS, "") if previous else ""
+    text = f"{before}\n{line}".strip()
+    tracker.set_tag(run_id, TAG_EXPLOITS, text[-5000:])
+    tracker.write_metrics(run_id, explored_points(explored, request, int(donor["step"])))
+    log.info("trial %s exploits %s", request.label, line)
 
 
 OWNER_FILE = ".owner"  # in a trial's directory: the pid of the process using it

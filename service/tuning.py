@@ -1,11 +1,22 @@
-"""A sweep with an early-stopping scheduler (ASHA) as one Ray Tune experiment.
+"""A sweep with a scheduler as one Ray Tune experiment: ASHA (early stopping) or PBT
+(population-based training).
 
 Tune is here for what plain Ray tasks (`service.execution.run_tasks`) cannot do: stop trials
-early on the metric they report. Restarts of trials whose worker died work as for tasks.
+early on the metric they report (ASHA), and move trials to other trials' checkpoints with new
+hyperparameters (PBT). Restarts of trials whose worker died work as for tasks.
+
+Under ASHA a trial reports each time it logs the metric. Under PBT it reports at each checkpoint
+(with the metric's latest value and the checkpoint, `trial.population_checkpoint`), since an
+exploit continues from the donor's state at exactly the reported step. A PBT trial keeps one MLflow
+run, named by its first values; each exploit is a line of its `rlgen.pbt.exploits` tag and its
+explored values are `pbt/<param>` metrics (see `service.trial.record_exploit`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -16,10 +27,12 @@ import ray
 from ray import tune
 
 from service.settings import get_settings
-from service.spec import SpecBase
+from service.spec import SpecBase, spec_hash
+from service.spec.models import Asha, Distribution, Optuna, Pbt
 from service.tracking import TAG_ERROR
 from service.trial import (
     TrialRequest,
+    population_checkpoint,
     run_name,
     run_trial,
     tracker_for,
@@ -57,11 +70,75 @@ class _TuneReporter:
             tune.report({self.metric: self.last, "step": step})
 
 
-def _trainable(config: dict[str, Any], request: TrialRequest, metric: str) -> None:
-    trial = config["trial"]
+def identity(config: dict[str, Any], seeds: list[int]) -> tuple[int, dict[str, Any], str]:
+    """(seed, swept values, label) of a Tune trial's config: an expanded trial's, or a search's
+    proposal, whose repeats (`Repeater`'s index) are the spec's seeds. Proposed values are kept
+    to 4 significant digits, as sweeps draw them (what labels show)."""
+    if "trial" in config:
+        trial = config["trial"]
+        return int(trial["seed"]), trial["overrides"], trial["label"]
+    seed = seeds[int(config.get("__trial_index__", 0))]
+    overrides = {
+        path: float(f"{v:.4g}") if isinstance(v, float) else v
+        for path, v in config["overrides"].items()
+    }
+    return seed, overrides, trial_label(seed, overrides)
+
+
+def _search_domain(dist: Distribution) -> Any:
+    """A spec's distribution for a searcher: lists are categorical."""
+    if dist.grid is not None or dist.choice is not None:
+        return tune.choice(list(dist.grid or dist.choice or []))
+    if dist.uniform is not None:
+        return tune.uniform(*dist.uniform)
+    assert dist.loguniform is not None
+    return tune.loguniform(*dist.loguniform)
+
+
+def _searcher(spec: SpecBase, search: Optuna) -> Any:
+    from ray.tune.search import Repeater
+    from ray.tune.search.optuna import OptunaSearch
+
+    # Seeded by the spec, as sweeps' draws are: the same spec proposes the same first points.
+    seed = int(spec_hash(spec), 16) % 2**31
+    searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=seed)
+    return Repeater(searcher, repeat=len(spec.seeds), set_index=True)
+
+
+class _PopulationReporter:
+    """Reports to Tune at each checkpoint (PBT): the metric's latest value, and the checkpoint."""
+
+    def __init__(self, metric: str, label: str):
+        self.metric, self.label = metric, label
+        self.last: float | None = None
+        self.seen: set[str] = set()
+
+    def __call__(self, metrics: Mapping[str, float], step: int, logger: Any) -> None:
+        self.seen.update(metrics)
+        if self.metric in metrics:
+            self.last = metrics[self.metric]
+
+    def checkpoint(self, file: Path, step: int, run_id: str) -> None:
+        if self.last is None:  # nothing to rank by yet
+            return
+        with tempfile.TemporaryDirectory() as d:
+            directory = population_checkpoint(file, step, run_id, self.label, Path(d))
+            tune.report(
+                {self.metric: self.last, "step": step},
+                checkpoint=tune.Checkpoint.from_directory(str(directory)),
+            )
+
+
+def _trainable(
+    config: dict[str, Any], request: TrialRequest, metric: str, population: bool = False
+) -> None:
+    if population:
+        _population_member(config, request, metric)
+        return
+    seed, overrides, _ = identity(config, request.spec["seeds"])
     reporter = _TuneReporter(metric)
     outcome = run_trial(
-        request.for_trial(int(trial["seed"]), trial["overrides"]),
+        request.for_trial(seed, overrides),
         gpu_ids=ray.get_gpu_ids(),
         on_metrics=reporter,
     )
@@ -85,20 +162,101 @@ def _trainable(config: dict[str, Any], request: TrialRequest, metric: str) -> No
     tune.report(final)
 
 
-class _Progress(tune.Callback):
-    """Forwards trial state changes to the progress display (driver side only)."""
+def _population_member(config: dict[str, Any], request: TrialRequest, metric: str) -> None:
+    """A PBT trial: its config may be another member's, mutated (after an exploit), so its label
+    is its Tune trial's name, fixed when the trial was created from its first values."""
+    trial = config["trial"]
+    label = tune.get_context().get_trial_name()
+    reporter = _PopulationReporter(metric, label)
+    start = tune.get_checkpoint()
+    with start.as_directory() if start is not None else contextlib.nullcontext() as directory:
+        outcome = run_trial(
+            request.for_trial(int(trial["seed"]), trial["overrides"], label=label),
+            gpu_ids=ray.get_gpu_ids(),
+            on_metrics=reporter,
+            on_checkpoint=reporter.checkpoint,
+            start_checkpoint=Path(directory) if directory is not None else None,
+        )
+    if outcome.status == "FAILED":
+        raise TrialFailedError(outcome.error)
+    if reporter.last is None and outcome.status == "FINISHED" and start is None:
+        # (A trial sent to a donor's final checkpoint has nothing left to train or log.)
+        raise TrialFailedError(
+            f"never logged {metric!r}, the metric sweep.scheduler ranks trials by"
+        )
+    # No final report: PBT would rank it and might send a finished trial back to an earlier
+    # checkpoint. The run's status in MLflow is the outcome.
 
-    def __init__(self, notify: ProgressFn) -> None:
+
+def _clip_to_bounds(bounds: dict[str, tuple[float, float]], config: dict[str, Any]) -> dict:
+    """PBT scales continuous values by 0.8 or 1.2: keep them inside the spec's bounds (which
+    validation checked) and at 4 significant digits, as sweeps draw them."""
+    overrides = config["trial"]["overrides"]
+    for path, (low, high) in bounds.items():
+        value = min(max(float(overrides[path]), low), high)
+        rounded = float(f"{value:.4g}")
+        overrides[path] = rounded if low <= rounded <= high else value
+    return config
+
+
+def _tune_domain(dist: Distribution) -> Any:
+    """A spec's distribution as PBT's mutation: a list is explored by neighbours."""
+    if dist.grid is not None or dist.choice is not None:
+        return list(dist.grid or dist.choice or [])
+    if dist.uniform is not None:
+        return tune.uniform(*dist.uniform)
+    assert dist.loguniform is not None
+    return tune.loguniform(*dist.loguniform)
+
+
+def population_scheduler(pbt: Pbt) -> Any:
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    mutations = pbt.hyperparam_mutations
+    bounds: dict[str, tuple[float, float]] = {}
+    for path, d in mutations.items():
+        if (interval := d.uniform or d.loguniform) is not None:
+            bounds[path] = interval
+    return PopulationBasedTraining(
+        time_attr="step",
+        metric=pbt.metric,
+        mode=pbt.mode,
+        perturbation_interval=pbt.perturbation_interval,
+        burn_in_period=pbt.burn_in_period,
+        hyperparam_mutations={
+            "trial": {"overrides": {p: _tune_domain(d) for p, d in mutations.items()}}
+        },
+        quantile_fraction=pbt.quantile_fraction,
+        resample_probability=pbt.resample_probability,
+        custom_explore_fn=functools.partial(_clip_to_bounds, bounds),
+        synch=pbt.synch,
+    )
+
+
+class _Progress(tune.Callback):
+    """Forwards trial state changes to the progress display (driver side only), and learns each
+    Tune trial's label (a PBT trial's config may be another member's after an exploit; its name
+    is its own label)."""
+
+    def __init__(self, notify: ProgressFn, seeds: list[int], population: bool) -> None:
         self.notify: ProgressFn | None = notify
+        self.seeds, self.population = seeds, population
+        self.labels: dict[str, str] = {}  # Tune trial id -> label
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with its experiment state; the live display stays behind.
-        return {"notify": None}
+        return {"notify": None, "seeds": self.seeds, "population": self.population, "labels": {}}
+
+    def label(self, trial: Any) -> str:
+        if trial.trial_id not in self.labels:
+            own = str(trial) if self.population else identity(trial.config, self.seeds)[2]
+            self.labels[trial.trial_id] = own
+        return self.labels[trial.trial_id]
 
     def _send(self, trial: Any, status: str, run_id: str | None) -> None:
+        label = self.label(trial)
         if self.notify is not None:
-            t = trial.config["trial"]
-            self.notify(trial_label(int(t["seed"]), t["overrides"]), status, run_id)
+            self.notify(label, status, run_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._send(trial, "RUNNING", None)
@@ -140,48 +298,81 @@ def run_tune(
 
     storage = Path(get_settings().workdir).resolve() / "ray_results"
     sweep = spec.sweep
-    assert sweep is not None and sweep.scheduler is not None, "Tune runs sweeps with a scheduler"
-    asha = sweep.scheduler
+    assert sweep is not None, "Tune runs sweeps"
+    ranking = sweep.scheduler or sweep.search
+    assert ranking is not None, "Tune runs sweeps with a scheduler or a search"
+    population = isinstance(sweep.scheduler, Pbt)
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, request=request, metric=asha.metric),
+        tune.with_parameters(
+            _trainable, request=request, metric=ranking.metric, population=population
+        ),
         {"cpu": spec.resources.num_cpus, "gpu": spec.resources.num_gpus},
     )
-    from ray.tune.schedulers import ASHAScheduler
+    scheduler: Any = None  # Tune's default: every trial runs to its end
+    if isinstance(sweep.scheduler, Pbt):
+        scheduler = population_scheduler(sweep.scheduler)
+    elif isinstance(sweep.scheduler, Asha):
+        from ray.tune.schedulers import ASHAScheduler
 
-    scheduler = ASHAScheduler(
-        metric=asha.metric,
-        mode=asha.mode,
-        # +1: a trial that reports max_t times then ends on its own, with its final
-        # evaluation, checkpoint and figures, instead of being stopped at its last report.
-        max_t=asha.max_t + 1,
-        grace_period=asha.grace_period,
-        reduction_factor=asha.reduction_factor,
-    )
+        asha = sweep.scheduler
+        scheduler = ASHAScheduler(
+            metric=asha.metric,
+            mode=asha.mode,
+            # +1: a trial that reports max_t times then ends on its own, with its final
+            # evaluation, checkpoint and figures, instead of being stopped at its last report.
+            max_t=asha.max_t + 1,
+            grace_period=asha.grace_period,
+            reduction_factor=asha.reduction_factor,
+        )
+    search_alg, num_samples = None, 1
+    if sweep.search is not None:
+        # Proposed one after another; each proposal runs once per seed (index -> seed).
+        param_space: dict[str, Any] = {
+            "overrides": {path: _search_domain(d) for path, d in sweep.params.items()}
+        }
+        search_alg = _searcher(spec, sweep.search)
+        num_samples = sweep.num_samples * len(spec.seeds)
+    else:
+        # The trials are expanded here (see `expand`), so Tune runs exactly this list.
+        param_space = {
+            "trial": tune.grid_search(
+                [{"seed": t.seed, "overrides": t.overrides, "label": t.label} for t in trials]
+            )
+        }
+    seeds = list(spec.seeds)
+    progress = _Progress(notify, seeds, population)
 
     tuner = tune.Tuner(
         trainable,
-        # The trials are expanded here (see `expand`), so Tune runs exactly this list.
-        param_space={
-            "trial": tune.grid_search([{"seed": t.seed, "overrides": t.overrides} for t in trials])
-        },
+        param_space=param_space,
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=num_samples,
             max_concurrent_trials=sweep.max_concurrent_trials,
             # A trial the scheduler stops never returns from `tune.report`: its process is not
             # reusable.
             reuse_actors=False,
-            trial_name_creator=lambda t: run_name(spec, int(t.config["trial"]["seed"])),
-            trial_dirname_creator=lambda t: f"seed_{t.config['trial']['seed']}_{t.trial_id}",
+            # PBT: the label, which names the trial's run for good (see `_population_member`).
+            trial_name_creator=(
+                (lambda t: t.config["trial"]["label"])
+                if population
+                else (lambda t: run_name(spec, identity(t.config, seeds)[0]))
+            ),
+            trial_dirname_creator=lambda t: f"seed_{identity(t.config, seeds)[0]}_{t.trial_id}",
         ),
         run_config=tune.RunConfig(
             stop=_StopOnRequest(stop),
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{request.launch_id[:6]}",
             storage_path=str(storage),
             verbose=0,
-            callbacks=[_Progress(notify)],
+            callbacks=[progress],
             # A trial whose worker dies is restarted; it continues its MLflow run from its
             # last checkpoint (`Tracker.find_run`, `Tracker.resume`).
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            # PBT's exploits read a recent one (Tune warns of 2 or fewer being too few); the
+            # rest go (DQN's hold its replay buffer).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
         ),
     )
     results = tuner.fit()
@@ -193,11 +384,10 @@ def run_tune(
         result = results[i]
         if not result.config:
             continue
-        label = trial_label(
-            int(result.config["trial"]["seed"]), result.config["trial"]["overrides"]
-        )
+        trial_id = str((result.metrics or {}).get("trial_id"))
+        label = progress.labels.get(trial_id) or identity(result.config, seeds)[2]
         if result.error is not None:
             errors[label] = cause_of(result.error)
-        elif "status" not in (result.metrics or {}):
+        elif not population and "status" not in (result.metrics or {}):
             stopped.add(label)  # ended without its final report: the scheduler stopped it
     return errors, stopped

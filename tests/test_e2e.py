@@ -210,7 +210,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 SWEEP = (
-    (ROOT / "experiments" / "dqn_cartpole.yaml").read_text()
+    # Restarts continue from the checkpoint, replay buffer and all.
+    (ROOT / "experiments" / "dqn_cartpole.yaml")
+    .read_text()
+    .replace("\nparams:\n", "\nparams:\n  checkpoint_buffer: true\n")
     + """
 max_failures: 1
 sweep:

@@ -139,3 +139,66 @@ def test_directories_of_trials_whose_process_died_are_removed(tmp_path: Path) ->
             (d / OWNER_FILE).write_text(str(owner))
     assert remove_abandoned_workdirs(tmp_path) == 1
     assert not dead.exists() and live.exists() and foreign.exists()
+
+
+VAE_SPEC = """\
+name: {name}
+algorithm: vae
+seeds: [0]
+max_failures: 1
+params:
+  hidden: [1024, 1024]
+  latent_dim: 8
+  batch_size: 32
+  epochs: 16
+  iwae_every: 4
+  iwae_k: 8
+  iwae_examples: 200
+  figures: false
+  fid: {{enabled: false}}
+"""
+
+
+def test_a_killed_vae_worker_resumes_and_ends_as_an_uninterrupted_run(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    """Not only DQN: the VAE's checkpoint (weights, optimizer, batch order, noise) makes the
+    restarted trial's curve the one an uninterrupted run logs, to the last bit."""
+    path = in_tmp / "vae.yaml"
+    path.write_text(VAE_SPEC.format(name=experiment_name))
+    spec = load_spec(path)
+    result: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "report", launch(spec, mode="ray", tracking_uri=tracking_uri)
+        )
+    )
+    thread.start()
+    client = MlflowClient(tracking_uri)
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.1)
+        experiment = client.get_experiment_by_name(experiment_name)
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
+            workers = trial_workers()
+            if workers:
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)
+    assert killed is not None, "never saw a checkpoint and a trial worker to kill"
+    thread.join(timeout=300)
+    report: LaunchResult = result["report"]
+    assert report.ok, [(t.status, t.error) for t in report.trials]
+    (trial,) = report.trials
+    run = client.get_run(trial.run_id)
+    assert run.data.tags[TAG_RESTARTS] == "1"
+    assert run.data.tags["rlgen.resumed_from"].startswith("checkpoints/step_")
+
+    whole = launch(
+        spec.model_copy(update={"max_failures": 0}), mode="local", tracking_uri=tracking_uri
+    ).trials[0]
+    for key in ("train/loss", "eval/neg_elbo", "eval/recon", "eval/kl", "eval/nll_iwae"):
+        resumed = [(m.step, m.value) for m in client.get_metric_history(trial.run_id, key)]
+        uninterrupted = [(m.step, m.value) for m in client.get_metric_history(whole.run_id, key)]
+        assert sorted(resumed) == sorted(uninterrupted), key

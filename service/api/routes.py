@@ -219,7 +219,6 @@ def continue_experiment(exp_id: str, body: ContinueRequest, svc: ServiceDep) -> 
                 422, {"errors": [f"{key}: a continued run may change only its budget params"]}
             )
     check_store(svc.config.tracking_uri, timeout_s=3.0)
-    client = client_for(svc.config.tracking_uri)
     runs = _runs(svc, row)
     ended = [r for r in runs if r.status not in ("RUNNING", "SCHEDULED")]
     # A parent run (no trial label) stands for all its trials; else the experiment's one trial.
@@ -228,10 +227,8 @@ def continue_experiment(exp_id: str, body: ContinueRequest, svc: ServiceDep) -> 
         raise HTTPException(409, f"experiment {exp_id} has {len(top)} ended top-level runs, not 1")
     text = row["spec"]
     try:
-        spec = load_spec_text(
-            text.encode(), "spec", [*body.set, f"continue_from={top[0].run_id}"]
-        )
-        resolve(spec, client)
+        spec = load_spec_text(text.encode(), "spec", [*body.set, f"continue_from={top[0].run_id}"])
+        resolve(spec, svc.config.tracking_uri)
     except SpecError as e:
         raise HTTPException(422, {"errors": [str(p) for p in e.problems]}) from None
     return _submit(svc, spec, dump_yaml(spec.model_dump(mode="json", exclude_defaults=True)))

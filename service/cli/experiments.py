@@ -132,14 +132,14 @@ def launch_spec(
     from service.cluster import start_ray
     from service.lineage import resolve
     from service.spec import SpecError
-    from service.store import TrackingStoreError, check_store, client_for, resolve_tracking_uri
+    from service.store import TrackingStoreError, check_store, resolve_tracking_uri
 
     # Everything that can be wrong with the input is found before Ray starts or a run exists.
     try:
         spec = load(spec_path, from_run, overrides or [], tracking_uri, spec_env)
         uri = resolve_tracking_uri(tracking_uri)
         check_store(uri, must_exist=spec.continue_from is not None or spec.init_from is not None)
-        sources = resolve(spec, client_for(uri))
+        sources = resolve(spec, uri)
     except TrackingStoreError as e:
         raise invalid(f"--tracking-uri: {e}") from None
     except SpecError as e:
@@ -257,7 +257,7 @@ def validate(
     Several: one line for each valid file, and each problem of the others; exit 2 if any is
     invalid."""
     from service.spec import SpecError, load_spec, to_yaml
-    from service.sweeps import expand
+    from service.sweeps import trial_count
 
     if len(spec_paths) == 1:
         spec = load(spec_paths[0], None, overrides or [], None)
@@ -272,7 +272,7 @@ def validate(
             for problem in e.problems:
                 print_error(str(problem))
             continue
-        trials = len(expand(spec))
+        trials = trial_count(spec)
         sys.stdout.write(f"{path}: ok ({spec.algorithm}, {trials} trial{'s' * (trials != 1)})\n")
     if bad:
         raise typer.Exit(EXIT_INVALID)
@@ -297,6 +297,8 @@ def algorithms(
         name: {
             "family": a.family,
             "summary": a.summary,
+            "checkpoint": a.resumes,
+            "budget": [f"params.{b}" for b in a.budget],
             "params": {
                 f: {
                     "type": _type_name(info.annotation),
@@ -313,7 +315,12 @@ def algorithms(
         return
     out = Console()
     for name, entry in listing.items():
-        table = Table(title=f"{name} ({entry['family']}): {entry['summary']}", title_justify="left")
+        table = Table(
+            title=f"{name} ({entry['family']}): {entry['summary']}",
+            caption=f"checkpoint: {entry['checkpoint']}; budget: {', '.join(entry['budget'])}",
+            title_justify="left",
+            caption_justify="left",
+        )
         for col in ("param", "type", "default", "description"):
             table.add_column(col, overflow="fold")
         for field_name, info in entry["params"].items():

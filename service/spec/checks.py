@@ -14,7 +14,7 @@ from generative import data
 from service.registry import ALGORITHMS, Algorithm
 from service.settings import get_settings
 from service.spec.errors import Loc, Problem, SpecError, dotted, fields_at
-from service.spec.models import SpecBase
+from service.spec.models import Distribution, Pbt, SpecBase
 from service.spec.reading import Source
 
 MAX_TRIALS = 10_000  # seeds x grid points x samples of one spec (a grid of 7 x 20 values: 1.3e9)
@@ -71,6 +71,8 @@ def check_metrics(spec: SpecBase, source: Source) -> None:
     ]
     if spec.sweep is not None and spec.sweep.scheduler is not None:
         named.append((("sweep", "scheduler", "metric"), spec.sweep.scheduler.metric))
+    if spec.sweep is not None and spec.sweep.search is not None:
+        named.append((("sweep", "search", "metric"), spec.sweep.search.metric))
     problems = []
     for loc, key in named:
         if algo.logs(key):
@@ -86,14 +88,17 @@ def check_metrics(spec: SpecBase, source: Source) -> None:
 
 
 def check_resume(spec: SpecBase, source: Source) -> None:
-    """Restarts (`max_failures`) continue a trial from its checkpoint; refuse them for a config
-    whose checkpoint would not continue the same trajectory."""
+    """Restarts (`max_failures`) and PBT's exploits continue a trial from a checkpoint; refuse
+    them for a config whose checkpoint would not continue the same trajectory."""
     problem = ALGORITHMS[spec.algorithm].resume_problem
-    if spec.max_failures == 0 or problem is None:
+    pbt = spec.sweep is not None and isinstance(spec.sweep.scheduler, Pbt)
+    if problem is None or (spec.max_failures == 0 and not pbt):
         return
     if (reason := problem(spec.params)) is not None:  # type: ignore[attr-defined]
-        msg = f"max_failures {spec.max_failures} needs an exact resume: {reason}"
-        raise SpecError([Problem(source.where(("max_failures",)), "max_failures", msg)])
+        loc = ("max_failures",) if spec.max_failures else ("sweep", "scheduler", "type")
+        what = f"max_failures {spec.max_failures}" if spec.max_failures else "pbt"
+        msg = f"{what} needs an exact resume: {reason}"
+        raise SpecError([Problem(source.where(loc), dotted(loc), msg)])
 
 
 def set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
@@ -112,6 +117,16 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
     valid there, so no trial of a sweep can fail on its config."""
     if spec.sweep is None:
         return
+    if spec.sweep.search is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            msg = "optuna is not installed: pip install 'rlgen[optuna]'"
+            where = source.where(("sweep", "search", "type"))
+            raise SpecError([Problem(where, "sweep.search.type", msg)])
+        if spec.continue_from is not None:
+            msg = "a search proposes new configurations; continue its trials one by one"
+            raise SpecError([Problem(source.where(("continue_from",)), "continue_from", msg)])
     count = len(spec.seeds) * spec.sweep.num_samples
     for dist in spec.sweep.params.values():
         count *= len(dist.grid) if dist.grid is not None else 1
@@ -125,8 +140,16 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
     check_data, dataset = ALGORITHMS[spec.algorithm].check_data, getattr(spec, "dataset", None)
     params = spec.params.model_dump(mode="json")  # type: ignore[attr-defined]
     problems = []
-    for path, dist in spec.sweep.params.items():
-        loc = ("sweep", "params", path)
+    explored = {}
+    if isinstance(spec.sweep.scheduler, Pbt):
+        explored = spec.sweep.scheduler.hyperparam_mutations
+    checked: list[tuple[Loc, str, Distribution]] = [
+        (("sweep", "params", p), p, d) for p, d in spec.sweep.params.items()
+    ]
+    checked += [
+        (("sweep", "scheduler", "hyperparam_mutations", p), p, d) for p, d in explored.items()
+    ]
+    for loc, path, dist in checked:
         parts = tuple(path.split("."))
         if parts[-1] not in fields_at(config_model, parts[:-1]):
             known = fields_at(config_model, ())

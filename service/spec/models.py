@@ -119,6 +119,55 @@ class Asha(BaseModel):
     reduction_factor: float = Field(3.0, gt=1, description="1/fraction kept at each rung.")
 
 
+class Pbt(BaseModel):
+    """Population-based training (Jaderberg et al. 2017), Ray Tune's `PopulationBasedTraining`:
+    every `perturbation_interval` steps, a trial in the bottom `quantile_fraction` of the
+    population by `metric` loads the checkpoint of one in the top fraction (exploit) and perturbs
+    its hyperparameters (explore: x0.8 or x1.2, a neighbour in a list, or a fresh draw with
+    `resample_probability`). Trials report at their checkpoints, so `params.checkpoint_every` is
+    the finest grain of the population's decisions."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    type: Literal["pbt"] = Field(description="The scheduler.")
+    metric: str = Field(description="The metric it ranks trials by, e.g. eval/return_mean.")
+    mode: Literal["max", "min"] = Field(description="Whether higher or lower is better.")
+    perturbation_interval: int = Field(
+        gt=0, description="Steps (the metric's: timesteps, epochs) between exploit/explore."
+    )
+    hyperparam_mutations: dict[str, Distribution] = Field(
+        min_length=1,
+        description="Fields of `params` to explore, by dotted path: a list (grid or choice) "
+        "is explored by moving to a neighbour, uniform/loguniform by scaling within bounds. "
+        "Those not in sweep.params start at a random draw.",
+    )
+    quantile_fraction: float = Field(
+        0.25, gt=0, le=0.5, description="Fraction of the population exploited and exploiting."
+    )
+    resample_probability: float = Field(
+        0.25, ge=0, le=1, description="Chance of a fresh draw instead of a perturbation."
+    )
+    burn_in_period: int = Field(0, ge=0, description="Steps before the first perturbation.")
+    synch: bool = Field(
+        False,
+        description="Perturb the whole population at once, when every trial has reached the "
+        "interval (true), or each trial as it reaches it (false: no waiting).",
+    )
+
+
+class Optuna(BaseModel):
+    """Model-based search: Ray Tune's `OptunaSearch` (TPE, Bergstra et al. 2011) proposes each
+    next configuration from the results so far, instead of drawing them all up front. Each one
+    runs once per seed (Tune's `Repeater`), and the seeds' mean is what the search learns from.
+    Needs the `optuna` extra: pip install 'rlgen[optuna]'."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    type: Literal["optuna"] = Field(description="The searcher.")
+    metric: str = Field(description="The metric it optimises (its last value in each trial).")
+    mode: Literal["max", "min"] = Field(description="Whether higher or lower is better.")
+
+
 class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -133,7 +182,38 @@ class Sweep(BaseModel):
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials running at once (default: as many as resources allow)."
     )
-    scheduler: Asha | None = Field(None, description="Early stopping of trailing trials.")
+    scheduler: Asha | Pbt | None = Field(
+        None,
+        description="asha: early stopping of trailing trials; pbt: population-based training.",
+    )
+    search: Optuna | None = Field(
+        None,
+        description="How configurations are chosen: by default every grid point and "
+        "`num_samples` random draws up front; optuna: proposed one after another from the "
+        "results so far (num_samples configurations, grids read as categorical choices).",
+    )
+
+    @model_validator(mode="after")
+    def _search_fits_the_scheduler(self) -> Sweep:
+        if self.search is None:
+            return self
+        if isinstance(self.scheduler, Pbt):
+            raise ValueError("search: optuna and scheduler: pbt exclude each other")
+        if self.scheduler is not None and (
+            (self.scheduler.metric, self.scheduler.mode) != (self.search.metric, self.search.mode)
+        ):
+            raise ValueError("search and scheduler must rank trials by the same metric and mode")
+        return self
+
+    def space(self) -> dict[str, Distribution]:
+        """What the trials start from: the swept params, and the params PBT explores that are
+        not swept (a random draw each, grids drawn as choices)."""
+        space = dict(self.params)
+        if isinstance(self.scheduler, Pbt):
+            for path, dist in self.scheduler.hyperparam_mutations.items():
+                if path not in space:
+                    space[path] = Distribution(choice=dist.grid) if dist.grid else dist
+        return space
 
 
 class SpecBase(BaseModel):

@@ -1,0 +1,169 @@
+"""Population-based training through Ray Tune's PBT: exploits load the donor's checkpoint, the
+trial's MLflow run records the lineage, and the spec's PBT block is validated like a sweep."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.execution import launch
+from service.spec import SpecError, load_spec
+from service.sweeps import expand
+from service.trial import TAG_EXPLOITS
+
+# Two members, one with a poor learning rate. PBT explores only `iwae_k`, which changes the
+# evaluation and not the training: after an exploit the exploiting trial trains exactly as its
+# donor does from the donor's checkpoint on, which makes "continues from the donor's state"
+# checkable to the last bit.
+PBT_VAE = """\
+name: {name}
+algorithm: vae
+params:
+  hidden: [32]
+  latent_dim: 4
+  epochs: 8
+  figures: false
+  iwae_k: 4
+  iwae_examples: 50
+  fid: {{enabled: false}}
+sweep:
+  params:
+    learning_rate: [0.00002, 0.005]
+  max_concurrent_trials: 2
+  scheduler:
+    type: pbt
+    metric: eval/neg_elbo
+    mode: min
+    perturbation_interval: 2
+    quantile_fraction: 0.5
+    synch: true
+    hyperparam_mutations:
+      iwae_k: [4, 8]
+"""
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_an_exploit_continues_from_the_donors_checkpoint(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    path = in_tmp / "pbt.yaml"
+    path.write_text(PBT_VAE.format(name=experiment_name))
+    spec = load_spec(path)
+    report = launch(spec, mode="ray", tracking_uri=tracking_uri)
+    assert report.ok, [(t.label, t.status, t.error) for t in report.trials]
+    client = MlflowClient(tracking_uri)
+    runs = {t.label: client.get_run(t.run_id) for t in report.trials}
+    assert set(runs) == {t.label for t in expand(spec)}  # one run per member, named by its start
+    exploiters = [r for r in runs.values() if TAG_EXPLOITS in r.data.tags]
+    assert exploiters, "no exploit happened"
+    run = exploiters[0]
+    first = run.data.tags[TAG_EXPLOITS].splitlines()[0]
+    found = re.match(r"step (\d+): from (.+) \(run (\w+)\) with iwae_k=(\d+)", first)
+    assert found, first
+    step, donor_label, donor_id = int(found[1]), found[2], found[3]
+    assert donor_label != run.data.tags["rlgen.trial"] and runs[donor_label].info.run_id == donor_id
+    # The explored value is a curve in the run, set at the exploit's step.
+    assert history(client, run.info.run_id, "pbt/iwae_k")[step] == float(found[4])
+    # After the exploit the exploiting trial trains as the donor did from that checkpoint on.
+    mine, donors = (history(client, r, "train/loss") for r in (run.info.run_id, donor_id))
+    after = [s for s in mine if s > step]
+    assert after and all(mine[s] == donors[s] for s in after)
+    before = [s for s in mine if s <= step]
+    assert any(mine[s] != donors[s] for s in before)  # it was another trajectory until then
+
+
+def test_pbt_blocks_are_checked_like_sweeps(tmp_path: Path) -> None:
+    bad = PBT_VAE.format(name="x").replace("iwae_k: [4, 8]", "iwae_k: [4, -8]")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / "bad.yaml")
+    assert "sweep.scheduler.hyperparam_mutations.iwae_k" in str(e.value)
+    # Params PBT explores and the sweep does not start at a draw of their own.
+    (tmp_path / "ok.yaml").write_text(
+        PBT_VAE.format(name="x").replace("iwae_k: [4, 8]", "beta: {uniform: [0.5, 1.0]}")
+    )
+    trials = expand(load_spec(tmp_path / "ok.yaml"))
+    assert all(0.5 <= t.overrides["beta"] <= 1.0 for t in trials)
+    assert len({t.overrides["beta"] for t in trials}) == len(trials)
+    # DQN's exploits need its replay buffer in the checkpoint.
+    dqn = Path(__file__).resolve().parents[1] / "experiments" / "dqn_cartpole.yaml"
+    with pytest.raises(SpecError) as e:
+        load_spec(
+            dqn,
+            [
+                "sweep={params: {learning_rate: [0.001, 0.002]}, scheduler: {type: pbt, "
+                "metric: eval/return_mean, mode: max, perturbation_interval: 1000, "
+                "hyperparam_mutations: {learning_rate: {loguniform: [0.0005, 0.005]}}}}",
+                "params.checkpoint_buffer=false",
+            ],
+        )
+    assert "checkpoint_buffer" in str(e.value)
+
+
+SEARCH_VAE = """\
+name: {name}
+algorithm: vae
+seeds: [0, 1]
+params:
+  hidden: [32]
+  latent_dim: 4
+  epochs: 3
+  figures: false
+  iwae_k: 4
+  iwae_examples: 50
+  fid: {{enabled: false}}
+sweep:
+  params:
+    learning_rate: {{loguniform: [0.0001, 0.01]}}
+    batch_size: [64, 128]
+  num_samples: 3
+  search: {{type: optuna, metric: eval/neg_elbo, mode: min}}
+  scheduler: {{type: asha, metric: eval/neg_elbo, mode: min, max_t: 3, grace_period: 1}}
+"""
+
+
+def test_optuna_proposes_configurations_that_every_seed_replicates(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    path = in_tmp / "search.yaml"
+    path.write_text(SEARCH_VAE.format(name=experiment_name))
+    spec = load_spec(path)
+    report = launch(spec, mode="ray", tracking_uri=tracking_uri)
+    assert report.ok, [(t.label, t.status, t.error) for t in report.trials]
+    client = MlflowClient(tracking_uri)
+    configurations: dict[tuple[str, str], set[int]] = {}
+    for trial in report.trials:
+        params = client.get_run(trial.run_id).data.params
+        key = (params["params.learning_rate"], params["params.batch_size"])
+        assert 1e-4 <= float(key[0]) <= 1e-2 and key[1] in ("64", "128")
+        configurations.setdefault(key, set()).add(trial.seed)
+    # 3 proposals, each run once per seed (what the search learns from is their mean).
+    assert len(report.trials) == 6 and len(configurations) == 3
+    assert all(seeds == {0, 1} for seeds in configurations.values())
+    parent = client.get_run(report.parent_run_id)
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_search_needs_the_optuna_extra_and_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking_uri: str
+) -> None:
+    import importlib.util
+
+    path = tmp_path / "search.yaml"
+    path.write_text(SEARCH_VAE.format(name="x"))
+    with pytest.raises(SpecError) as e:
+        launch(load_spec(path), mode="local", tracking_uri=tracking_uri)
+    assert "a search needs Ray" in str(e.value)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a)
+    )
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert "pip install 'rlgen[optuna]'" in str(e.value) and "sweep.search.type" in str(e.value)
