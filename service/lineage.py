@@ -30,7 +30,7 @@ from service.spec import SpecBase, SpecError, flatten, load_spec_text, resolved
 from service.spec.errors import Problem
 from service.store import client_for
 from service.sweeps import Trial, expand
-from service.tracking import TAG_PARENT, TAG_SEED, TAG_TRIAL
+from service.tracking import TAG_EXPLOITS, TAG_PARENT, TAG_SEED, TAG_TRIAL
 
 # Fields that may differ between a run and its continuation besides the budget: they change
 # where and how it is recorded and scheduled, not the trajectory.
@@ -110,6 +110,13 @@ def _continuations(spec: SpecBase, client: MlflowClient) -> dict[str, str]:
     if missing:
         raise refuse(spec, "continue_from", f"run {run_id} has no trial {missing[0]!r}")
     for trial in trials:
+        if TAG_EXPLOITS in client.get_run(children[trial.label]).data.tags:
+            raise refuse(
+                spec,
+                "continue_from",
+                f"run {children[trial.label]} exploited other PBT members: its params are no "
+                "longer its spec's",
+            )
         if not _has_checkpoint(client, children[trial.label]):
             which = "" if children[trial.label] == run_id else f"'s trial {trial.label!r}"
             raise refuse(

@@ -52,6 +52,7 @@ TAG_WORKER = "rlgen.worker"  # host:pid of the process running the trial (a rest
 TAG_ERROR = "rlgen.error"
 TAG_CONTINUED_FROM = "rlgen.continued_from"  # the trial run a continued trial goes on from
 TAG_INIT_FROM = "rlgen.init_from"  # the run whose weights a trial started from
+TAG_EXPLOITS = "rlgen.pbt.exploits"  # a PBT member's exploits: step, donor, new values
 # The most runs one MLflow search returns (its own limit): a launch has at most
 # `spec.MAX_TRIALS` trials and a parent, so one page holds them all.
 SEARCH_MAX = 50_000

@@ -32,6 +32,7 @@ from service.store import client_for
 from service.tracking import (
     TAG_CONTINUED_FROM,
     TAG_ERROR,
+    TAG_EXPLOITS,
     TAG_INIT_FROM,
     TAG_LAUNCH,
     TAG_PARENT,
@@ -274,7 +275,6 @@ def run_trial(
 
 # -- population-based training ---------------------------------------------------------------
 LINEAGE_FILE = "lineage.json"  # in a population checkpoint: which trial's run saved it, when
-TAG_EXPLOITS = "rlgen.pbt.exploits"  # one line per exploit: step, donor, new values
 
 
 def explored_params(request: TrialRequest) -> list[str]:

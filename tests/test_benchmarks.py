@@ -106,3 +106,8 @@ def test_service_overhead() -> None:
     assert "rlgen run" in out and "HTTP API: POST to SUCCEEDED" in out
     assert "on Ray, concurrent" in out and "side by side (the ceiling)" in out
     assert "as a script (fresh Python)" in out
+
+
+def test_pbt_against_random_search() -> None:
+    out = run("pbt_dqn.py", "--timesteps", "3000", "--members", "2")
+    assert "| PBT |" in out and "| random search |" in out

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from service.execution import launch
 from service.spec import SpecError, load_spec
 from service.sweeps import expand
-from service.trial import TAG_EXPLOITS
+from service.tracking import TAG_EXPLOITS
 
 # Two members, one with a poor learning rate. PBT explores only `iwae_k`, which changes the
 # evaluation and not the training: after an exploit the exploiting trial trains exactly as its

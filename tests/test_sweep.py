@@ -317,7 +317,8 @@ def test_trials_start_on_the_workers_that_imported_them(ray_cluster: None) -> No
     spec = load_spec(ROOT / "experiments" / "dqn_cartpole.yaml", ["seeds=[0]"])
     assert room_for(spec) == 2  # the session's cluster: 2 CPUs, one per trial
     assert len(warm_up(spec, 5)) == 2 and len(warm_up(spec, 1)) == 1
-    warmed = set(ray.get(warm_up(spec, 1)))
+    # Both workers that ran a warm-up task are warm; the next task may go to either.
+    warmed = set(ray.get(warm_up(spec, 5))) | set(ray.get(warm_up(spec, 1)))
 
     def where() -> tuple[int, bool]:
         import sys

@@ -117,6 +117,9 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
     valid there, so no trial of a sweep can fail on its config."""
     if spec.sweep is None:
         return
+    if isinstance(spec.sweep.scheduler, Pbt) and spec.continue_from is not None:
+        msg = "PBT members change their params as they train: continue a member on its own"
+        raise SpecError([Problem(source.where(("continue_from",)), "continue_from", msg)])
     if spec.sweep.search is not None:
         import importlib.util
 
