@@ -59,8 +59,10 @@ def arm(name: str, timesteps: int, members: int, pbt: bool, uri: str) -> dict[st
     seconds = time.perf_counter() - t0
     assert result.ok, [(t.label, t.status, t.error) for t in result.trials]
     client = MlflowClient(uri)
-    finals, areas = [], []
+    finals, areas, exploits = [], [], 0
     for trial in result.trials:
+        tags = client.get_run(trial.run_id).data.tags
+        exploits += len(tags.get("rlgen.pbt.exploits", "").splitlines())
         curve = sorted(
             (m.step, m.value) for m in client.get_metric_history(trial.run_id, "eval/return_mean")
         )
@@ -70,6 +72,7 @@ def arm(name: str, timesteps: int, members: int, pbt: bool, uri: str) -> dict[st
         "best final": max(finals),
         "median final": statistics.median(finals),
         "mean curve": statistics.fmean(areas),
+        "exploits": exploits,
         "seconds": seconds,
     }
 
@@ -102,7 +105,7 @@ def main() -> None:
                     )
                 )
     ray.shutdown()
-    keys = ["best final", "median final", "mean curve", "seconds"]
+    keys = ["best final", "median final", "mean curve", "exploits", "seconds"]
     print(
         f"DQN CartPole-v1, {args.members} members x {args.timesteps} timesteps, "
         f"{args.rounds} round(s) (medians)"

@@ -115,6 +115,10 @@ _opened: set[str] = set()  # SQLite stores this process has opened (complete fro
 def client_for(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
+    # MLflow draws a progress bar on stderr for each artifact it downloads (a run's spec, a
+    # checkpoint to resume from): noise in a driver's log, and in an error that must be a line.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
     if not uri.startswith("sqlite:///") or uri in _opened:
         return MlflowClient(tracking_uri=uri)
     # MLflow creates (or upgrades) a SQLite store's tables when it first opens it; two processes

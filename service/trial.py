@@ -311,7 +311,9 @@ def start_from_population(directory: Path, checkpoints: Path) -> dict[str, Any]:
     """Make the population checkpoint in `directory` the one the algorithm resumes from;
     return who saved it (see `population_checkpoint`)."""
     lineage: dict[str, Any] = json.loads((directory / LINEAGE_FILE).read_text())
-    (source,) = directory.glob("step_*.pt")
+    # The file of that step: a trial restored by Tune may report into a checkpoint directory
+    # of an earlier life, so it can hold an older file besides (the lineage is the newest).
+    source = directory / f"step_{int(lineage['step']):010d}.pt"
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)

@@ -350,9 +350,10 @@ def run_tune(
             search_alg=search_alg,
             num_samples=num_samples,
             max_concurrent_trials=sweep.max_concurrent_trials,
-            # A trial the scheduler stops never returns from `tune.report`: its process is not
-            # reusable.
-            reuse_actors=False,
+            # ASHA: a trial it stops never returns from `tune.report`, so its process is not
+            # reusable. PBT: a paused trial's thread is ended (its run closed KILLED) before its
+            # process takes the next trial, which then starts without importing anything.
+            reuse_actors=population,
             # PBT: the label, which names the trial's run for good (see `_population_member`).
             trial_name_creator=(
                 (lambda t: t.config["trial"]["label"])

@@ -59,9 +59,6 @@ def _options(
     ] = False,
 ) -> None:
     """Reinforcement-learning and generative-model experiments: YAML in, Ray runs, MLflow logs."""
-    # MLflow draws a progress bar on stderr for each artifact it downloads (a run's spec, a
-    # checkpoint): an error must stay the one line it is.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def print_error(message: str) -> None:
