@@ -95,15 +95,9 @@ def main() -> None:
         for r in range(args.rounds):
             order = [("random search", False), ("PBT", True)]
             for label, pbt in order if r % 2 == 0 else order[::-1]:
-                results[label].append(
-                    arm(
-                        f"bench-{label.replace(' ', '-')}-{r}",
-                        args.timesteps,
-                        args.members,
-                        pbt,
-                        uri,
-                    )
-                )
+                # One name per round for both arms: the PBT spec's draws (which the random
+                # arm's grid repeats) depend on it.
+                results[label].append(arm(f"bench-pbt-{r}", args.timesteps, args.members, pbt, uri))
     ray.shutdown()
     keys = ["best final", "median final", "mean curve", "exploits", "seconds"]
     print(

@@ -59,7 +59,10 @@ class Config(BaseModel):
     probe: bool = Field(True, description="Score logistic regression on the codes.")
     figures: bool = Field(True, description="Log inputs vs reconstructions.")
     checkpoint_every: int = Field(
-        1, gt=0, description="Epochs between checkpoints (and after pretraining, and the end)."
+        5,
+        gt=0,
+        description="Epochs between checkpoints (and after pretraining, and the end); each is "
+        "kept as an MLflow artifact.",
     )
 
 

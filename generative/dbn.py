@@ -69,7 +69,10 @@ class Config(BaseModel):
         "cosine", description="Fine-tuning learning-rate schedule."
     )
     checkpoint_every: int = Field(
-        1, gt=0, description="Fine-tuning epochs between checkpoints (and after pretraining)."
+        5,
+        gt=0,
+        description="Fine-tuning epochs between checkpoints (and after pretraining, and the "
+        "end); each is kept as an MLflow artifact.",
     )
 
     @model_validator(mode="after")

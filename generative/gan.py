@@ -54,7 +54,12 @@ class Config(BaseModel):
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     fid: FIDConfig = Field(default_factory=FIDConfig, description="Sample quality.")
     figures: bool = Field(True, description="Per-epoch sample grids from fixed noise.")
-    checkpoint_every: int = Field(1, gt=0, description="Epochs between checkpoints (and the end).")
+    checkpoint_every: int = Field(
+        5,
+        gt=0,
+        description="Epochs between checkpoints (and the end). Every checkpoint is kept as an "
+        "MLflow artifact; fewer cost less storage, more lose less work to a restart.",
+    )
 
 
 def _init(module: torch.nn.Module, g: torch.Generator) -> None:

@@ -109,7 +109,12 @@ class Config(BaseModel):
     sample_chains: int = Field(16, ge=0, description="Gibbs chains drawn for the samples figure.")
     sample_steps: int = Field(1000, gt=0, description="Gibbs steps per sample chain.")
     figures: bool = Field(True, description="Log filters and samples figures.")
-    checkpoint_every: int = Field(1, gt=0, description="Epochs between checkpoints (and the end).")
+    checkpoint_every: int = Field(
+        5,
+        gt=0,
+        description="Epochs between checkpoints (and the end). Every checkpoint is kept as an "
+        "MLflow artifact; fewer cost less storage, more lose less work to a restart.",
+    )
 
 
 class RBM(torch.nn.Module):

@@ -73,7 +73,12 @@ class Config(BaseModel):
     iwae_every: int = Field(0, ge=0, description="Also every N epochs (0: at the end only).")
     fid: FIDConfig = Field(default_factory=FIDConfig, description="Sample quality.")
     figures: bool = Field(True, description="Per-epoch samples and reconstructions.")
-    checkpoint_every: int = Field(1, gt=0, description="Epochs between checkpoints (and the end).")
+    checkpoint_every: int = Field(
+        5,
+        gt=0,
+        description="Epochs between checkpoints (and the end). Every checkpoint is kept as an "
+        "MLflow artifact; fewer cost less storage, more lose less work to a restart.",
+    )
 
 
 class VAE(torch.nn.Module):

@@ -25,6 +25,7 @@ params:
   hidden: [32]
   latent_dim: 4
   epochs: 8
+  checkpoint_every: 1
   figures: false
   iwae_k: 4
   iwae_examples: 50

@@ -68,7 +68,14 @@ CASES: dict[str, tuple[EnvSpec | None, dict[str, Any], int]] = {
     ),
     "rbm": (
         None,
-        {"n_hidden": 16, "epochs": 4, "persistent": True, "figures": False, "probe": False},
+        {
+            "n_hidden": 16,
+            "epochs": 4,
+            "persistent": True,
+            "figures": False,
+            "probe": False,
+            "checkpoint_every": 1,
+        },
         2,
     ),
     "dbn": (
@@ -78,6 +85,7 @@ CASES: dict[str, tuple[EnvSpec | None, dict[str, Any], int]] = {
             "pretraining": {"epochs": 1},
             "finetune_epochs": 4,
             "finetune_batch_size": 128,
+            "checkpoint_every": 1,
         },
         2,
     ),
@@ -91,6 +99,7 @@ CASES: dict[str, tuple[EnvSpec | None, dict[str, Any], int]] = {
             "epochs": 4,
             "figures": False,
             "probe": False,
+            "checkpoint_every": 1,
         },
         2,  # the first is taken after pretraining
     ),
@@ -106,6 +115,7 @@ CASES: dict[str, tuple[EnvSpec | None, dict[str, Any], int]] = {
             "iwae_every": 1,
             "figures": False,
             "fid": {"enabled": False},
+            "checkpoint_every": 1,
         },
         2,
     ),
@@ -119,6 +129,7 @@ CASES: dict[str, tuple[EnvSpec | None, dict[str, Any], int]] = {
             "epochs": 4,
             "figures": False,
             "fid": {"enabled": False},
+            "checkpoint_every": 1,
         },
         2,
     ),
