@@ -41,10 +41,11 @@ class Algorithm:
     budget: tuple[str, ...] = ()
 
     def logs(self, key: str) -> bool:
-        return key in SERVICE_METRICS or any(fnmatch(key, m) for m in self.metrics)
+        return any(fnmatch(key, m) for m in (*SERVICE_METRICS, *self.metrics))
 
 
-SERVICE_METRICS = ("time/train_s",)  # logged by service.trial for every run
+# Logged by service.trial: for every run, and for PBT members the values they train with.
+SERVICE_METRICS = ("time/train_s", "pbt/*")
 
 
 ALGORITHMS: dict[str, Algorithm] = {

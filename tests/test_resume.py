@@ -222,3 +222,21 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one(algorithm: str, tmp_path: P
     for blob in ("envs", "env"):  # pickles of equal envs need not be equal bytes
         final_whole.pop(blob, None), final_resumed.pop(blob, None)
     assert_same(final_whole, final_resumed, "checkpoint")
+
+
+def test_restarts_are_refused_where_a_resume_would_not_be_exact(tmp_path: Path) -> None:
+    """DQN without its replay buffer in the checkpoint would refill it after a restart."""
+    from service.spec import SpecError, load_spec
+
+    from .conftest import ROOT
+
+    spec = ROOT / "experiments" / "dqn_cartpole.yaml"
+    with pytest.raises(SpecError) as e:
+        load_spec(spec, ["max_failures=2", "params.checkpoint_buffer=false"])
+    (problem,) = e.value.problems
+    assert problem.field == "max_failures" and "checkpoint_buffer" in problem.message
+    assert load_spec(spec, ["max_failures=2", "params.checkpoint_buffer=true"]).max_failures == 2
+    # What each algorithm's checkpoint holds, and its budget, are stated in the registry.
+    for algo in ALGORITHMS.values():
+        assert algo.resumes and algo.budget
+        assert all(b in algo.config.model_fields for b in algo.budget)

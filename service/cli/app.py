@@ -41,6 +41,17 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a field, e.g. --set params.gamma=0.95 (repeatable)."),
 ]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", help="Join this Ray cluster (default: embedded local Ray)."),
+]
+LocalOpt = Annotated[
+    bool, typer.Option("--local", help="Run in-process, without Ray (for debugging).")
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
 
 
 def _version(value: bool) -> None:

@@ -22,8 +22,12 @@ from service.cli.app import (
     EXIT_INVALID,
     EXIT_OK,
     SPEC_ARG,
+    AddressOpt,
+    JsonOpt,
+    LocalOpt,
     SetOpt,
     TrackingOpt,
+    VerboseOpt,
     app,
     err,
     invalid,
@@ -52,18 +56,11 @@ def run(
             help="Start every trial from this trial run's weights (same algorithm and shapes).",
         ),
     ] = None,
-    address: Annotated[
-        str | None,
-        typer.Option("--address", help="Join this Ray cluster (default: embedded local Ray)."),
-    ] = None,
-    local: Annotated[
-        bool, typer.Option("--local", help="Run in-process, without Ray (for debugging).")
-    ] = False,
+    address: AddressOpt = None,
+    local: LocalOpt = False,
     tracking_uri: TrackingOpt = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")
-    ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Validate SPEC and run one trial per seed, logging to MLflow."""
     if init_from is not None:
@@ -79,18 +76,11 @@ def continue_(
         str, typer.Argument(metavar="RUN_ID", help="A trial run, or a sweep's parent run.")
     ],
     overrides: SetOpt = None,
-    address: Annotated[
-        str | None,
-        typer.Option("--address", help="Join this Ray cluster (default: embedded local Ray)."),
-    ] = None,
-    local: Annotated[
-        bool, typer.Option("--local", help="Run in-process, without Ray (for debugging).")
-    ] = False,
+    address: AddressOpt = None,
+    local: LocalOpt = False,
     tracking_uri: TrackingOpt = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")
-    ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train RUN_ID's trials further from their last checkpoints, in new runs linked to them.
 
