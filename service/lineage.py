@@ -40,30 +40,29 @@ LINK_FIELDS = ("continue_from", "init_from")
 
 @dataclass(frozen=True)
 class Sources:
-    """Which run each trial of a launch starts from (trial label -> run id)."""
+    """Which run each trial of a launch continues (trial label -> run id); the run whose
+    weights start every trial is the spec's `init_from`."""
 
     continue_from: dict[str, str] = field(default_factory=dict)
-    init_from: str | None = None
 
 
 def refuse(spec: SpecBase, field_name: str, message: str) -> SpecError:
-    return SpecError([Problem(spec.where(field_name), field_name, message)])
+    """`field_name` dotted: params.learning_rate."""
+    return SpecError([Problem(spec.where(*field_name.split(".")), field_name, message)])
 
 
 def resolve(spec: SpecBase, tracking_uri: str) -> Sources:
     """Check the spec's `continue_from` and `init_from` against the tracking store at
     `tracking_uri` (read only when the spec names a run); raise `SpecError` naming the problem,
     else say which run each trial starts from."""
-    sources = Sources()
     if spec.continue_from is None and spec.init_from is None:
-        return sources
+        return Sources()
     client = client_for(tracking_uri)
-    if spec.continue_from is not None:
-        sources = Sources(continue_from=_continuations(spec, client))
     if spec.init_from is not None:
         _check_init(spec, client, spec.init_from)
-        sources = Sources(sources.continue_from, spec.init_from)
-    return sources
+    if spec.continue_from is None:
+        return Sources()
+    return Sources(continue_from=_continuations(spec, client))
 
 
 def _get_run(spec: SpecBase, client: MlflowClient, field_name: str, run_id: str) -> Any:

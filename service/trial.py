@@ -180,15 +180,17 @@ def run_trial(
         tags["rlgen.gpu_ids"] = ",".join(map(str, gpu_ids))  # which of the node's GPUs Ray gave
     if spec.description:
         tags["mlflow.note.content"] = spec.description
-    # Launch ids are unique: a run of this launch and trial exists only when Ray restarted the
-    # trial after its worker died (`max_failures`); the trial then continues that run.
+    # Launch ids are unique: a run of this launch and trial exists only when the trial runs
+    # again, restarted after its worker died (`max_failures`) or resumed by PBT; the trial then
+    # continues that run.
     previous = tracker.find_run(request.experiment_id, request.launch_id, request.label)
     if previous is None:
         run_id = tracker.create_run(request.experiment_id, tags, trial_run_name(spec, request))
     else:
         run_id, previous_tags = previous
-        restarts = int(previous_tags.get(TAG_RESTARTS, "0")) + 1
-        tracker.set_tag(run_id, TAG_RESTARTS, str(restarts))
+        if start_checkpoint is None:  # not PBT's pause or exploit: the worker died
+            restarts = int(previous_tags.get(TAG_RESTARTS, "0")) + 1
+            tracker.set_tag(run_id, TAG_RESTARTS, str(restarts))
         tracker.set_tag(run_id, TAG_WORKER, tags[TAG_WORKER])
     workdir = make_workdir(run_id)
     writer = RunWriter(tracker, run_id)
