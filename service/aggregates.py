@@ -2,11 +2,16 @@
 
 Trials that differ only by seed form a group (a sweep has one group per point of its grid and
 samples). For each metric in the spec's `report` list, the parent run gets each group's final
-values as n, mean, std and a 95% confidence interval (Student's t:
-mean +- t_{0.975, n-1} s / sqrt(n)) in `report.csv`. The parent's own metrics `{metric}/mean`,
-`/std`, `/ci95_low` and `/ci95_high` are the best group's (or the only one's), its tag
-`rlgen.best_group` names it, and a figure per metric draws every group's mean learning curve with
-a +-1 std band across its seeds.
+values (a seed that stopped early counts with its last value) in `report.csv`: n, mean, std,
+Student's t interval (mean +- t_{0.975, n-1} s / sqrt(n)), and the aggregates Agarwal et al.
+(2021, "Deep RL at the Edge of the Statistical Precipice") recommend for few seeds: the
+interquartile mean (IQM, the mean of the middle 50%) and percentile-bootstrap 95% intervals of the
+mean and of the IQM, resampling seeds (the stratified bootstrap of one task). Bootstrap intervals
+never leave the range of the values (a return of 500 at most stays at most 500), which a t
+interval can. The parent's own metrics `{metric}/mean`, `/std`, `/n`, `/iqm`, `/ci95_low`,
+`/ci95_high` (bootstrap, of the mean) and `/iqm_ci95_low`, `/iqm_ci95_high` are the best group's
+(or the only one's), its tag `rlgen.best_group` names it, and a figure per metric draws every
+group's IQM learning curve with its bootstrap band (`learning_curves`).
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ class Aggregate:
     n: int
     mean: float
     std: float
-    ci95: tuple[float, float]
+    ci95: tuple[float, float]  # percentile bootstrap of the mean
+    t_ci95: tuple[float, float]  # Student's t (NaN for one seed)
+    iqm: float
+    iqm_ci95: tuple[float, float]  # percentile bootstrap of the IQM
 
 
 def group_of(run: Run) -> str:
@@ -58,6 +66,31 @@ def group_of(run: Run) -> str:
 def default_metrics(runs: Sequence[Run]) -> list[str]:
     logged = {k for r in runs for k in r.data.metrics}
     return [next((m for m in HEADLINE if m in logged), "")] if logged else []
+
+
+def iqm(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Interquartile mean along `axis`: the mean of the values left after cutting
+    floor(n / 4) from each end (as scipy.stats.trim_mean(values, 0.25), which rliable uses)."""
+    n = values.shape[axis]
+    cut = n // 4
+    ordered = np.sort(values, axis=axis)
+    return np.take(ordered, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
+
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def bootstrap_ci(
+    values: np.ndarray, statistic: Any, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile-bootstrap interval of `statistic` over seeds: `values` (n_seeds, ...),
+    the seeds resampled with replacement; returns (low, high), each of shape values.shape[1:]."""
+    rng = np.random.default_rng(seed)
+    n = values.shape[0]
+    picks = rng.integers(n, size=(BOOTSTRAP_SAMPLES, n))  # (B, n)
+    stats = statistic(values[picks], axis=1)  # (B, ...)
+    low, high = np.percentile(stats, [2.5, 97.5], axis=0)
+    return low, high
 
 
 def aggregate(runs: Sequence[Run], metrics: Sequence[str]) -> list[Aggregate]:
@@ -81,7 +114,21 @@ def aggregate(runs: Sequence[Run], metrics: Sequence[str]) -> list[Aggregate]:
                 if len(values) > 1
                 else math.nan
             )
-            out.append(Aggregate(group, metric, len(values), mean, std, (mean - half, mean + half)))
+            low, high = bootstrap_ci(values, np.mean)
+            iqm_low, iqm_high = bootstrap_ci(values, iqm)
+            out.append(
+                Aggregate(
+                    group,
+                    metric,
+                    len(values),
+                    mean,
+                    std,
+                    (float(low), float(high)),
+                    (mean - half, mean + half),
+                    float(iqm(values)),
+                    (float(iqm_low), float(iqm_high)),
+                )
+            )
     return out
 
 
@@ -111,15 +158,18 @@ def write_parent(
         if a.group != best:
             continue
         points += [
-            Metric(f"{a.metric}/mean", a.mean, now, 0),
-            Metric(f"{a.metric}/std", a.std, now, 0),
-            Metric(f"{a.metric}/n", a.n, now, 0),
+            Metric(f"{a.metric}/{name}", value, now, 0)
+            for name, value in (
+                ("mean", a.mean),
+                ("std", a.std),
+                ("n", a.n),
+                ("iqm", a.iqm),
+                ("ci95_low", a.ci95[0]),
+                ("ci95_high", a.ci95[1]),
+                ("iqm_ci95_low", a.iqm_ci95[0]),
+                ("iqm_ci95_high", a.iqm_ci95[1]),
+            )
         ]
-        if not math.isnan(a.ci95[0]):
-            points += [
-                Metric(f"{a.metric}/ci95_low", a.ci95[0], now, 0),
-                Metric(f"{a.metric}/ci95_high", a.ci95[1], now, 0),
-            ]
     tags = {"rlgen.best_group": best} if best else {}
     with_retries(
         lambda: client.log_batch(
@@ -131,9 +181,36 @@ def write_parent(
     )
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow(["group", "metric", "n", "mean", "std", "ci95_low", "ci95_high"])
+    writer.writerow(
+        [
+            "group",
+            "metric",
+            "n",
+            "mean",
+            "std",
+            "ci95_low",
+            "ci95_high",
+            "t_ci95_low",
+            "t_ci95_high",
+            "iqm",
+            "iqm_ci95_low",
+            "iqm_ci95_high",
+        ]
+    )
     for a in aggregates:
-        writer.writerow([a.group or "(all)", a.metric, a.n, a.mean, a.std, *a.ci95])
+        writer.writerow(
+            [
+                a.group or "(all)",
+                a.metric,
+                a.n,
+                a.mean,
+                a.std,
+                *a.ci95,
+                *a.t_ci95,
+                a.iqm,
+                *a.iqm_ci95,
+            ]
+        )
     with_retries(lambda: client.log_text(parent_run_id, table.getvalue(), "report.csv"), "report")
     for metric in metrics:
         fig = learning_curves(client, runs, metric)
@@ -143,8 +220,27 @@ def write_parent(
     return aggregates
 
 
+def on_common_steps(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds' curves, (steps, values) each, on one grid: (grid (G,), values (n_seeds, G)).
+
+    Seeds evaluate at slightly different steps (vector envs end an interval at 2501, 2502 or
+    2503), so averaging by exact step would mix different sets of seeds from point to point. The
+    grid is every step any seed logged, from the last of the seeds' first steps (where every
+    seed has begun) to the last step of any; each seed is interpolated linearly within its own
+    steps and, after its last step (it stopped early, e.g. at `stop_at_return`), holds its last
+    value, so every point averages all n seeds."""
+    start = max(s[0] for s, _ in curves)
+    grid = np.unique(np.concatenate([s for s, _ in curves]))
+    grid = grid[grid >= start]
+    values = np.array([np.interp(grid, s, v) for s, v in curves])  # holds the ends (np.interp)
+    return grid, values
+
+
 def learning_curves(client: MlflowClient, runs: Sequence[Run], metric: str) -> Any:
-    """Mean curve and +-1 std band across seeds, one colour per group; None without data."""
+    """Each group's IQM curve across seeds with its 95% bootstrap band (the band stays within
+    the seeds' values); None without data."""
     from matplotlib.figure import Figure
 
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
@@ -160,20 +256,18 @@ def learning_curves(client: MlflowClient, runs: Sequence[Run], metric: str) -> A
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     for i, (group, curves) in enumerate(sorted(groups.items())):
-        grid = np.unique(np.concatenate([s for s, _ in curves]))
-        # Each seed's curve on the common steps, within its own range (NaN outside).
-        stacked = np.array(
-            [
-                np.where((grid >= s[0]) & (grid <= s[-1]), np.interp(grid, s, v), np.nan)
-                for s, v in curves
-            ]
-        )
-        with np.errstate(all="ignore"):
-            mean = np.nanmean(stacked, axis=0)
-            std = np.nanstd(stacked, axis=0)
+        grid, values = on_common_steps(curves)
+        center = iqm(values)
+        low, high = bootstrap_ci(values, iqm)
         label = f"{group or 'all seeds'} (n={len(curves)})"
-        ax.plot(grid, mean, color=f"C{i % 10}", label=label)
-        ax.fill_between(grid, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2)
-    ax.set(xlabel="step", ylabel=metric, title=f"{metric}: mean +- std across seeds")
-    ax.legend(loc="best", fontsize=7)
+        ax.plot(grid, center, color=f"C{i % 10}", label=label)
+        ax.fill_between(grid, low, high, color=f"C{i % 10}", alpha=0.2)
+    ax.set(
+        xlabel="step",
+        ylabel=metric,
+        title=f"{metric}: IQM across seeds, 95% bootstrap CI",
+    )
+    # Outside the axes: a legend never covers the curves.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    fig.subplots_adjust(right=0.72)
     return fig

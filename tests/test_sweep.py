@@ -206,7 +206,9 @@ def test_confidence_interval_is_students_t() -> None:
     (a,) = aggregate([run(1.0), run(2.0), run(3.0)], ["m"])
     # mean 2, s = 1, t_{0.975, 2} = 4.303: half-width 4.303 / sqrt(3) = 2.484
     assert a.mean == 2.0 and a.std == 1.0
-    assert a.ci95[1] - 2.0 == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
+    assert a.t_ci95[1] - 2.0 == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
+    # The bootstrap intervals stay within the values; t's does not.
+    assert 1.0 <= a.ci95[0] < 2.0 < a.ci95[1] <= 3.0 and a.t_ci95[1] > 3.0
 
 
 def test_ray_sweep_with_asha_stops_trailing_trials(
