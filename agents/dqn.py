@@ -536,6 +536,7 @@ def train(config: Config, ctx: RunContext) -> None:
                         "losses/q_values": q_sum / n,
                         "charts/epsilon": eps,
                         "charts/updates": updates,
+                        "charts/episodes": episodes,  # a line over training, not one end point
                         "time/sps": sps,
                     },
                     step=step,

@@ -289,6 +289,7 @@ def train(config: Config, ctx: RunContext) -> None:
                     "charts/episodic_length": ep_length,
                     "charts/epsilon": eps,
                     "charts/learning_rate": alpha,
+                    "charts/episodes": episodes,  # a line over training, not one end point
                 },
                 step=step,
             )
@@ -306,7 +307,6 @@ def train(config: Config, ctx: RunContext) -> None:
     ctx.timer.stop()
     if not evals or evals[-1][0] != step:
         evaluate(step)
-    ctx.log_metrics({"charts/episodes": episodes}, step=step)
     checkpoint()
     title = f"{config.update} on {ctx.env.id if ctx.env else 'env'}, seed {ctx.seed}"
     ctx.log_figure(learning_curve(history, evals, config.stop_at_return, title), "learning_curve")

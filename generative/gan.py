@@ -180,6 +180,11 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
         64, config.latent_dim, generator=ctx.torch_generator("fixed_noise", device="cpu")
     )
     wgan = config.loss == "wgan_gp"
+    if config.figures and start == 0:  # the untrained generator: the series starts at step 0
+        with ctx.timer.paused(), torch.no_grad():
+            gen.eval()
+            log_samples(gen, fixed_z.to(dev), ds.image_shape, 0, ctx)
+            gen.train()
     for epoch in range(start, config.epochs):
         t0 = ctx.timer.elapsed()
         sums = {"losses/d": 0.0, "losses/g": 0.0, "charts/d_real": 0.0, "charts/d_fake": 0.0}
@@ -250,10 +255,7 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
                 metrics["eval/fid"] = score.fid(samples)
                 metrics["eval/classifier_score"] = score.classifier_score(samples)
             if config.figures:
-                grid = image_grid(
-                    gen(fixed_z.to(dev)), ds.image_shape, f"Samples, epoch {epoch + 1}"
-                )
-                ctx.log_figure(grid, "samples", step=epoch + 1)
+                log_samples(gen, fixed_z.to(dev), ds.image_shape, epoch + 1, ctx)
             gen.train()
         ctx.log_metrics(metrics, step=epoch + 1)
         done = epoch + 1 == config.epochs or ctx.should_stop()
@@ -265,6 +267,14 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
         if ctx.should_stop():
             break
     return gen
+
+
+def log_samples(
+    gen: torch.nn.Module, fixed_z: torch.Tensor, shape: tuple[int, int], step: int, ctx: RunContext
+) -> None:
+    """The grid of samples from the fixed noise: the same z every epoch, so the image series
+    shows one set of samples improving."""
+    ctx.log_figure(image_grid(gen(fixed_z), shape, f"Samples, epoch {step}"), "samples", step=step)
 
 
 def generate(

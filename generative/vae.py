@@ -244,6 +244,10 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel | Non
     fixed_z = torch.randn(
         64, config.latent_dim, generator=ctx.torch_generator("fixed_noise", device="cpu")
     )
+    if config.figures and start == 0:  # the untrained model: each image series starts at step 0
+        with ctx.timer.paused(), torch.no_grad():
+            model.eval()
+            log_figures(model, x_test, fixed_z.to(dev), ds.image_shape, 0, ctx)
     for epoch in range(start, config.epochs):
         model.train()
         total, t0 = 0.0, ctx.timer.elapsed()

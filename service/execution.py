@@ -29,7 +29,7 @@ from service.cluster import embedded, embedded_session_dir, start_ray
 from service.lineage import Sources
 from service.lineage import resolve as resolve_sources
 from service.relay import Relay
-from service.spec import SpecBase, SpecError, flatten, resolved, spec_hash, to_yaml
+from service.spec import SpecBase, SpecError, resolved, run_params, spec_hash, to_yaml
 from service.spec.errors import Problem
 from service.store import client_for, ensure_experiment, resolve_tracking_uri
 from service.sweeps import Trial, expand, trial_count
@@ -42,6 +42,7 @@ from service.tracking import (
     close_dangling,
     git_commit,
     params_batch,
+    run_url,
     runs_of_launch,
 )
 from service.trial import TrialRequest, imported, run_on_ray_worker, run_trial
@@ -73,6 +74,7 @@ class LaunchResult:
     parent_run_id: str | None
     trials: list[TrialResult] = field(default_factory=list)
     interrupted: bool = False
+    ui: str | None = None  # the MLflow UI serving the runs: a tracking server's address
 
     @property
     def ok(self) -> bool:
@@ -84,9 +86,15 @@ class LaunchResult:
         return {
             "experiment": self.experiment,
             "parent_run_id": self.parent_run_id,
+            **(
+                {"parent_url": run_url(self.ui, self.experiment_id, self.parent_run_id)}
+                if self.ui and self.parent_run_id
+                else {}
+            ),
             "trials": [
                 {
                     "run_id": t.run_id,
+                    **({"url": run_url(self.ui, self.experiment_id, t.run_id)} if self.ui else {}),
                     "seed": t.seed,
                     "trial": t.label,
                     "status": t.status,
@@ -160,13 +168,23 @@ def launch(
             lineage = {TAG_CONTINUED_FROM: spec.continue_from} if spec.continue_from else {}
             parent = client.create_run(
                 experiment_id,
-                run_name=spec.name,
-                tags={**tags, **spec.tags, **lineage, TAG_LAUNCH: launch_id},
+                run_name=f"{spec.name} (all trials)",
+                tags={
+                    **tags,
+                    **spec.tags,
+                    **lineage,
+                    TAG_LAUNCH: launch_id,
+                    "mlflow.note.content": describe(spec),
+                },
             )
             parent_run_id = parent.info.run_id
             try:
                 client.log_batch(
-                    parent_run_id, params=params_batch(flatten(resolved(spec))), synchronous=True
+                    parent_run_id,
+                    params=params_batch(
+                        run_params(resolved(spec), seeds=spec.seeds, sweep=resolved(spec)["sweep"])
+                    ),
+                    synchronous=True,
                 )
                 client.log_text(parent_run_id, to_yaml(spec), "spec.yaml")
             except Exception as e:
@@ -249,7 +267,13 @@ def launch(
                 client.set_terminated(
                     parent_run_id, "KILLED" if interrupted else ("FINISHED" if ok else "FAILED")
                 )
-        result = LaunchResult(spec.name, experiment_id, parent_run_id, interrupted=interrupted)
+        result = LaunchResult(
+            spec.name,
+            experiment_id,
+            parent_run_id,
+            interrupted=interrupted,
+            ui=uri if uri.startswith(("http://", "https://")) else None,
+        )
         for run in runs_of_launch(client, experiment_id, launch_id):
             result.trials.append(
                 TrialResult(
@@ -263,6 +287,31 @@ def launch(
                 )
             )
         return result
+
+
+def describe(spec: SpecBase) -> str:
+    """The parent run's description: what was run, over what, and how its trials differ."""
+    env, dataset = getattr(spec, "env", None), getattr(spec, "dataset", None)
+    subject = env.id if env is not None else (dataset.name if dataset is not None else "")
+    lines = [f"{spec.algorithm} on {subject}" if subject else spec.algorithm]
+    seeds = f"seeds {', '.join(map(str, spec.seeds))}"
+    if spec.sweep is None:
+        lines[0] += f", {seeds}."
+    else:
+        swept = ", ".join(sorted(spec.sweep.space()))
+        how = "Optuna proposals" if spec.sweep.search else "configurations"
+        lines[0] += f": {trial_count(spec)} trials, {how} of {swept} x {seeds}."
+        if spec.sweep.scheduler is not None:
+            lines.append(
+                f"Scheduler: {spec.sweep.scheduler.type} on {spec.sweep.scheduler.metric}."
+            )
+    lines.append(
+        "This run holds the aggregates across seeds (report.csv, figures/curves_*.png); "
+        "each trial is a child run."
+    )
+    if spec.description:
+        lines.insert(0, spec.description)
+    return "\n\n".join(lines)
 
 
 # -- Ctrl-C and in-process ------------------------------------------------------------------------

@@ -272,6 +272,15 @@ class RunWriter:
         pass
 
 
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI at `ui`, in its model-training view: an experiment opens in
+    the GenAI view unless the link says otherwise, and the UI remembers the choice."""
+    return (
+        f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        "?workflowType=machine_learning"
+    )
+
+
 def runs_of_launch(client: MlflowClient, experiment_id: str, launch_id: str) -> list[Run]:
     """Trial runs of one launch (the parent excluded), in seed order."""
     runs = client.search_runs(

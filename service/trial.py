@@ -27,7 +27,7 @@ import torch
 from runctx import RunContext
 from service.registry import ALGORITHMS
 from service.relay import RelayTracker
-from service.spec import SpecBase, dump_yaml, flatten, set_dotted, spec_model
+from service.spec import SpecBase, dump_yaml, run_params, set_dotted, spec_model
 from service.store import client_for
 from service.tracking import (
     TAG_CONTINUED_FROM,
@@ -78,16 +78,18 @@ class TrialRequest:
 LABEL_MAX = 1000  # the label is the `rlgen.trial` tag, which MLflow servers cap at 8000 characters
 
 
+def shown(value: Any) -> str:
+    """A swept value as labels and names show it: 4 significant digits when they are the whole
+    value (so that labels never collide), else its JSON."""
+    short = isinstance(value, float) and float(f"{value:.4g}") == value
+    return f"{value:.4g}" if short else json.dumps(value)
+
+
 def trial_label(seed: int, overrides: dict[str, Any]) -> str:
     """`s0`, or `s0 learning_rate=0.001 n_step=3` for a trial of a sweep. Labels name trials'
     runs, so they stay unique: one longer than `LABEL_MAX` (a sweep over long lists) is cut and
     ends in a hash of the whole."""
-    parts = [f"s{seed}"]
-    for path, value in sorted(overrides.items()):
-        # 4 significant digits when they are the whole value, so that labels never collide.
-        short = isinstance(value, float) and float(f"{value:.4g}") == value
-        shown = f"{value:.4g}" if short else json.dumps(value)
-        parts.append(f"{path}={shown}")
+    parts = [f"s{seed}", *(f"{path}={shown(value)}" for path, value in sorted(overrides.items()))]
     label = " ".join(parts)
     if len(label) <= LABEL_MAX:
         return label
@@ -139,11 +141,25 @@ def run_name(spec: SpecBase, seed: int) -> str:
     return f"{spec.algorithm}-{subject}-s{seed}"
 
 
+NAME_MAX = 60  # the MLflow UI's runs table and chart legends show about this much
+
+
 def trial_run_name(spec: SpecBase, request: TrialRequest) -> str:
-    name = run_name(spec, request.seed)
-    if request.overrides:
-        name += " " + request.label.split(" ", 1)[1]
-    return name[:250]
+    """The run's name in the MLflow UI, which cuts names short in the runs table and in chart
+    legends: what tells a trial from its siblings comes first. `s0` for the seeds of one
+    configuration, `learning_rate=0.001 n_step=3 s0` in a sweep (a param's last path component,
+    unless two share it); a trial without a parent run is named by its experiment,
+    `dqn-cartpole s0`."""
+    seed = f"s{request.seed}"
+    if request.parent_run_id is None:
+        return f"{spec.name} {seed}"[:250]
+    leaves = [path.rsplit(".", 1)[-1] for path in request.overrides]
+    parts = [
+        f"{leaf if leaves.count(leaf) == 1 else path}={shown(value)}"
+        for leaf, (path, value) in sorted(zip(leaves, request.overrides.items(), strict=True))
+    ]
+    name = " ".join([*parts, seed])
+    return name if len(name) <= NAME_MAX else f"{name[: NAME_MAX - 4]}... {seed}"
 
 
 def run_trial(
@@ -200,7 +216,7 @@ def run_trial(
         resolved = spec.model_dump(mode="json")
         logged_until: dict[str, int] = {}
         if previous is None:
-            tracker.log_params(run_id, {**flatten(resolved), "seed": str(request.seed)})
+            tracker.log_params(run_id, run_params(resolved, seed=request.seed))
             spec_file = workdir / "spec.yaml"
             spec_file.write_text(dump_yaml(resolved))
             writer.write_artifact(spec_file, "")

@@ -112,7 +112,10 @@ def test_submit_status_logs_cancel_and_restart(
     assert len(runs) == 3  # parent + 2 seeds
     assert {r["status"] for r in runs} == {"FINISHED"}
     assert {r["trial"] for r in runs} >= {"s0", "s1"}
-    assert all(r["url"].endswith(r["run_id"]) for r in runs)
+    # Links open each run in the UI's model-training view (not the GenAI one).
+    assert all(
+        r["url"].endswith(f"/runs/{r['run_id']}?workflowType=machine_learning") for r in runs
+    )
 
     listed = client.get("/experiments", headers=AUTH).json()
     assert [e["id"] for e in listed] == [exp_id]

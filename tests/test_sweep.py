@@ -178,6 +178,35 @@ def test_local_sweep_logs_children_under_one_parent_with_aggregates(
     assert {c.data.params["params.learning_rate"] for c in children} == {"0.1", "0.5"}
     labels = {c.data.tags[TAG_TRIAL] for c in children}
     assert len(labels) == 4
+    # Names the UI's runs table and legends can show: what differs first, short.
+    for child in children:
+        name, seed = child.info.run_name, child.data.tags["rlgen.seed"]
+        lr = child.data.params["params.learning_rate"]
+        assert name.startswith("exploration_fraction=") and f"learning_rate={lr}" in name
+        assert name.endswith(f" s{seed}") and len(name) <= 60
+        # Params are settings: the hyperparameters, the env, the seed; no bookkeeping.
+        params = child.data.params
+        assert params["seed"] == seed and params["algorithm"] == "q_learning"
+        assert params["env.id"] == "FrozenLake-v1"
+        assert not [
+            k
+            for k in params
+            if k.split(".")[0]
+            in (
+                "name",
+                "resources",
+                "driver",
+                "tags",
+                "report",
+                "sweep",
+                "seeds",
+                "max_failures",
+                "description",
+            )
+        ]
+    assert parent.info.run_name == f"{experiment_name} (all trials)"
+    about = parent.data.tags["mlflow.note.content"]
+    assert "q_learning on FrozenLake-v1" in about and "4 trials" in about
     # The parent: the best group's aggregates, the table of all groups, the curves.
     groups = aggregate(children, ["eval/return_mean"])
     assert len(groups) == 2 and all(g.n == 2 for g in groups)

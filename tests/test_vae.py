@@ -86,6 +86,9 @@ def test_vae_learns(tmp_path: Path, overrides: dict) -> None:
     assert {"eval/recon", "eval/kl", "eval/nll_iwae", "train/loss"} <= set(ctx.writer.metrics)
     series = {d for _, d in ctx.writer.artifacts}
     assert {"images/samples", "images/reconstructions", "images/latent"} <= series
+    # Each series opens at step 0, the untrained model, so the UI's image card has a picture.
+    first = min(p.name for p, d in ctx.writer.artifacts if d == "images/samples")
+    assert first == "samples_step00000000.png"
 
 
 def test_two_dimensional_latent_draws_the_manifold(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from service.api.schemas import (
 from service.jobs import JobsError
 from service.spec import SpecError, dump_yaml, load_spec_text, parse_yaml
 from service.store import check_store, client_for
-from service.tracking import SEARCH_MAX, TAG_TRIAL
+from service.tracking import SEARCH_MAX, TAG_TRIAL, run_url
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _runs(svc: Service, row: dict[str, Any]) -> list[Run]:
             status=run.info.status,
             trial=run.data.tags.get(TAG_TRIAL),
             metrics=run.data.metrics,
-            url=f"{svc.ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}",
+            url=run_url(svc.ui, experiment.experiment_id, run.info.run_id),
         )
         for run in client.search_runs(
             [experiment.experiment_id],

@@ -371,3 +371,31 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return out
+
+
+# What a run's params hold: the spec's sections that change what is trained. Bookkeeping (name,
+# description, resources, driver, tags, report, max_failures) stays in the run's spec.yaml and
+# tags: in the MLflow UI's params table and its run comparison, every row is then a setting.
+RUN_PARAM_SECTIONS = ("params", "env", "dataset")
+
+
+def run_params(spec: Mapping[str, Any], **extra: Any) -> dict[str, str]:
+    """A resolved spec's MLflow params: `algorithm`, every field of `params`, `env` and
+    `dataset`, and the runs it starts from (`continue_from`, `init_from`) when it has any.
+    `extra` adds others (a trial's `seed`; a parent's `seeds` and `sweep`)."""
+    out = {"algorithm": str(spec["algorithm"])}
+    out |= flatten({k: v for k, v in spec.items() if k in RUN_PARAM_SECTIONS})
+    out |= {k: str(spec[k]) for k in ("continue_from", "init_from") if spec.get(k)}
+    out |= flatten(_without_empty(extra))
+    return out
+
+
+def _without_empty(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` less its None, {} and [] values, at every depth (a sweep's unused fields)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            value = _without_empty(value)
+        if value is not None and value != {} and value != []:
+            out[key] = value
+    return out
