@@ -114,8 +114,9 @@ def show(driver: object, view: str | None) -> None:
     click_all("button[data-component-id='mlflow.assistant.chat_panel.close']")
     if view is None:
         return
-    click_all("button[data-component-id$='runnamecellrenderer.tsx_46']")  # a parent's expander
     click_all(f"input[name='runs-view-mode'][value='{view}']")
+    time.sleep(2)  # the view's own list of runs
+    click_all("button[data-component-id$='runnamecellrenderer.tsx_46']")  # a parent's expander
 
 
 def main() -> None:

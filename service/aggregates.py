@@ -17,6 +17,7 @@ group's IQM learning curve with its bootstrap band (`learning_curves`).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import re
@@ -213,11 +214,33 @@ def write_parent(
         )
     with_retries(lambda: client.log_text(parent_run_id, table.getvalue(), "report.csv"), "report")
     for metric in metrics:
-        fig = learning_curves(client, runs, metric)
-        if fig is not None:
-            path = f"figures/curves_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"
-            client.log_figure(parent_run_id, fig, path)
+        groups = seed_curves(client, runs, metric)
+        if not groups:
+            continue
+        path = f"figures/curves_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"
+        client.log_figure(parent_run_id, learning_curves(groups, metric), path)
+        if best in groups:
+            # The best configuration's IQM curve as the parent's own `metric`: in the UI's
+            # chart view the parent (shown folded over its trials) draws the seeds' aggregate.
+            grid, values = on_common_steps(groups[best])
+            log_curve(client, parent_run_id, metric, grid, iqm(values), now)
     return aggregates
+
+
+def log_curve(
+    client: MlflowClient,
+    run_id: str,
+    metric: str,
+    steps: np.ndarray,
+    values: np.ndarray,
+    timestamp_ms: int,
+) -> None:
+    points = [
+        Metric(metric, float(v), timestamp_ms, int(t)) for t, v in zip(steps, values, strict=True)
+    ]
+    for i in range(0, len(points), 1000):  # MLflow takes at most 1,000 metrics a batch
+        write = functools.partial(client.log_batch, run_id, metrics=points[i : i + 1000])
+        with_retries(write, f"curve of {metric}")
 
 
 def on_common_steps(
@@ -238,11 +261,10 @@ def on_common_steps(
     return grid, values
 
 
-def learning_curves(client: MlflowClient, runs: Sequence[Run], metric: str) -> Any:
-    """Each group's IQM curve across seeds with its 95% bootstrap band (the band stays within
-    the seeds' values); None without data."""
-    from matplotlib.figure import Figure
-
+def seed_curves(
+    client: MlflowClient, runs: Sequence[Run], metric: str
+) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Each group's seeds' histories of `metric`, as (steps, values) sorted by step."""
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     for run in runs:
         history = client.get_metric_history(run.info.run_id, metric)
@@ -251,8 +273,14 @@ def learning_curves(client: MlflowClient, runs: Sequence[Run], metric: str) -> A
             values = np.array([m.value for m in history], dtype=float)
             order = np.argsort(steps, kind="stable")
             groups[group_of(run)].append((steps[order], values[order]))
-    if not groups:
-        return None
+    return dict(groups)
+
+
+def learning_curves(groups: dict[str, list[tuple[np.ndarray, np.ndarray]]], metric: str) -> Any:
+    """Each group's IQM curve across seeds with its 95% bootstrap band (the band stays within
+    the seeds' values)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     for i, (group, curves) in enumerate(sorted(groups.items())):

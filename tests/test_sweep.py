@@ -217,6 +217,14 @@ def test_local_sweep_logs_children_under_one_parent_with_aggregates(
     assert m["eval/return_mean/ci95_low"] <= best.mean <= m["eval/return_mean/ci95_high"]
     assert "eval/value_gap/mean" in m
     assert parent.data.tags["rlgen.best_group"] == best.group
+    # The parent draws the best configuration's IQM curve in the UI's chart view.
+    curve = client.get_metric_history(parent.info.run_id, "eval/return_mean")
+    best_runs = [c for c in children if c.data.tags[TAG_TRIAL].endswith(best.group)]
+    history = [client.get_metric_history(c.info.run_id, "eval/return_mean") for c in best_runs]
+    assert len(curve) == len(history[0]) > 1
+    low = min(m.value for h in history for m in h)
+    high = max(m.value for h in history for m in h)
+    assert all(low <= m.value <= high for m in curve)
     table = client.download_artifacts(parent.info.run_id, "report.csv", str(in_tmp))
     rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
     assert len(rows) == 4  # 2 groups x 2 metrics
