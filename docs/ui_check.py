@@ -102,8 +102,9 @@ def browser() -> object:
 
 
 def show(driver: object, view: str | None) -> None:
-    """What a user clicks first: close the assistant panel, expand the parent runs (their
-    trials are folded under them), pick the runs' table or chart view."""
+    """What a user clicks first: close the assistant panel, pick the runs' table or chart view
+    (CHART_END: scrolled to its last section, the image cards), expand the parent runs (their
+    trials are folded under them)."""
     from selenium.webdriver.common.by import By
 
     def click_all(css: str) -> None:
@@ -114,9 +115,23 @@ def show(driver: object, view: str | None) -> None:
     click_all("button[data-component-id='mlflow.assistant.chat_panel.close']")
     if view is None:
         return
-    click_all(f"input[name='runs-view-mode'][value='{view}']")
+    click_all(f"input[name='runs-view-mode'][value='{view.removesuffix('_END')}']")
     time.sleep(2)  # the view's own list of runs
     click_all("button[data-component-id$='runnamecellrenderer.tsx_46']")  # a parent's expander
+    if view.endswith("_END"):  # the last section of charts: the image cards
+        time.sleep(2)
+        driver.execute_script(SCROLL_TO_END)  # type: ignore[attr-defined]
+
+
+# Scrolls every scrolled container of the page to its end.
+SCROLL_TO_END = """
+for (const el of document.querySelectorAll('*')) {
+  const style = getComputedStyle(el).overflowY;
+  if (el.scrollHeight > el.clientHeight + 50 && (style === 'auto' || style === 'scroll')) {
+    el.scrollTop = el.scrollHeight;
+  }
+}
+"""
 
 
 def main() -> None:
@@ -144,7 +159,7 @@ def main() -> None:
                     f"curves_eval_return_mean.png?{VIEW}",
                     None,
                 ),
-                ("7_gan_images", experiment.format(ids["gan_experiment"]), "CHART"),
+                ("7_gan_images", experiment.format(ids["gan_experiment"]), "CHART_END"),
             ]
             driver = browser()
             try:
