@@ -99,17 +99,18 @@ def _continuations(spec: SpecBase, client: MlflowClient) -> dict[str, str]:
     if TAG_SEED in run.data.tags:  # one trial
         if len(trials) != 1:
             raise refuse(spec, "continue_from", f"run {run_id} is one trial, not {len(trials)}")
-        children = {trials[0].label: run_id}
+        found = {trials[0].label: run}
     else:  # a sweep's or several seeds' parent: each trial continues its own child
-        found = client.search_runs(
+        runs = client.search_runs(
             [run.info.experiment_id], f"tags.`{TAG_PARENT}` = '{run_id}'", max_results=10_000
         )
-        children = {r.data.tags.get(TAG_TRIAL, ""): r.info.run_id for r in found}
-    missing = [t.label for t in trials if t.label not in children]
+        found = {r.data.tags.get(TAG_TRIAL, ""): r for r in runs}
+    missing = [t.label for t in trials if t.label not in found]
     if missing:
         raise refuse(spec, "continue_from", f"run {run_id} has no trial {missing[0]!r}")
+    children = {label: r.info.run_id for label, r in found.items()}
     for trial in trials:
-        if TAG_EXPLOITS in client.get_run(children[trial.label]).data.tags:
+        if TAG_EXPLOITS in found[trial.label].data.tags:
             raise refuse(
                 spec,
                 "continue_from",

@@ -37,6 +37,42 @@ def trial_workers() -> list[int]:
     return found
 
 
+def launch_and_kill_a_trial_worker(
+    spec: Any, tracking_uri: str, experiment_name: str
+) -> LaunchResult:
+    """Launch `spec` on Ray, SIGKILL one trial worker once every trial has a checkpoint, and
+    return the launch's result."""
+    result: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "report", launch(spec, mode="ray", tracking_uri=tracking_uri)
+        )
+    )
+    thread.start()
+    client = MlflowClient(tracking_uri)
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.1)
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            continue
+        # Which worker runs which trial is not visible from here: wait until every trial has a
+        # checkpoint, so that whichever worker is killed, its trial has one to resume from.
+        runs = client.search_runs([experiment.experiment_id], "tags.`rlgen.seed` != ''")
+        if len(runs) == len(spec.seeds) and all(
+            client.list_artifacts(run.info.run_id, "checkpoints") for run in runs
+        ):
+            workers = trial_workers()
+            if workers:
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)
+    assert killed is not None, "never saw a checkpoint and a trial worker to kill"
+    thread.join(timeout=300)
+    report: LaunchResult = result["report"]
+    return report
+
+
 # Under Ray Tune, an ASHA that never stops anyone (its grace period is the whole trial).
 ASHA = "sweep={params: {gamma: [0.99]}, scheduler: {metric: eval/return_mean, mode: max, max_t: 100, grace_period: 100}}"
 
@@ -74,36 +110,9 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(
             *([ASHA] if tune else []),
         ],
     )
-    result: dict[str, Any] = {}
-    thread = threading.Thread(
-        target=lambda: result.setdefault(
-            "report", launch(spec, mode="ray", tracking_uri=tracking_uri)
-        )
-    )
-    thread.start()
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    killed = None
-    deadline = time.monotonic() + 120
-    while killed is None and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.2)
-        experiment = experiment or client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            continue
-        # Which worker runs which trial is not visible from here: wait until every trial has a
-        # checkpoint, so that whichever worker is killed, its trial has one to resume from.
-        runs = client.search_runs([experiment.experiment_id], "tags.`rlgen.seed` != ''")
-        if len(runs) == len(spec.seeds) and all(
-            client.list_artifacts(run.info.run_id, "checkpoints") for run in runs
-        ):
-            workers = trial_workers()
-            if workers:
-                killed = workers[0]
-                os.kill(killed, signal.SIGKILL)
-    assert killed is not None, "never saw a checkpoint and a trial worker to kill"
-    thread.join(timeout=300)
-    report: LaunchResult = result["report"]
+    report = launch_and_kill_a_trial_worker(spec, tracking_uri, experiment_name)
     assert report.ok, [(t.status, t.error) for t in report.trials]
+    client = MlflowClient(tracking_uri)
     # The restart continued the killed trial's run: one run per trial, all FINISHED.
     assert sorted(t.seed for t in report.trials) == spec.seeds
     restarts = 0
@@ -167,29 +176,9 @@ def test_a_killed_vae_worker_resumes_and_ends_as_an_uninterrupted_run(
     path = in_tmp / "vae.yaml"
     path.write_text(VAE_SPEC.format(name=experiment_name))
     spec = load_spec(path)
-    result: dict[str, Any] = {}
-    thread = threading.Thread(
-        target=lambda: result.setdefault(
-            "report", launch(spec, mode="ray", tracking_uri=tracking_uri)
-        )
-    )
-    thread.start()
-    client = MlflowClient(tracking_uri)
-    killed = None
-    deadline = time.monotonic() + 120
-    while killed is None and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.1)
-        experiment = client.get_experiment_by_name(experiment_name)
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
-            workers = trial_workers()
-            if workers:
-                killed = workers[0]
-                os.kill(killed, signal.SIGKILL)
-    assert killed is not None, "never saw a checkpoint and a trial worker to kill"
-    thread.join(timeout=300)
-    report: LaunchResult = result["report"]
+    report = launch_and_kill_a_trial_worker(spec, tracking_uri, experiment_name)
     assert report.ok, [(t.status, t.error) for t in report.trials]
+    client = MlflowClient(tracking_uri)
     (trial,) = report.trials
     run = client.get_run(trial.run_id)
     assert run.data.tags[TAG_RESTARTS] == "1"
