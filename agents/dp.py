@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.evaluation import evaluate_policy
+from agents.evaluation import evaluate_policy, length_metric
 from agents.mdp import TabularMDP, TorchMDP, unmodelled_dynamics
 from agents.plots import residual_curve, value_heatmap
 from runctx import RunContext
@@ -142,7 +142,7 @@ def report(
     # The policy and values, for `rlgen evaluate`, reuse, and going on from here.
     checkpoint(ctx, solution.V, solution.policy, solution.residuals)
     if ctx.should_stop():  # interrupted: record how far the solver got, skip the rollouts
-        ctx.log_metrics(metrics, step=iterations)
+        ctx.log_summary(metrics)
         return
     with ctx.timer.paused():
         env = ctx.make_env()
@@ -158,9 +158,9 @@ def report(
         metrics |= {
             "eval/return_mean": float(returns.mean()),
             "eval/return_std": float(returns.std()),
-            "eval/length_mean": float(lengths.mean()),
+            **length_metric("eval/length_mean", returns, lengths),
         }
-        ctx.log_metrics(metrics, step=iterations)
+        ctx.log_summary(metrics)
         if config.figures:
             ctx.log_figure(
                 residual_curve(

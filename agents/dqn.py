@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
 from agents import envstate
-from agents.evaluation import evaluate_vector
+from agents.evaluation import evaluate_vector, length_metric
 from agents.plots import learning_curve
 from agents.replay import NStep, PrioritizedReplayBuffer, ReplayBuffer
 from agents.schedules import linear_schedule
@@ -435,7 +435,7 @@ def train(config: Config, ctx: RunContext) -> None:
                 {
                     "eval/return_mean": returns.mean(),
                     "eval/return_std": returns.std(),
-                    "eval/length_mean": lengths.mean(),
+                    **length_metric("eval/length_mean", returns, lengths),
                     "time/train_s": ctx.timer.elapsed(),
                 },
                 step=step,
@@ -493,7 +493,7 @@ def train(config: Config, ctx: RunContext) -> None:
             ctx.log_metrics(
                 {
                     "charts/episodic_return": ep_return[e],
-                    "charts/episodic_length": ep_length[e],
+                    **length_metric("charts/episodic_length", ep_return[e], ep_length[e]),
                 },
                 step=step,
             )

@@ -12,6 +12,16 @@ import numpy as np
 DEFAULT_MAX_STEPS = 100_000
 
 
+def length_metric(key: str, returns: Any, lengths: Any) -> dict[str, float]:
+    """`{key: mean episode length}`, or nothing where every episode's length equals its return:
+    on an env that pays 1 per step (CartPole) a length chart would repeat the return chart
+    exactly. `returns` and `lengths`: one episode's numbers or arrays of them."""
+    returns, lengths = np.asarray(returns, dtype=float), np.asarray(lengths, dtype=float)
+    if np.array_equal(returns, lengths):
+        return {}
+    return {key: float(lengths.mean())}
+
+
 def evaluate_policy(
     env: gym.Env,
     act: Callable[[Any], Any],

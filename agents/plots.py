@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from agents.mdp import TabularMDP
@@ -68,7 +69,7 @@ def residual_curve(residuals: Sequence[float], threshold: float, title: str) -> 
     ax.semilogy(np.arange(1, len(residuals) + 1), np.maximum(residuals, 1e-300), lw=1.5)
     if np.isfinite(threshold) and threshold > 0:
         ax.axhline(threshold, color="tab:red", ls="--", lw=1, label="epsilon-optimal threshold")
-        ax.legend()
+        legend_outside(ax)
     ax.set_xlabel("iteration")
     ax.set_ylabel("||V_{k+1} - V_k||_inf")
     ax.set_title(title)
@@ -98,5 +99,11 @@ def learning_curve(
     if target is not None:
         ax.axhline(target, color="0.5", ls="--", lw=1, label="stop_at_return")
     ax.set(xlabel="timestep", ylabel="episode return", title=title)
-    ax.legend(loc="best", fontsize=8)
+    legend_outside(ax)
     return fig
+
+
+def legend_outside(ax: Axes) -> None:
+    """The legend right of the axes, where it cannot cover the data (figures are saved with
+    `bbox_inches="tight"`, which widens them to fit it)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents import envstate
-from agents.evaluation import evaluate_policy
+from agents.evaluation import evaluate_policy, length_metric
 from agents.mdp import TabularMDP, unmodelled_dynamics
 from agents.plots import learning_curve
 from agents.policy_iteration import evaluate_exact
@@ -200,7 +200,7 @@ def train(config: Config, ctx: RunContext) -> None:
             metrics = {
                 "eval/return_mean": returns.mean(),
                 "eval/return_std": returns.std(),
-                "eval/length_mean": lengths.mean(),
+                **length_metric("eval/length_mean", returns, lengths),
                 "time/train_s": ctx.timer.elapsed(),
             }
             if gap is not None:
@@ -286,7 +286,7 @@ def train(config: Config, ctx: RunContext) -> None:
             ctx.log_metrics(
                 {
                     "charts/episodic_return": ep_return,
-                    "charts/episodic_length": ep_length,
+                    **length_metric("charts/episodic_length", ep_return, ep_length),
                     "charts/epsilon": eps,
                     "charts/learning_rate": alpha,
                     "charts/episodes": episodes,  # a line over training, not one end point

@@ -219,7 +219,7 @@ def train(config: Config, ctx: RunContext) -> None:
             if last and config.probe:
                 acc = probe_accuracy(lambda x: model.encode(x.to(dev))[-1], ds)
                 if acc is not None:
-                    metrics["eval/probe_accuracy"] = acc
+                    ctx.log_summary({"eval/probe_accuracy": acc})
             if last and config.figures:
                 shown = x_test[:10]
                 recon = torch.sigmoid(model.decode(model.encode(shown)[-1]))

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from generative import data, fid
 from generative.fid import FIDConfig
 from generative.plots import image_grid
-from runctx import RunContext
+from runctx import RunContext, scheduled_once
 from runctx.checkpoints import capture
 
 EXPLODED = 1e6  # |loss| beyond this is divergence, not training
@@ -246,18 +246,23 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
                 f"GAN diverged in epoch {epoch + 1}: {bad[0]} = "
                 f"{metrics[bad[0]]:.3g}; lower learning_rate or try wgan_gp"
             )
+        # A score computed once in the run is a one-off result (`log_summary`), not a curve.
+        summary: dict[str, float] = {}
         with ctx.timer.paused(), torch.no_grad():
             gen.eval()
             if score is not None and config.fid.due(epoch, config.epochs):
                 # Its own stream: scoring never draws from the training noise.
                 ev = ctx.torch_generator("eval")
                 samples = generate(gen, config.fid.samples, config.latent_dim, ev, dev)
-                metrics["eval/fid"] = score.fid(samples)
-                metrics["eval/classifier_score"] = score.classifier_score(samples)
+                into = summary if scheduled_once(config.fid.every, config.epochs) else metrics
+                into["eval/fid"] = score.fid(samples)
+                into["eval/classifier_score"] = score.classifier_score(samples)
             if config.figures:
                 log_samples(gen, fixed_z.to(dev), ds.image_shape, epoch + 1, ctx)
             gen.train()
         ctx.log_metrics(metrics, step=epoch + 1)
+        if summary:
+            ctx.log_summary(summary)
         done = epoch + 1 == config.epochs or ctx.should_stop()
         if (epoch + 1) % config.checkpoint_every == 0 or done:
             with ctx.timer.paused():

@@ -34,7 +34,7 @@ from generative.rbm_ops import (
     normal,
     pick_openblas,
 )
-from runctx import RunContext
+from runctx import RunContext, scheduled_once
 from runctx.checkpoints import capture
 
 
@@ -389,8 +389,12 @@ def fit(
             "time/samples_per_s": samples / max(seconds, 1e-9),
         }
         with ctx.timer.paused(), torch.no_grad():
-            metrics |= evaluate(config, model, ds, x_test, subset, base_b, epoch, standardise, ctx)
-        ctx.log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=epoch + 1)
+            scores, summary = evaluate(
+                config, model, ds, x_test, subset, base_b, epoch, standardise, ctx
+            )
+        ctx.log_metrics({f"{prefix}{k}": v for k, v in (metrics | scores).items()}, step=epoch + 1)
+        if summary:
+            ctx.log_summary({f"{prefix}{k}": v for k, v in summary.items()})
         last = epoch + 1 == config.epochs or ctx.should_stop()
         if checkpoints and ((epoch + 1) % config.checkpoint_every == 0 or last):
             with ctx.timer.paused():
@@ -419,8 +423,9 @@ def evaluate(
     epoch: int,
     standardise: Callable[[torch.Tensor], torch.Tensor],
     ctx: RunContext,
-) -> dict[str, float]:
-    """Per-epoch held-out metrics, figures on the last epoch of each `ais.every` cycle."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Held-out metrics of an epoch: (per-epoch scores, one-off results for `log_summary`);
+    figures on the last epoch of each `ais.every` cycle."""
     # A fresh generator each epoch: every epoch is scored with the same random draws, so the
     # differences between epochs are the model's.
     g = ctx.torch_generator("eval")
@@ -435,15 +440,18 @@ def evaluate(
         metrics["eval/pseudo_loglik"] = pseudo_loglik(model, x_test, g)
     last = epoch == config.epochs - 1
     every = config.ais.every and (epoch + 1) % config.ais.every == 0
+    # A score computed once in the run is a one-off result (`log_summary`), not a curve.
+    summary: dict[str, float] = {}
     if config.ais.enabled and bernoulli_v and (last or every):
         log_z, stderr = ais_log_z(model, base_b, config.ais.temperatures, config.ais.runs, g)
         scored = x_test[: config.ais.examples]
-        metrics["eval/ais_loglik"] = float(-model.free_energy(scored).mean()) - log_z
-        metrics["eval/ais_loglik_std"] = stderr
+        ais = summary if scheduled_once(config.ais.every, config.epochs) else metrics
+        ais["eval/ais_loglik"] = float(-model.free_energy(scored).mean()) - log_z
+        ais["eval/ais_loglik_std"] = stderr
     if last and config.probe:
         acc = probe_accuracy(lambda x: model.p_h(standardise(x)), ds)
         if acc is not None:
-            metrics["eval/probe_accuracy"] = acc
+            summary["eval/probe_accuracy"] = acc
     if config.figures and config.sample_chains and bernoulli_v:
         start = bernoulli(
             torch.full((config.sample_chains, x_test.shape[1]), 0.5, device=x_test.device), g
@@ -451,7 +459,7 @@ def evaluate(
         fantasies = model.mean_v(model.p_h(gibbs(model, start, config.sample_steps, g)))
         title = f"Gibbs samples, epoch {epoch + 1}"
         ctx.log_figure(image_grid(fantasies, ds.image_shape, title), "samples", step=epoch + 1)
-    return metrics
+    return metrics, summary
 
 
 __all__ = ["RBM", "Config", "ais_log_z", "exact_log_z", "fit", "train"]

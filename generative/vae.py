@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from generative import data, fid
 from generative.fid import FIDConfig
 from generative.plots import image_grid
-from runctx import RunContext
+from runctx import RunContext, scheduled_once
 from runctx.checkpoints import capture
 
 # What a run logs (see the registry); FID's with a labelled data set.
@@ -281,8 +281,11 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel | Non
                 "eval/recon": float(recon.mean()),
                 "eval/kl": float(kl.mean()),
             }
+            # A score computed once in the run is a one-off result (`log_summary`), not a curve.
+            summary: dict[str, float] = {}
             if last or (config.iwae_every and (epoch + 1) % config.iwae_every == 0):
-                metrics["eval/nll_iwae"] = nll_iwae(
+                into = summary if scheduled_once(config.iwae_every, config.epochs) else metrics
+                into["eval/nll_iwae"] = nll_iwae(
                     model, x_test[: config.iwae_examples], config.iwae_k, ev
                 )
             if score is not None and config.fid.due(epoch, config.epochs):
@@ -291,11 +294,14 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel | Non
                         torch.randn(config.fid.samples, config.latent_dim, generator=ev, device=dev)
                     )
                 )
-                metrics["eval/fid"] = score.fid(samples)
-                metrics["eval/classifier_score"] = score.classifier_score(samples)
+                into = summary if scheduled_once(config.fid.every, config.epochs) else metrics
+                into["eval/fid"] = score.fid(samples)
+                into["eval/classifier_score"] = score.classifier_score(samples)
             if config.figures:
                 log_figures(model, x_test, fixed_z.to(dev), ds.image_shape, epoch + 1, ctx)
         ctx.log_metrics(metrics, step=epoch + 1)
+        if summary:
+            ctx.log_summary(summary)
         if (epoch + 1) % config.checkpoint_every == 0 or last or ctx.should_stop():
             with ctx.timer.paused():
                 ctx.checkpoints.save({**capture(state), "epoch": epoch + 1}, step=epoch + 1)

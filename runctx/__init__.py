@@ -7,7 +7,7 @@ is MLflow. It imports neither Ray, MLflow nor FastAPI, nor anything of `service/
 """
 
 from runctx.checkpoints import Checkpointer
-from runctx.context import EnvFactory, RunContext
+from runctx.context import EnvFactory, RunContext, scheduled_once
 from runctx.metrics import MetricLogger
 from runctx.points import MetricPoint, name_problem
 from runctx.timer import TrainTimer
@@ -24,4 +24,5 @@ __all__ = [
     "TrainTimer",
     "Writer",
     "name_problem",
+    "scheduled_once",
 ]

@@ -4,6 +4,7 @@ ctx.seed, ctx.device                    the trial's seed and torch device
 ctx.rng("exploration")                  independent NumPy generators, one per purpose
 ctx.torch_generator("init")             independent torch generators, one per purpose
 ctx.log_metrics({...}, step)            buffered `group/name` metrics (`MetricLogger`)
+ctx.log_summary({...})                  one-off results of the run (drawn as bars, not lines)
 ctx.log_figure(fig, name, step=None)    a figure, or one image of a per-step series
 ctx.checkpoints.restore(objects)        resume (or start from another run's weights)
 ctx.checkpoints.save(state, step)       state dicts (`Checkpointer`, `capture`)
@@ -32,6 +33,15 @@ from runctx.writers import InMemoryWriter, Writer
 if TYPE_CHECKING:
     import gymnasium as gym
     from matplotlib.figure import Figure
+
+# The step of one-off results (`RunContext.log_summary`).
+SUMMARY_STEP = 0
+
+
+def scheduled_once(every: int, total: int) -> bool:
+    """Whether a score due "every `every` epochs and at the end" (0: at the end only) comes once
+    in `total` epochs: then it is a one-off result for `log_summary`, not a one-point curve."""
+    return every <= 0 or every >= total
 
 
 class EnvFactory(Protocol):
@@ -143,6 +153,16 @@ class RunContext:
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Buffer `group/name` metrics at `step`; they are written in batches."""
         self.metrics.log(metrics, step)
+
+    def log_summary(self, metrics: Mapping[str, Any]) -> None:
+        """Log one-off results of the whole run (a final probe accuracy, a solver's iteration
+        count): values with no curve to draw.
+
+        They are logged at step 0. MLflow's chart view draws a metric as a line when a run has it
+        at a step >= 1 and otherwise as bars, one per run: the comparison a one-off result needs,
+        where a single point at the last step would be a one-dot line chart.
+        """
+        self.metrics.log(metrics, SUMMARY_STEP)
 
     def log_figure(self, fig: Figure, name: str, step: int | None = None) -> Path:
         """Save a matplotlib figure as a PNG (off the training clock).

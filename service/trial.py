@@ -279,7 +279,13 @@ def run_trial(
         if ctx is not None:
             ctx.timer.stop()
             try:
-                ctx.log_metrics({"time/train_s": ctx.timer.elapsed()}, step=ctx.metrics.last_step)
+                # The last point of the algorithm's time/train_s curve or, where it draws none
+                # (the DP solvers, the generative models), a one-off result.
+                train_s = {"time/train_s": ctx.timer.elapsed()}
+                if "time/train_s" in ctx.metrics.last:
+                    ctx.log_metrics(train_s, step=ctx.metrics.last_step)
+                else:
+                    ctx.log_summary(train_s)
                 ctx.close()
             except Exception as e:  # refused, or not written even after retries
                 status, error = "FAILED", error or f"metrics were not written: {e}"

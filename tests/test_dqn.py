@@ -327,7 +327,6 @@ def test_runs_log_the_named_metrics(options: dict[str, object], tmp_path: Path) 
     m = ctx.writer.metrics  # type: ignore[attr-defined]
     for key in (
         "charts/episodic_return",
-        "charts/episodic_length",
         "charts/epsilon",
         "losses/td_loss",
         "losses/q_values",
@@ -343,10 +342,8 @@ def test_runs_log_the_named_metrics(options: dict[str, object], tmp_path: Path) 
     assert len(steps) == 3 and all(
         t <= s < t + n for s, t in zip(steps, [500, 1000, 1200], strict=True)
     )
-    # CartPole pays 1 a step: episodic returns equal lengths.
-    assert [v for _, v in m["charts/episodic_return"]] == [
-        v for _, v in m["charts/episodic_length"]
-    ]
+    # CartPole pays 1 a step: every length equals its return, so lengths are not logged twice.
+    assert "charts/episodic_length" not in m and "eval/length_mean" not in m
     assert all(math.isfinite(v) for _, v in m["losses/td_loss"])
     names = {p.name for p, _ in ctx.writer.artifacts}  # type: ignore[attr-defined]
     assert "learning_curve.png" in names and any(n.startswith("step_") for n in names)
@@ -365,7 +362,7 @@ def test_timesteps_count_transitions_not_reset_steps(tmp_path: Path) -> None:
     config = small_config(num_envs=2, total_timesteps=600, learning_starts=10_000, eval_every=600)
     ctx = run(config, tmp_path)
     m = ctx.writer.metrics  # type: ignore[attr-defined]
-    lengths = sum(v for _, v in m["charts/episodic_length"])
+    lengths = sum(v for _, v in m["charts/episodic_return"])  # CartPole: length = return
     last = m["eval/return_mean"][-1][0]
     assert 600 <= last <= 601  # two envs: the budget is met to within one batch
     assert lengths <= last  # every counted timestep belongs to an episode; no reset steps
