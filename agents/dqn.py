@@ -9,6 +9,11 @@ with G the n-step return and d = gamma^k (1 - terminated) its bootstrap discount
 (Wang et al. 2016), n-step returns, proportional prioritized replay (Schaul et al. 2016) with
 importance weights w_i, hard or Polyak target updates, several envs stepped as one batch.
 
+Pixels: image observations go through a convolutional torso before the MLP (the Nature CNN of
+Mnih et al. 2015 for Atari's 84x84 frame stacks, the one-layer CNN of Young & Tian 2019 for
+MinAtar's 10x10 grids), fed the env's own bytes; stacked frames are stored once each in replay
+(`agents.replay.FrameStore`).
+
 Counting: a *timestep* is one transition (one env step that is not gymnasium's reset step), so
 `total_timesteps`, `train_freq`, `eval_every` and exploration mean the same for any `num_envs`.
 """
@@ -32,8 +37,8 @@ from torch import nn
 
 from agents import envstate
 from agents.evaluation import evaluate_vector, length_metric
-from agents.plots import learning_curve
-from agents.replay import NStep, PrioritizedReplayBuffer, ReplayBuffer
+from agents.plots import learning_curve, observation_frames
+from agents.replay import Batch, FrameStore, NStep, PrioritizedReplayBuffer, ReplayBuffer
 from agents.schedules import linear_schedule
 from agents.spaces import buffer_obs_dtype, is_composite, takes
 from runctx import RunContext
@@ -58,7 +63,19 @@ class Config(BaseModel):
     buffer_size: int = Field(100_000, gt=0, description="Replay capacity in transitions.")
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
     hidden_sizes: list[PositiveInt] = Field(
-        default_factory=lambda: [256, 256], description="Widths of the Q-network's hidden layers."
+        default_factory=lambda: [256, 256],
+        description="Widths of the Q-network's hidden layers (after the CNN, for images: the "
+        "Nature DQN's is [512], MinAtar's [128]).",
+    )
+    network: Literal["auto", "mlp", "nature_cnn", "minatar_cnn"] = Field(
+        "auto",
+        description="Torso for observations: auto picks the Nature CNN for image stacks of 36+ "
+        "pixels a side, the MinAtar CNN for smaller grids, an MLP for everything else.",
+    )
+    frame_replay: bool = Field(
+        True,
+        description="Store each frame of stacked image observations once in replay (about one "
+        "frame a transition instead of two stacks).",
     )
     learning_starts: int = Field(
         1_000, ge=0, description="Transitions collected (uniformly at random) before learning."
@@ -94,6 +111,18 @@ class Config(BaseModel):
         description="Rescale observation dimensions with finite bounds to [-1, 1] inside the "
         "network (MountainCar's velocity spans +-0.07, its position 1.8).",
     )
+    distributional: bool = Field(
+        False, description="C51: learn the distribution of returns on a fixed support."
+    )
+    atoms: int = Field(51, ge=2, le=1001, description="C51's number of support atoms.")
+    v_min: float = Field(-10.0, description="C51's smallest return on the support.")
+    v_max: float = Field(10.0, description="C51's largest return on the support.")
+    noisy: bool = Field(
+        False,
+        description="Noisy nets: factorised Gaussian noise in every fully connected layer "
+        "explores instead of epsilon (set the exploration epsilons to 0 with it).",
+    )
+    noisy_sigma0: float = Field(0.5, gt=0, description="Initial noise scale sigma_0.")
     n_step: int = Field(1, ge=1, le=100, description="Steps in the bootstrapped return.")
     prioritized_replay: bool = Field(False, description="Proportional prioritized replay.")
     priority_alpha: float = Field(0.6, ge=0, description="Prioritization exponent alpha.")
@@ -129,6 +158,8 @@ class Config(BaseModel):
             raise ValueError("batch_size must not exceed buffer_size")
         if self.exploration_final_eps > self.exploration_initial_eps:
             raise ValueError("exploration_final_eps must not exceed exploration_initial_eps")
+        if self.distributional and self.v_min >= self.v_max:
+            raise ValueError("v_min must be below v_max")
         return self
 
 
@@ -171,11 +202,94 @@ def check_env(env: gym.Env) -> str | None:
     return None
 
 
+class NatureCNN(nn.Module):
+    """Mnih et al. (2015): (B, C, H, W) frames -> (B, 64 h w) features (3136 at 84x84).
+
+    Pixels arrive as the env's bytes and are scaled by `scale` (1/255) here, so replay and the
+    host-to-device copy move uint8, a quarter of float32's bytes."""
+
+    def __init__(self, shape: tuple[int, int, int], scale: float):
+        super().__init__()
+        self.scale = scale
+        self.net = nn.Sequential(
+            nn.Conv2d(shape[0], 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.out_dim = int(self.net(torch.zeros(1, *shape)).shape[1])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.float() * self.scale)
+
+
+class MinAtarCNN(nn.Module):
+    """Young & Tian (2019): (B, H, W, C) channel-last grids -> 16 3x3 filters, stride 1 ->
+    (B, 16 (H-2) (W-2)) features (1024 on MinAtar's 10x10)."""
+
+    def __init__(self, shape: tuple[int, int, int], scale: float):
+        super().__init__()
+        self.scale = scale
+        h, w, c = shape
+        self.net = nn.Sequential(nn.Conv2d(c, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
+        self.out_dim = 16 * (h - 2) * (w - 2)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.permute(0, 3, 1, 2).float() * self.scale)
+
+
+class NoisyLinear(nn.Module):
+    """Factorised Gaussian noisy linear layer (Fortunato et al. 2018, eqs. 10-11):
+
+        y = (mu_w + sigma_w * (f(e_out) f(e_in)^T)) x + mu_b + sigma_b * f(e_out),
+        f(e) = sign(e) sqrt(|e|),  e ~ N(0, 1),
+
+    mu ~ U(-1/sqrt(p), 1/sqrt(p)) and sigma = sigma0 / sqrt(p) at initialisation (p inputs).
+    The noise is redrawn by `reset_noise` from the trial's generator, and kept as buffers so a
+    checkpoint holds it; in eval mode the layer is deterministic (mu only)."""
+
+    def __init__(self, p: int, q: int, sigma0: float, generator: torch.Generator | None):
+        super().__init__()
+        bound = 1 / math.sqrt(p)
+        self.mu_w = nn.Parameter(torch.empty(q, p).uniform_(-bound, bound, generator=generator))
+        self.mu_b = nn.Parameter(torch.empty(q).uniform_(-bound, bound, generator=generator))
+        self.sigma_w = nn.Parameter(torch.full((q, p), sigma0 * bound))
+        self.sigma_b = nn.Parameter(torch.full((q,), sigma0 * bound))
+        self.register_buffer("e_in", torch.zeros(p))
+        self.register_buffer("e_out", torch.zeros(q))
+
+    e_in: torch.Tensor
+    e_out: torch.Tensor
+
+    def reset_noise(self, generator: torch.Generator) -> None:
+        def f(n: int) -> torch.Tensor:
+            e = torch.randn(n, generator=generator, device=generator.device)
+            return e.sign() * e.abs().sqrt()
+
+        self.e_in.copy_(f(len(self.e_in)))
+        self.e_out.copy_(f(len(self.e_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.linear(x, self.mu_w, self.mu_b)
+        w = self.mu_w + self.sigma_w * torch.outer(self.e_out, self.e_in)
+        return F.linear(x, w, self.mu_b + self.sigma_b * self.e_out)
+
+
 class QNetwork(nn.Module):
     """MLP: obs (B, *obs_shape) -> Q (B, A). Dueling: Q = V + A - mean_a A (Wang et al., eq. 9).
 
     Integer observations (Discrete: (B,), MultiDiscrete: (B, *nvec.shape)) enter as the
     concatenated one-hot codes of their components, (B, sum(nvec)); see `set_discrete_obs`.
+    Images go through `torso` (a CNN) first.
+
+    Distributional (C51, Bellemare et al. 2017): with `atoms` > 1 the heads give logits (B, A,
+    atoms) of a categorical distribution over the fixed support z (`support`), and
+    Q(s, a) = sum_i z_i p_i(s, a); dueling combines the logits per atom (Hessel et al. 2018).
+    `noisy_sigma0`: every fully connected layer is a `NoisyLinear`.
     """
 
     def __init__(
@@ -185,23 +299,40 @@ class QNetwork(nn.Module):
         hidden: list[int],
         dueling: bool,
         generator: torch.Generator | None = None,
+        torso: NatureCNN | MinAtarCNN | None = None,
+        atoms: int = 1,
+        support: tuple[float, float] = (-10.0, 10.0),
+        noisy_sigma0: float | None = None,
     ):
         super().__init__()
+        self.torso = torso
+        if torso is not None:
+            obs_dim = torso.out_dim
         self.in_dim = obs_dim
+        self.n_actions, self.atoms = n_actions, atoms
         widths = [obs_dim, *hidden]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
-        self.head = nn.Linear(widths[-1], n_actions)
-        self.value = nn.Linear(widths[-1], 1) if dueling else None
+
+        def linear(p: int, q: int) -> nn.Module:
+            if noisy_sigma0 is None:
+                return nn.Linear(p, q)
+            return NoisyLinear(p, q, noisy_sigma0, generator)
+
+        self.hidden = nn.ModuleList(linear(a, b) for a, b in itertools.pairwise(widths))
+        self.head = linear(widths[-1], n_actions * atoms)
+        self.value = linear(widths[-1], atoms) if dueling else None
+        self.register_buffer("support", torch.linspace(*support, atoms) if atoms > 1 else None)
         self.register_buffer("obs_center", None)
         self.register_buffer("obs_scale", None)
         self.register_buffer("onehot_shift", None)
         if generator is not None:  # PyTorch's default init, drawn from the trial's generator
             for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    bound = 1 / math.sqrt(m.in_features)
+                if isinstance(m, nn.Linear | nn.Conv2d):
+                    bound = 1 / math.sqrt(m.weight[0].numel())  # 1 / sqrt(fan_in)
                     nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
-                    nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+                    if m.bias is not None:
+                        nn.init.uniform_(m.bias, -bound, bound, generator=generator)
 
+    support: torch.Tensor | None
     obs_center: torch.Tensor | None
     obs_scale: torch.Tensor | None
     onehot_shift: torch.Tensor | None
@@ -222,8 +353,11 @@ class QNetwork(nn.Module):
         offsets = np.cumsum(sizes) - sizes
         self.onehot_shift = torch.as_tensor(offsets - start, dtype=torch.int64)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        if self.onehot_shift is not None:
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (B, *obs_shape) -> (B, A, atoms): Q-values (atoms = 1) or distribution logits."""
+        if self.torso is not None:
+            h = self.torso(obs)
+        elif self.onehot_shift is not None:
             idx = obs.reshape(len(obs), -1).long() + self.onehot_shift  # (B, k)
             h = torch.zeros(len(obs), self.in_dim, device=obs.device).scatter_(1, idx, 1.0)
         else:
@@ -232,10 +366,45 @@ class QNetwork(nn.Module):
             h = (h - self.obs_center) * self.obs_scale
         for layer in self.hidden:
             h = torch.relu(layer(h))  # (B, width)
-        adv = self.head(h)  # (B, A)
+        adv = self.head(h).view(len(h), self.n_actions, self.atoms)  # (B, A, atoms)
         if self.value is None:
             return adv
-        return self.value(h) + adv - adv.mean(dim=1, keepdim=True)
+        return self.value(h).unsqueeze(1) + adv - adv.mean(dim=1, keepdim=True)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (B, *obs_shape) -> Q (B, A)."""
+        out = self.logits(obs)
+        if self.support is None:
+            return out.squeeze(2)
+        return (out.softmax(dim=2) * self.support).sum(dim=2)
+
+    def reset_noise(self, generator: torch.Generator) -> None:
+        """New noise in every noisy layer (none without `noisy_sigma0`)."""
+        for m in self.modules():
+            if isinstance(m, NoisyLinear):
+                m.reset_noise(generator)
+
+
+def project_distribution(
+    next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """C51's target (Bellemare et al. 2017, Algorithm 1): the distribution of G + d Z(s', a*),
+    atoms Tz_j = G + d z_j clipped to [z_0, z_{N-1}], projected back onto the support z by
+    splitting each atom's mass between its two neighbours in proportion to closeness.
+
+    next_probs (B, N), returns and discounts (B,), z (N,) evenly spaced -> (B, N), rows sum to 1.
+    """
+    n = len(z)
+    dz = (z[-1] - z[0]) / (n - 1)
+    tz = (returns.unsqueeze(1) + discounts.unsqueeze(1) * z).clamp(z[0], z[-1])  # (B, N)
+    b = ((tz - z[0]) / dz).clamp(0, n - 1)  # fractional index of each target atom
+    lower, upper = b.floor().long(), b.ceil().long()
+    # An atom landing exactly on z_l (l == u) gives it all its mass: (u - b) + (b - l) would be 0.
+    w_lower = torch.where(lower == upper, 1.0, upper - b)
+    out = torch.zeros_like(next_probs)
+    out.scatter_add_(1, lower, next_probs * w_lower)
+    out.scatter_add_(1, upper, next_probs * (b - lower))
+    return out
 
 
 def td_targets(
@@ -279,7 +448,18 @@ def build_network(
     else:
         start, sizes = None, None
     in_dim = int(sizes.sum()) if sizes is not None else int(np.prod(space.shape))
-    q = QNetwork(in_dim, int(actions.n), config.hidden_sizes, config.dueling, generator)
+    torso = image_torso(config.network, space)
+    q = QNetwork(
+        in_dim,
+        int(actions.n),
+        config.hidden_sizes,
+        config.dueling,
+        generator,
+        torso,
+        atoms=config.atoms if config.distributional else 1,
+        support=(config.v_min, config.v_max),
+        noisy_sigma0=config.noisy_sigma0 if config.noisy else None,
+    )
     if start is not None and sizes is not None:
         q.set_discrete_obs(start, sizes)
     elif config.normalize_obs and isinstance(space, gym.spaces.Box):
@@ -287,13 +467,51 @@ def build_network(
     return q
 
 
+def image_torso(network: str, space: Any) -> NatureCNN | MinAtarCNN | None:
+    """The CNN for image observations (see `Config.network`), or None for an MLP.
+
+    Channel-first stacks (C, H, W) (ALE's, C < H) get the Nature CNN; channel-last grids
+    (H, W, C) (MinAtar's, gymnasium's RGB images) the MinAtar CNN when small. Pixels are
+    scaled by 1/high (1/255 for bytes)."""
+    image = isinstance(space, gym.spaces.Box) and len(space.shape) == 3
+    if network == "mlp" or (network == "auto" and not image):
+        return None
+    if not image:
+        raise ValueError(f"network {network} needs image observations, not {space}")
+    shape = tuple(int(d) for d in space.shape)
+    high = float(np.max(space.high))
+    scale = 1.0 / high if np.isfinite(high) and high > 1 else 1.0
+    channels_last = shape[2] <= shape[0]  # (10, 10, 4), (210, 160, 3); not (4, 84, 84)
+    chw = (shape[2], shape[0], shape[1]) if channels_last else shape
+    if network == "auto":
+        network = "nature_cnn" if min(chw[1:]) >= 36 else "minatar_cnn"
+    if network == "nature_cnn":
+        if channels_last:
+            raise ValueError(f"the Nature CNN takes channel-first stacks (C, H, W), not {shape}")
+        return NatureCNN(shape, scale)  # type: ignore[arg-type]
+    if not channels_last:
+        raise ValueError(f"the MinAtar CNN takes channel-last grids (H, W, C), not {shape}")
+    return MinAtarCNN(shape, scale)  # type: ignore[arg-type]
+
+
+def stacked_frames(space: Any) -> bool:
+    """Observations that are stacks of frames, (S, H, W) bytes (Atari preprocessing)."""
+    return (
+        isinstance(space, gym.spaces.Box)
+        and space.dtype == np.uint8
+        and len(space.shape) == 3
+        and space.shape[0] < space.shape[1]
+    )
+
+
 def greedy_actor(q: QNetwork, device: torch.device, start: int = 0) -> Any:
     """obs (N, *obs_shape) numpy -> greedy actions (N,) numpy, as the env takes them: output
-    column i of the network is action `start + i` (Discrete(n, start=-1) takes -1..n-2)."""
+    column i of the network is action `start + i` (Discrete(n, start=-1) takes -1..n-2).
+    Observations cross to the device in their own dtype (images as bytes)."""
 
     @torch.inference_mode()
     def act(obs: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        x = torch.as_tensor(np.asarray(obs), device=device)
         return q(x).argmax(dim=1).cpu().numpy() + start
 
     return act
@@ -302,7 +520,7 @@ def greedy_actor(q: QNetwork, device: torch.device, start: int = 0) -> Any:
 def train(config: Config, ctx: RunContext) -> None:
     device = ctx.device
     envs = ctx.make_vec_env(config.num_envs)
-    eval_envs = ctx.make_vec_env(config.eval_episodes)
+    eval_envs = ctx.make_vec_env(config.eval_episodes, evaluation=True)
     obs_dtype = buffer_obs_dtype(envs.single_observation_space)  # of the env's own space
     if is_composite(envs.single_observation_space):  # Tuple/Dict: (N, flat size) arrays
         envs, eval_envs = FlattenObservation(envs), FlattenObservation(eval_envs)
@@ -311,11 +529,13 @@ def train(config: Config, ctx: RunContext) -> None:
         raise ValueError(f"unsupported vector-env autoreset mode {mode}")
     n_envs = config.num_envs
     obs_shape = envs.single_observation_space.shape
+    assert obs_shape is not None
     # Independent random streams: exploration (which envs explore, and their random actions),
     # replay sampling and the network's initial weights never share a generator.
     explore_rng = ctx.rng("exploration")
     envs.action_space.seed(int(explore_rng.integers(2**31)))
     replay_rng = ctx.torch_generator("replay", device=device)
+    noise = ctx.torch_generator("noise", device=device) if config.noisy else None
     # Discrete(n, start): network column i is action start + i; the buffer holds column indices.
     a0 = int(envs.single_action_space.start)  # type: ignore[attr-defined]
 
@@ -331,6 +551,14 @@ def train(config: Config, ctx: RunContext) -> None:
         "device": device,
         "generator": replay_rng,
     }
+    frames: FrameStore | None = None
+    if config.frame_replay and stacked_frames(envs.single_observation_space):
+        # Stacks of S frames: the buffer holds S frame ids per observation. The store's slack
+        # covers the frames of transitions still pending in n-step windows and stacks.
+        s = obs_shape[0]
+        slack = n_envs * s * (s + config.n_step + 2)
+        frames = FrameStore(config.buffer_size + slack, obs_shape[1:], n_envs, device)
+        buffer_args |= {"obs_shape": (s,), "obs_dtype": torch.int64, "frames": frames}
     buffer: ReplayBuffer = (
         PrioritizedReplayBuffer(**buffer_args, alpha=config.priority_alpha, eps=config.priority_eps)
         if config.prioritized_replay
@@ -351,7 +579,9 @@ def train(config: Config, ctx: RunContext) -> None:
         "action_rng": envs.action_space.np_random,
         "replay_rng": replay_rng,
         "nstep": nstep,
+        **({"noise": noise} if noise is not None else {}),
         **({"buffer": buffer} if config.checkpoint_buffer else {}),
+        **({"frames": frames} if config.checkpoint_buffer and frames is not None else {}),
     }
     # Counters (all in timesteps, except `updates`).
     step, updates, episodes = 0, 0, 0
@@ -386,9 +616,18 @@ def train(config: Config, ctx: RunContext) -> None:
         else:  # an env that does not pickle: fresh episodes
             obs, _ = envs.reset(seed=ctx.seed + step)
             nstep.reset()
+            if frames is not None:
+                frames.forget_episodes()
         for group in optimizer.param_groups:  # the config's, should it differ (PBT)
             group["lr"] = config.learning_rate
         ctx.log.info("resumed from the checkpoint at timestep %d", step)
+    elif len(obs_shape) == 3:  # what the network sees, as a figure
+        ctx.log_figure(
+            observation_frames(
+                np.asarray(obs[0]), stacked_frames(envs.single_observation_space), "Observation"
+            ),
+            "observation",
+        )
 
     def checkpoint() -> None:
         with ctx.timer.paused():
@@ -442,18 +681,43 @@ def train(config: Config, ctx: RunContext) -> None:
             )
         return float(returns.mean())
 
+    def categorical_loss(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """C51: per-sample cross-entropy between the projected target distribution and the
+        predicted one, (B,), and Q(s, a), (B,)."""
+        z = q.support
+        assert z is not None
+        rows = torch.arange(len(batch.actions), device=device)
+        with torch.no_grad():
+            next_probs = target.logits(batch.next_obs).softmax(dim=2)  # (B, A, N)
+            chooser = q(batch.next_obs) if config.double_dqn else (next_probs * z).sum(dim=2)
+            best = next_probs[rows, chooser.argmax(dim=1)]  # (B, N)
+            m = project_distribution(best, batch.returns, batch.discounts, z)
+        logits = q.logits(batch.obs)[rows, batch.actions]  # (B, N)
+        q_taken = (logits.detach().softmax(dim=1) * z).sum(dim=1)
+        return -(m * logits.log_softmax(dim=1)).sum(dim=1), q_taken
+
     def gradient_step() -> tuple[torch.Tensor, torch.Tensor]:
         batch = buffer.sample(config.batch_size)
-        with torch.no_grad():
-            next_q_target = target(batch.next_obs)
-            next_q_online = q(batch.next_obs) if config.double_dqn else None
-            y = td_targets(batch.returns, batch.discounts, next_q_target, next_q_online)
-        q_taken = q(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)  # (B,)
-        if batch.weights is None:
-            loss = loss_fn(q_taken, y)
+        if noise is not None:  # fresh noise for this update, independent in the two networks
+            q.reset_noise(noise)
+            target.reset_noise(noise)
+        if config.distributional:
+            per_sample, q_taken = categorical_loss(batch)
+            weighted = per_sample if batch.weights is None else batch.weights * per_sample
+            loss = weighted.mean()
+            # Rainbow's priorities: the distributional loss itself.
+            buffer.update_priorities(batch.indices, per_sample.detach())
         else:
-            loss = (batch.weights * loss_fn(q_taken, y, reduction="none")).mean()
-            buffer.update_priorities(batch.indices, q_taken.detach() - y)
+            with torch.no_grad():
+                next_q_target = target(batch.next_obs)
+                next_q_online = q(batch.next_obs) if config.double_dqn else None
+                y = td_targets(batch.returns, batch.discounts, next_q_target, next_q_online)
+            q_taken = q(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)  # (B,)
+            if batch.weights is None:
+                loss = loss_fn(q_taken, y)
+            else:
+                loss = (batch.weights * loss_fn(q_taken, y, reduction="none")).mean()
+                buffer.update_priorities(batch.indices, q_taken.detach() - y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm is not None:
@@ -473,6 +737,8 @@ def train(config: Config, ctx: RunContext) -> None:
         explore = explore_rng.random(n_envs) < eps
         actions = envs.action_space.sample()
         if not explore.all():
+            if noise is not None:  # noisy nets: new noise for each acting step
+                q.reset_noise(noise)
             actions = np.where(explore, actions, act(obs))
         next_obs, rewards, terminated, truncated, info = envs.step(actions)
         done = terminated | truncated
@@ -482,7 +748,11 @@ def train(config: Config, ctx: RunContext) -> None:
             final = next_obs.copy()
             for e in np.flatnonzero(done):
                 final[e] = info["final_obs"][e]
-        buffer.add(nstep.push(obs, actions - a0, rewards, final, terminated, done, valid))
+        if frames is not None:  # stacks as frame ids, each new frame stored once
+            stored, stored_final = frames.intern(obs), frames.intern(final)
+        else:
+            stored, stored_final = obs, final
+        buffer.add(nstep.push(stored, actions - a0, rewards, stored_final, terminated, done, valid))
         k = int(valid.sum())
         step += k
         ep_return += rewards * valid

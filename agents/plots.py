@@ -107,3 +107,19 @@ def legend_outside(ax: Axes) -> None:
     """The legend right of the axes, where it cannot cover the data (figures are saved with
     `bbox_inches="tight"`, which widens them to fit it)."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
+def observation_frames(obs: np.ndarray, channels_first: bool, title: str) -> Figure:
+    """One image observation as panels, one per channel: the frames of an Atari stack (S, H, W),
+    oldest first, or the object channels of a MinAtar grid (H, W, C)."""
+    planes = obs if channels_first else np.moveaxis(obs, -1, 0)
+    n = len(planes)
+    fig = _figure(figsize=(2.2 * n, 2.6))
+    for i, plane in enumerate(planes):
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(plane.astype(float), cmap="gray", interpolation="nearest")
+        ax.set_title(f"{'frame' if channels_first else 'channel'} {i}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    return fig

@@ -170,7 +170,7 @@ class ValueGap:
 
 
 def train(config: Config, ctx: RunContext) -> None:
-    env, eval_env = ctx.make_env(), ctx.make_env()
+    env, eval_env = ctx.make_env(), ctx.make_env(evaluation=True)
     index = StateIndex(env.observation_space)
     n_states, n_actions = index.n, int(env.action_space.n)  # type: ignore[attr-defined]
     a0 = int(env.action_space.start)  # type: ignore[attr-defined]  # table column a is action a0 + a

@@ -138,11 +138,17 @@ class Batch:
     indices: torch.Tensor
 
 
+# Redraws of a batch's dead transitions (`FrameStore`) before giving up.
+MAX_REDRAWS = 100
+
+
 class ReplayBuffer:
     """A ring buffer of transitions, preallocated as tensors on the training device.
 
     Sampling draws indices with the trial's generator; adding k transitions is one slice
-    assignment per field (two when they wrap around the end).
+    assignment per field (two when they wrap around the end). With `frames`, observations are
+    (S,) frame ids of a `FrameStore` (obs_shape (S,), int64), turned back into stacks of frames
+    when sampled; transitions whose frames were overwritten are redrawn.
     """
 
     def __init__(
@@ -152,8 +158,10 @@ class ReplayBuffer:
         obs_dtype: torch.dtype,
         device: torch.device,
         generator: torch.Generator,
+        frames: FrameStore | None = None,
     ):
         self.capacity, self.device, self.generator = capacity, device, generator
+        self.frames = frames
         self.obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype, device=device)
         self.next_obs = torch.zeros_like(self.obs)
         self.actions = torch.zeros(capacity, dtype=torch.int64, device=device)
@@ -200,21 +208,38 @@ class ReplayBuffer:
         return rows
 
     def _gather(self, idx: torch.Tensor, weights: torch.Tensor | None) -> Batch:
+        obs, next_obs = self.obs[idx], self.next_obs[idx]
+        if self.frames is not None:
+            obs, next_obs = self.frames.stack(obs), self.frames.stack(next_obs)
         return Batch(
-            self.obs[idx],
+            obs,
             self.actions[idx],
             self.returns[idx],
-            self.next_obs[idx],
+            next_obs,
             self.discounts[idx],
             weights,
             idx,
         )
 
+    def dead(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B,) rows -> (B,) bool: transitions whose frames were overwritten."""
+        if self.frames is None:
+            return torch.zeros(len(idx), dtype=torch.bool, device=self.device)
+        return ~(self.frames.alive(self.obs[idx]) & self.frames.alive(self.next_obs[idx]))
+
     def sample(self, batch_size: int) -> Batch:
         idx = torch.randint(
             0, self.size, (batch_size,), generator=self.generator, device=self.device
         )
-        return self._gather(idx, None)
+        for _ in range(MAX_REDRAWS):
+            dead = self.dead(idx)
+            if self.frames is None or not bool(dead.any()):
+                return self._gather(idx, None)
+            redraw = torch.randint(
+                0, self.size, (batch_size,), generator=self.generator, device=self.device
+            )
+            idx = torch.where(dead, redraw, idx)
+        raise RuntimeError(_TOO_MANY_DEAD)
 
     def update_priorities(self, indices: torch.Tensor, td_errors: torch.Tensor) -> None:
         """Uniform replay has no priorities."""
@@ -231,6 +256,12 @@ class ReplayBuffer:
         for name, dst in self.fields().items():
             dst[:size] = state[name].to(self.device)  # type: ignore[attr-defined]
         self.pos, self.size = int(state["pos"]), size  # type: ignore[call-overload]
+
+
+_TOO_MANY_DEAD = (
+    "replay: the frames of almost every sampled transition were overwritten; the frame store "
+    "is too small for the buffer"
+)
 
 
 class SumTree:
@@ -295,6 +326,18 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         return rows
 
     def sample(self, batch_size: int) -> Batch:
+        for _ in range(MAX_REDRAWS):
+            batch = self._sample(batch_size)
+            dead = self.dead(batch.indices)
+            if self.frames is None or not bool(dead.any()):
+                return batch
+            # Never again: no mass in the sum tree, and out of the min tree's minimum.
+            rows = batch.indices[dead].cpu().numpy()
+            self.sums.update(rows, np.zeros(len(rows)))
+            self.mins.update(rows, np.full(len(rows), np.inf))
+        raise RuntimeError(_TOO_MANY_DEAD)
+
+    def _sample(self, batch_size: int) -> Batch:
         # Stratified: one uniform draw in each of batch_size equal slices of the total mass.
         total = self.sums.root
         u = (
@@ -339,3 +382,115 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self.sums.update(rows, priorities)
         self.mins.update(rows, priorities)
         self.max_priority = float(state["max_priority"])  # type: ignore[arg-type]
+
+
+class FrameStore:
+    """Each frame of stacked observations stored once, on the training device.
+
+    Atari observations are stacks of the last S frames, (S, H, W) uint8, and consecutive
+    observations share S - 1 of them. Storing both stacks of every transition, as a plain buffer
+    does, costs 2 S frames a transition (SB3's default: 56 KB at 84x84); this stores one. A
+    transition holds its two stacks as S frame ids each; `stack(ids)` rebuilds them.
+
+    `intern(obs)` turns a step's observations (N, S, H, W) into ids (N, S), writing only frames
+    it has not seen: per env, a stack that is the previous one shifted by one frame (the usual
+    step) writes its newest frame; any other (a reset) writes its distinct frames, with all-zero
+    padding frames sharing one permanent zero frame. Sampled stacks are therefore exactly the
+    stacks the env returned.
+
+    Frames live in a ring of `capacity` slots. An id is a global frame count; the slot holding
+    it is `id % capacity`, and the id is alive while that slot still holds it. Transitions whose
+    frames were overwritten are dead: the replay buffer never returns them (`alive`).
+    """
+
+    ZERO = -1  # the id of the all-zero frame
+
+    def __init__(
+        self, capacity: int, frame_shape: tuple[int, ...], num_envs: int, device: torch.device
+    ):
+        self.capacity, self.device = capacity, device
+        # One more row: the zero frame, at index `capacity`.
+        self.frames = torch.zeros((capacity + 1, *frame_shape), dtype=torch.uint8, device=device)
+        self.ids = torch.full((capacity,), -2, dtype=torch.int64, device=device)  # id per slot
+        self.written = 0  # frames written so far: the next id
+        self.last_obs: list[np.ndarray | None] = [None] * num_envs  # per env: its last stack
+        self.last_ids: list[np.ndarray | None] = [None] * num_envs
+
+    def intern(self, obs: np.ndarray, envs: np.ndarray | None = None) -> np.ndarray:
+        """Ids (N, S) of the stacks obs (N, S, H, W) of envs `envs` (default: 0..N-1)."""
+        envs = np.arange(len(obs)) if envs is None else envs
+        out = np.empty(obs.shape[:2], dtype=np.int64)
+        new: list[np.ndarray] = []  # frames to write, in id order
+        for row, e in enumerate(envs):
+            stack, last = obs[row], self.last_obs[e]
+            last_ids = self.last_ids[e]
+            if last is not None and last_ids is not None and np.array_equal(stack, last):
+                ids = last_ids
+            elif last is not None and last_ids is not None and np.array_equal(stack[:-1], last[1:]):
+                ids = np.append(last_ids[1:], self._id_of(stack[-1], None, new))
+            else:
+                ids = np.empty(len(stack), dtype=np.int64)
+                for j, frame in enumerate(stack):
+                    same = j > 0 and np.array_equal(frame, stack[j - 1])
+                    ids[j] = self._id_of(frame, ids[j - 1] if same else None, new)
+            out[row] = ids
+            self.last_obs[e], self.last_ids[e] = stack.copy(), ids
+        if new:
+            first = self.written - len(new)
+            gids = torch.arange(first, self.written, device=self.device)
+            slots = gids % self.capacity
+            self.frames[slots] = torch.as_tensor(np.stack(new), device=self.device)
+            self.ids[slots] = gids
+        return out
+
+    def _id_of(self, frame: np.ndarray, same_as: int | None, new: list[np.ndarray]) -> int:
+        if same_as is not None:
+            return same_as
+        if not frame.any():
+            return self.ZERO
+        new.append(frame)
+        self.written += 1
+        return self.written - 1
+
+    def alive(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) ids -> (B,): whether every frame is still stored."""
+        held = self.ids[ids.clamp(min=0) % self.capacity]
+        return ((ids == self.ZERO) | (held == ids)).all(dim=1)
+
+    def stack(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) ids -> (B, S, H, W) frames."""
+        slots = torch.where(ids == self.ZERO, self.capacity, ids % self.capacity)
+        return self.frames[slots]
+
+    def forget_episodes(self) -> None:
+        """Fresh episodes begin (a resumed run without its envs): no stack continues."""
+        self.last_obs = [None] * len(self.last_obs)
+        self.last_ids = [None] * len(self.last_ids)
+
+    def state_dict(self) -> dict[str, object]:
+        kept = min(self.written, self.capacity)
+        has_last = [o is not None for o in self.last_obs]
+        return {
+            "frames": self.frames[:kept].cpu(),
+            "ids": self.ids[:kept].cpu(),
+            "written": self.written,
+            "has_last": torch.tensor(has_last),
+            "last_obs": torch.from_numpy(
+                np.array([o for o in self.last_obs if o is not None], dtype=np.uint8)
+            ),
+            "last_ids": torch.from_numpy(
+                np.array([i for i in self.last_ids if i is not None], dtype=np.int64)
+            ),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        kept = len(state["ids"])  # type: ignore[arg-type]
+        self.frames[:kept] = state["frames"].to(self.device)  # type: ignore[attr-defined]
+        self.ids[:kept] = state["ids"].to(self.device)  # type: ignore[attr-defined]
+        self.written = int(state["written"])  # type: ignore[call-overload]
+        rows = iter(zip(state["last_obs"].numpy(), state["last_ids"].numpy(), strict=True))  # type: ignore[attr-defined]
+        for e, has in enumerate(state["has_last"].tolist()):  # type: ignore[attr-defined]
+            self.last_obs[e], self.last_ids[e] = next(rows) if has else (None, None)
+
+    def nbytes(self) -> int:
+        return self.frames.nbytes + self.ids.nbytes

@@ -50,9 +50,11 @@ class EnvFactory(Protocol):
     @property
     def id(self) -> str: ...
 
-    def make(self, **overrides: Any) -> gym.Env: ...
+    def make(self, evaluation: bool = False, **overrides: Any) -> gym.Env: ...
 
-    def make_vec(self, num_envs: int, **overrides: Any) -> gym.vector.VectorEnv: ...
+    def make_vec(
+        self, num_envs: int, evaluation: bool = False, **overrides: Any
+    ) -> gym.vector.VectorEnv: ...
 
 
 def stream_seed(seed: int, stream: str) -> np.random.SeedSequence:
@@ -186,15 +188,20 @@ class RunContext:
         self.writer.write_artifact(path, artifact_dir)
 
     # -- environments -------------------------------------------------------------------------
-    def make_env(self, **overrides: Any) -> gym.Env:
+    # `evaluation=True`: envs for evaluating, which play whole episodes and report the env's
+    # own rewards where the training envs' preprocessing changes them (Atari's clipped rewards
+    # and life-loss terminals).
+    def make_env(self, evaluation: bool = False, **overrides: Any) -> gym.Env:
         if self.env is None:
             raise RuntimeError("this run has no `env` in its spec")
-        return self.env.make(**overrides)
+        return self.env.make(evaluation, **overrides)
 
-    def make_vec_env(self, num_envs: int, **overrides: Any) -> gym.vector.VectorEnv:
+    def make_vec_env(
+        self, num_envs: int, evaluation: bool = False, **overrides: Any
+    ) -> gym.vector.VectorEnv:
         if self.env is None:
             raise RuntimeError("this run has no `env` in its spec")
-        return self.env.make_vec(num_envs, **overrides)
+        return self.env.make_vec(num_envs, evaluation, **overrides)
 
     # -- cooperative cancellation -------------------------------------------------------------
     def should_stop(self) -> bool:

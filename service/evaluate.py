@@ -84,7 +84,7 @@ def evaluate_run(
 
         if render:  # off-screen frames: SDL (pygame, toy-text envs) must not look for a display
             os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-        env = spec.env.make(render_mode="rgb_array" if render else None)  # type: ignore[attr-defined]
+        env = spec.env.make(evaluation=True, render_mode="rgb_array" if render else None)  # type: ignore[attr-defined]
         try:
             policy = algo.load_policy(spec.params, state, env)  # type: ignore[attr-defined]
 

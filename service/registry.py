@@ -91,14 +91,16 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "dqn",
             "rl",
-            "DQN with Double, Dueling, n-step and prioritized replay options; vector envs.",
+            "DQN and Rainbow's parts (double, dueling, n-step, prioritized, C51, noisy); vector "
+            "envs, Atari and MinAtar pixels.",
             dqn.Config,
             dqn.train,
             metrics=dqn.METRICS,
             check_env=dqn.check_env,
             load_policy=dqn.load_policy,
-            resumes="networks, optimizer, random streams, n-step windows, the envs mid-episode, "
-            "and the replay buffer with checkpoint_buffer; every checkpoint_every steps",
+            resumes="networks, optimizer, random streams (noise included), n-step windows, the "
+            "envs mid-episode (fresh episodes for ALE's, which do not pickle), and the replay "
+            "buffer and frame store with checkpoint_buffer; every checkpoint_every steps",
             resume_problem=dqn.resume_problem,
             budget=("total_timesteps",),
         ),

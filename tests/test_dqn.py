@@ -725,3 +725,99 @@ def test_blackjack_trains_and_its_policy_evaluates(tmp_path: Path) -> None:
         env, one_at_a_time(dqn.load_policy(config, state, env)), episodes=20, seed=0
     )
     assert set(returns) <= {-1.0, 0.0, 1.0, 1.5} and lengths.min() >= 1
+
+
+# -- Rainbow's remaining parts: C51 and noisy nets ------------------------------------------------
+
+
+def test_c51_projection_on_a_hand_computed_case() -> None:
+    z = torch.tensor([-1.0, 0.0, 1.0])
+    p = torch.tensor([[0.2, 0.5, 0.3], [0.2, 0.5, 0.3], [0.2, 0.5, 0.3]])
+    returns = torch.tensor([0.5, 2.0, -0.25])
+    discounts = torch.tensor([0.5, 0.0, 0.0])  # the last two terminated
+    m = dqn.project_distribution(p, returns, discounts, z)
+    # Row 0: Tz = 0.5 + 0.5 z = [0, 0.5, 1]: atom 0 lands on z_1, atom 1 halfway between z_1
+    # and z_2, atom 2 on z_2. Row 1: every atom at 2, clipped to z_2. Row 2: every atom at
+    # -0.25, a quarter of the way from z_0 to z_1.
+    expected = torch.tensor([[0.0, 0.45, 0.55], [0.0, 0.0, 1.0], [0.25, 0.75, 0.0]])
+    assert torch.allclose(m, expected)
+    assert torch.allclose(m.sum(dim=1), torch.ones(3))
+
+
+def test_c51_q_values_are_the_distributions_means() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = dqn.QNetwork(4, 3, [8], dueling=True, generator=g, atoms=11, support=(-5.0, 5.0))
+    x = torch.randn(6, 4, generator=g)
+    probs = q.logits(x).softmax(dim=2)
+    assert probs.shape == (6, 3, 11)
+    assert torch.allclose(q(x), (probs * torch.linspace(-5, 5, 11)).sum(dim=2))
+
+
+def test_noisy_layers_noise_statistics_and_evaluation_mode() -> None:
+    p, out, sigma0 = 64, 32, 0.5
+    layer = dqn.NoisyLinear(p, out, sigma0, torch.Generator().manual_seed(0))
+    assert torch.allclose(layer.sigma_w, torch.full((out, p), sigma0 / p**0.5))
+    noise = torch.Generator().manual_seed(1)
+    x = torch.eye(p)  # row i reads column i of the weight
+    samples = []
+    for _ in range(2_000):
+        layer.reset_noise(noise)
+        samples.append(
+            (
+                layer(x).T
+                - layer.mu_b[:, None]
+                - layer.sigma_b[:, None] * layer.e_out[:, None]
+                - layer.mu_w
+            )
+            / layer.sigma_w
+        )
+    eps = torch.stack(samples).detach()  # (draws, out, p): f(e_out) f(e_in)
+    # f(e) = sign(e) sqrt|e|: E f(e) = 0 and E f(e)^2 = E|e| = sqrt(2/pi), so each weight's
+    # noise has mean 0 and variance (E|e|)^2 = 2/pi.
+    assert abs(float(eps.mean())) < 0.01
+    assert abs(float(eps.var(dim=0).mean()) - 2 / math.pi) < 0.02
+    # Evaluation: the mean weights alone, whatever the noise.
+    layer.eval()
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.mu_w, layer.mu_b))
+    layer.reset_noise(noise)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.mu_w, layer.mu_b))
+
+
+def test_rainbow_runs_and_resumes_exactly(tmp_path: Path) -> None:
+    """Double, dueling, 3-step, prioritized, distributional and noisy together; killed after a
+    checkpoint and resumed, it ends with the uninterrupted run's metrics."""
+    from runctx import InMemoryWriter
+
+    from .test_resume import Died, DyingWriter, points
+
+    config = small_config(
+        double_dqn=True,
+        dueling=True,
+        n_step=3,
+        prioritized_replay=True,
+        distributional=True,
+        atoms=21,
+        v_min=0.0,
+        v_max=200.0,
+        noisy=True,
+        exploration_initial_eps=0.0,
+        exploration_final_eps=0.0,
+        checkpoint_every=500,
+        checkpoint_buffer=True,
+    )
+    env = EnvSpec(id="CartPole-v1")
+    whole = RunContext(seed=3, writer=InMemoryWriter(), workdir=tmp_path / "whole", env=env)
+    dqn.train(config, whole)
+    whole.close()
+    assert np.isfinite([v for _, v in whole.writer.metrics["losses/td_loss"]]).all()
+    dying = DyingWriter(1)
+    with pytest.raises(Died):
+        dqn.train(config, RunContext(seed=3, writer=dying, workdir=tmp_path / "r", env=env))
+    logged = {k: max(s for s, _ in v) for k, v in dying.metrics.items()}
+    second = RunContext(seed=3, writer=InMemoryWriter(), workdir=tmp_path / "r", env=env)
+    dqn.train(config, second)
+    second.close()
+    joined = {k: list(v) for k, v in points(dying).items()}
+    for key, values in points(second.writer).items():
+        joined.setdefault(key, []).extend(p for p in values if p[0] > logged.get(key, -1))
+    assert joined == points(whole.writer)

@@ -30,6 +30,7 @@ TINY: dict[str, list[str]] = {
         "params.gradient_steps=5",
         "params.eval_every=300",
         "params.eval_episodes=2",
+        "params.eval_max_steps=200",  # an untrained Pong player's game lasts thousands of steps
         "params.buffer_size=1000",
     ],
     "policy_iteration": ["params.eval_episodes=3", "params.max_iterations=20"],

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from agents.envs import EnvSpec
+from agents.envs import EnvSpec, MissingExtra, ensure_registered, is_ale
 from generative import data
 from service.registry import ALGORITHMS, Algorithm
 from service.settings import get_settings
@@ -214,10 +214,21 @@ def check_env(env: EnvSpec, algo: Algorithm, source: Source) -> None:
 
     where = source.where(("env", "id"))
     if env.kwargs.get("render_mode") == "human":  # trials run on Ray workers, without a display
-        loc = ("env", "kwargs", "render_mode")
+        loc: Loc = ("env", "kwargs", "render_mode")
         msg = (
             "'human' opens a window, and trials run headless on Ray workers; leave it out "
             "(`rlgen evaluate RUN_ID --render gif` records an episode)"
+        )
+        raise SpecError([Problem(source.where(loc), dotted(loc), msg)])
+    try:
+        ensure_registered(env.id)
+    except MissingExtra as e:
+        raise SpecError([Problem(where, "env.id", f"'{env.id}': {e}")]) from None
+    if env.preprocessing is not None and not is_ale(env.id):
+        loc = ("env", "preprocessing")
+        msg = (
+            f"Atari preprocessing needs an ALE game (ALE/Pong-v5, PongNoFrameskip-v4), "
+            f"not '{env.id}'"
         )
         raise SpecError([Problem(source.where(loc), dotted(loc), msg)])
     if ":" in env.id:
