@@ -34,12 +34,11 @@ class Family:
         return env_id.startswith(self.prefixes) or env_id.endswith(self.suffixes)
 
 
-FAMILIES = (
-    # ALE/Pong-v5: sticky actions (0.25), as Machado et al. (2018) recommend; PongNoFrameskip-v4:
-    # deterministic, the setting of the DQN and Rainbow papers and of most published tables.
-    Family("Atari (ALE)", "ale_py", "atari", prefixes=("ALE/",), suffixes=("NoFrameskip-v4",)),
-    Family("MinAtar", "minatar.gym", "atari", prefixes=("MinAtar/",)),
-)
+# ALE/Pong-v5: sticky actions (0.25), as Machado et al. (2018) recommend; PongNoFrameskip-v4:
+# deterministic, the setting of the DQN and Rainbow papers and of most published tables.
+ALE = Family("Atari (ALE)", "ale_py", "atari", prefixes=("ALE/",), suffixes=("NoFrameskip-v4",))
+MINATAR = Family("MinAtar", "minatar.gym", "atari", prefixes=("MinAtar/",))
+FAMILIES = (ALE, MINATAR)
 
 
 class MissingExtra(LookupError):
@@ -65,14 +64,16 @@ def ensure_registered(env_id: str) -> None:
 
 
 def is_ale(env_id: str) -> bool:
-    return FAMILIES[0].matches(env_id)
+    return ALE.matches(env_id)
 
 
 class AtariPreprocessing(BaseModel):
     """The standard Atari preprocessing (Mnih et al. 2015; Machado et al. 2018), by ALE's own
     vector env (its C++ threads) for training and evaluation, and by gymnasium's
     `AtariPreprocessing` and `FrameStackObservation` wrappers for a single env (`rlgen
-    evaluate`). Observations: (frame_stack, screen_size, screen_size) uint8 greyscale."""
+    evaluate`, whose episodes are rendered). Observations: (frame_stack, screen_size,
+    screen_size) uint8 greyscale, identical on both paths except that gymnasium has no wrapper
+    that presses FIRE on reset: the single env leaves that to the policy."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

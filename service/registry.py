@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from agents import dp, dqn, policy_iteration, q_learning, value_iteration
+from agents import dp, dqn, policy_iteration, ppo, q_learning, value_iteration
 from generative import autoencoder, dbn, gan, rbm, vae
 from runctx import RunContext
 
@@ -102,6 +102,19 @@ ALGORITHMS: dict[str, Algorithm] = {
             "envs mid-episode (fresh episodes for ALE's, which do not pickle), and the replay "
             "buffer and frame store with checkpoint_buffer; every checkpoint_every steps",
             resume_problem=dqn.resume_problem,
+            budget=("total_timesteps",),
+        ),
+        Algorithm(
+            "ppo",
+            "rl",
+            "PPO with GAE, clipped surrogate and value loss; discrete or Gaussian policies.",
+            ppo.Config,
+            ppo.train,
+            metrics=ppo.METRICS,
+            check_env=ppo.check_env,
+            load_policy=ppo.load_policy,
+            resumes="actor-critic, optimizer, observation and return statistics, the sampling "
+            "stream, the envs mid-episode; every checkpoint_every steps, between rollouts",
             budget=("total_timesteps",),
         ),
         Algorithm(

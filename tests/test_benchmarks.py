@@ -111,3 +111,13 @@ def test_service_overhead() -> None:
 def test_pbt_against_random_search() -> None:
     out = run("pbt_dqn.py", "--timesteps", "3000", "--members", "2")
     assert "| PBT |" in out and "| random search |" in out
+
+
+def test_atari_dqn() -> None:
+    out = run("atari_dqn.py", "--steps", "300", "--repeats", "1")
+    assert "rlgen 4 envs" in out and "sb3" in out
+
+
+def test_minatar_dqn() -> None:
+    out = run("minatar_dqn.py", "--steps", "600", "--eval-every", "300", "--seeds", "0", "1")
+    assert "uniform random policy" in out

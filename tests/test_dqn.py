@@ -484,8 +484,10 @@ def test_integer_observations_enter_as_concatenated_one_hot_codes() -> None:
     assert (policy(states) == direct).all()
 
 
-def test_learns_a_deterministic_frozen_lake(tmp_path: Path) -> None:
-    """Integer observations end to end: buffer, one-hot network, evaluation, reaching the goal."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed"])
+def test_learns_a_deterministic_frozen_lake(precision: str, tmp_path: Path) -> None:
+    """Integer observations end to end: buffer, one-hot network, evaluation, reaching the goal;
+    in float32 and with mixed-precision forward passes (which run on the CPU too)."""
     # gamma 0.9: with 0.99 the values of states 1 and 6 steps from the goal differ by 5%, less
     # than the net's early errors, and the greedy path wanders (seeds 0-7 solve it either way).
     config = small_config(
@@ -502,6 +504,7 @@ def test_learns_a_deterministic_frozen_lake(tmp_path: Path) -> None:
         eval_every=1_000,
         eval_episodes=5,
         log_every=100,
+        precision=precision,
     )
     ctx = RunContext.in_memory(
         seed=0, workdir=tmp_path, env=EnvSpec(id="FrozenLake-v1", kwargs={"is_slippery": False})
@@ -512,6 +515,7 @@ def test_learns_a_deterministic_frozen_lake(tmp_path: Path) -> None:
     assert evals[-3:] == [1.0, 1.0, 1.0]  # every evaluation episode reaches the goal, and stays
     state = ctx.checkpoints.latest()
     assert state is not None and state["q"]["onehot_shift"].tolist() == [0]
+    assert ("scaler" in state) == (precision == "fp16-mixed")  # its loss scale resumes
 
 
 class ShiftedBandit(gym.Env):  # type: ignore[type-arg]

@@ -34,6 +34,13 @@ TINY: dict[str, list[str]] = {
         "params.buffer_size=1000",
     ],
     "policy_iteration": ["params.eval_episodes=3", "params.max_iterations=20"],
+    "ppo": [
+        "params.total_timesteps=512",
+        "params.num_steps=64",
+        "params.eval_every=256",
+        "params.eval_episodes=2",
+        "params.eval_max_steps=200",
+    ],
     "dbn": ["params.pretraining.epochs=1", "params.finetune_epochs=1", "dataset.limit=300"],
     "autoencoder": ["params.pretrain_epochs=1", "params.epochs=1", "dataset.limit=300"],
     "vae": ["params.epochs=1", "params.iwae_k=2", "params.iwae_examples=20", "dataset.limit=300"],

@@ -66,6 +66,21 @@ CASES: dict[str, tuple[EnvSpec | None, dict[str, Any], int]] = {
         },
         1,
     ),
+    "ppo": (
+        EnvSpec(id="CartPole-v1"),
+        {
+            "total_timesteps": 2_048,
+            "num_envs": 2,
+            "num_steps": 64,
+            "hidden_sizes": [16],
+            "normalize_obs": True,
+            "normalize_reward": True,
+            "eval_every": 512,
+            "eval_episodes": 2,
+            "checkpoint_every": 512,
+        },
+        2,
+    ),
     "rbm": (
         None,
         {

@@ -1,0 +1,523 @@
+"""PPO (Schulman et al. 2017) on gymnasium vector envs, discrete and continuous actions.
+
+Each update collects `num_steps` steps from each of `num_envs` envs, computes GAE(lambda)
+advantages (Schulman et al. 2016),
+
+    delta_t = r_t + gamma V(s_{t+1}) (1 - done_t) - V(s_t)
+    A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},
+
+and takes `update_epochs` passes of minibatch gradient steps on
+
+    L = -E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)] + c_v L_V - c_e H[pi]
+    rho = pi(a|s) / pi_old(a|s).
+
+Implementation details, after Huang et al., "The 37 Implementation Details of PPO" (ICLR blog
+track 2022). In: vector envs (1); orthogonal initialisation, sqrt(2) hidden, 0.01 policy and 1
+value output gains (2); Adam eps 1e-5 (3); learning rate annealed linearly to 0 (4); GAE (5);
+minibatches of shuffled indices (6); advantage normalisation per minibatch (7); clipped
+surrogate (8); clipped value loss (9); entropy bonus (10); global gradient-norm clipping (11);
+approx KL (the unbiased estimator (rho - 1) - log rho) and clip fraction as metrics (12);
+separate actor and critic MLPs with tanh (13); truncated episodes bootstrap from V(final obs)
+(in place of the blog's "done" handling; gymnasium reports truncation apart); continuous
+actions: a diagonal Gaussian with a state-independent log-std (detail c1), sampled actions
+clipped to the bounds for the env while their log-probabilities use the unclipped sample (c2),
+observation and reward normalisation by running statistics with clipping to +-10 (c3-c6,
+`normalize_obs`, `normalize_reward`). Not in: early stopping on a target KL (off by default in
+the reference too), shared actor-critic torsos and the Atari details (the Nature CNN with PPO
+waits for the pixel pipeline to be wired here), LSTM and multi-discrete details.
+
+Counting: a *timestep* is one transition of one env (the reset step of gymnasium's next-step
+autoreset is not one, and is left out of the loss).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from torch import nn
+
+from agents import envstate
+from agents.evaluation import evaluate_vector, length_metric
+from runctx import RunContext
+from runctx.checkpoints import capture
+
+
+class Config(BaseModel):
+    """Defaults: CleanRL's `ppo.py` / `ppo_continuous_action.py` (Huang et al. 2022)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    total_timesteps: int = Field(500_000, gt=0, description="Transitions to collect.")
+    learning_rate: float = Field(2.5e-4, gt=0, description="Adam step size at the start.")
+    anneal_lr: bool = Field(True, description="Anneal the step size linearly to 0.")
+    num_envs: int = Field(4, ge=1, le=1024, description="Envs stepped as one batch.")
+    num_steps: int = Field(128, gt=0, description="Steps per env in each rollout.")
+    gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE's lambda.")
+    num_minibatches: int = Field(4, gt=0, description="Minibatches per epoch.")
+    update_epochs: int = Field(4, gt=0, description="Passes over each rollout.")
+    norm_adv: bool = Field(True, description="Normalise advantages per minibatch.")
+    clip_coef: float = Field(0.2, gt=0, description="Surrogate clipping epsilon.")
+    clip_vloss: bool = Field(True, description="Clip the value loss as the surrogate is.")
+    ent_coef: float = Field(0.01, ge=0, description="Entropy bonus coefficient.")
+    vf_coef: float = Field(0.5, ge=0, description="Value loss coefficient.")
+    max_grad_norm: float = Field(0.5, gt=0, description="Clip the gradient's global norm.")
+    hidden_sizes: list[PositiveInt] = Field(
+        default_factory=lambda: [64, 64], description="Widths of the actor's and critic's MLPs."
+    )
+    normalize_obs: bool = Field(
+        False, description="Normalise observations by running mean and std (MuJoCo: on)."
+    )
+    normalize_reward: bool = Field(
+        False,
+        description="Scale rewards by the running std of the discounted return (MuJoCo: on).",
+    )
+    eval_every: int = Field(10_000, gt=0, description="Timesteps between evaluations.")
+    eval_episodes: int = Field(10, ge=1, le=1000, description="Deterministic eval episodes.")
+    eval_max_steps: int = Field(
+        10_000, gt=0, description="Cap on an evaluation episode in envs without a time limit."
+    )
+    stop_at_return: float | None = Field(
+        None, description="Stop once an evaluation's mean return reaches this."
+    )
+    checkpoint_every: int = Field(
+        50_000, gt=0, description="Timesteps between checkpoints (and at the end)."
+    )
+
+
+METRICS = (
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/learning_rate",
+    "losses/policy_loss",
+    "losses/value_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+    "eval/return_mean",
+    "eval/return_std",
+    "eval/length_mean",
+    "time/sps",
+    "time/train_s",
+)
+
+
+def check_env(env: gym.Env) -> str | None:
+    """Why PPO cannot run on `env`, or None."""
+    if not isinstance(env.action_space, gym.spaces.Discrete | gym.spaces.Box):
+        return f"PPO needs a Discrete or Box action space, not {env.action_space}"
+    if isinstance(env.action_space, gym.spaces.Box) and len(env.action_space.shape) != 1:
+        return f"PPO needs a one-dimensional Box of actions, not {env.action_space}"
+    space = env.observation_space
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        return f"PPO takes vector observations (a one-dimensional Box), not {space}"
+    return None
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean and variance of batches (Chan et al.'s parallel update); buffers, so
+    checkpoints and `rlgen evaluate` carry them."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: torch.Tensor
+
+    def update(self, x: np.ndarray) -> None:
+        batch = torch.as_tensor(x, dtype=torch.float64)
+        if len(batch) == 0:  # every env was on its reset step
+            return
+        b_mean, b_var, n = batch.mean(0), batch.var(0, unbiased=False), len(batch)
+        delta, total = b_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var.copy_(
+            (self.var * self.count + b_var * n + delta**2 * self.count * n / total) / total
+        )
+        self.count.copy_(total)
+
+    def normalize(self, x: np.ndarray, clip: float = 10.0) -> np.ndarray:
+        z = (x - self.mean.numpy()) / np.sqrt(self.var.numpy() + 1e-8)
+        return np.clip(z, -clip, clip).astype(np.float32)
+
+
+def layer(p: int, q: int, gain: float, generator: torch.Generator) -> nn.Linear:
+    """A linear layer with orthogonal weights of `gain` and zero biases (detail 2)."""
+    m = nn.Linear(p, q)
+    nn.init.orthogonal_(m.weight, gain, generator=generator)
+    nn.init.zeros_(m.bias)
+    return m
+
+
+def mlp(widths: list[int], out: int, out_gain: float, generator: torch.Generator) -> nn.Module:
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [layer(a, b, math.sqrt(2), generator), nn.Tanh()]
+    return nn.Sequential(*layers, layer(widths[-1], out, out_gain, generator))
+
+
+class ActorCritic(nn.Module):
+    """Separate MLPs: obs (B, D) -> policy (logits (B, A), or Gaussian means (B, A) with a
+    state-independent log-std (A,)) and value (B,)."""
+
+    def __init__(
+        self, obs_dim: int, action_space: gym.Space, hidden: list[int], generator: torch.Generator
+    ):
+        super().__init__()
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        size = np.prod(action_space.shape or ()) if self.continuous else action_space.n  # type: ignore[attr-defined]
+        n = int(size)
+        widths = [obs_dim, *hidden]
+        self.critic = mlp(widths, 1, 1.0, generator)
+        self.actor = mlp(widths, n, 0.01, generator)
+        self.log_std = nn.Parameter(torch.zeros(n)) if self.continuous else None
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)
+
+    def dist(self, obs: torch.Tensor) -> torch.distributions.Distribution:
+        out = self.actor(obs)
+        if self.log_std is None:
+            return torch.distributions.Categorical(logits=out)
+        return torch.distributions.Normal(out, self.log_std.exp().expand_as(out))
+
+    def log_prob_entropy(
+        self, obs: torch.Tensor, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(a|s) and H[pi(.|s)], each (B,); a Gaussian's sum over action dimensions."""
+        d = self.dist(obs)
+        if self.continuous:
+            return d.log_prob(actions).sum(-1), d.entropy().sum(-1)
+        return d.log_prob(actions), d.entropy()
+
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The mode: argmax of the logits, or the Gaussian's mean."""
+        out = self.actor(obs)
+        return out if self.continuous else out.argmax(-1)
+
+
+def gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    dones: np.ndarray,
+    last_values: np.ndarray,
+    gamma: float,
+    lam: float,
+) -> np.ndarray:
+    """GAE(lambda) advantages, (T, N), of rewards, values and dones (T, N) with V(s_T) (N,).
+
+    done_t: the episode ended at step t (terminated or truncated); a truncated step's reward
+    already holds gamma V(final obs), so nothing is bootstrapped across an episode's end."""
+    advantages = np.zeros_like(rewards)
+    running = np.zeros(rewards.shape[1])
+    for t in reversed(range(len(rewards))):
+        next_values = last_values if t == len(rewards) - 1 else values[t + 1]
+        alive = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_values * alive - values[t]
+        running = delta + gamma * lam * alive * running
+        advantages[t] = running
+    return advantages
+
+
+def clipped_surrogate(
+    new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """-E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)], rho = exp(new - old): its gradient is 0 for
+    samples whose ratio has left the clip range in the direction their advantage favours."""
+    ratio = (new_log_prob - old_log_prob).exp()
+    return -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages).mean()
+
+
+def train(config: Config, ctx: RunContext) -> None:
+    device = ctx.device
+    envs = ctx.make_vec_env(config.num_envs)
+    eval_envs = ctx.make_vec_env(config.eval_episodes, evaluation=True)
+    mode = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    if mode != AutoresetMode.NEXT_STEP:
+        raise ValueError(f"unsupported vector-env autoreset mode {mode}")
+    n_envs, n_steps = config.num_envs, config.num_steps
+    obs_dim = int(np.prod(envs.single_observation_space.shape))  # type: ignore[arg-type]
+    action_space = envs.single_action_space
+    envs.action_space.seed(int(ctx.rng("exploration").integers(2**31)))
+    agent = ActorCritic(
+        obs_dim, action_space, config.hidden_sizes, ctx.torch_generator("init", "cpu")
+    )
+    agent.to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5)
+    obs_stats = RunningMeanStd((obs_dim,))
+    ret_stats = RunningMeanStd(())
+    sampling = ctx.torch_generator("policy", device=device)  # actions and minibatch shuffles
+    low = high = None
+    if agent.continuous:
+        low, high = action_space.low, action_space.high  # type: ignore[attr-defined]
+
+    state: dict[str, Any] = {
+        "agent": agent,
+        "optimizer": optimizer,
+        "obs_stats": obs_stats,
+        "ret_stats": ret_stats,
+        "sampling": sampling,
+    }
+    step, updates = 0, 0
+    next_eval, next_ckpt = config.eval_every, config.checkpoint_every
+    evals: list[tuple[int, float]] = []
+    raw_obs, _ = envs.reset(seed=ctx.seed)
+    valid = np.ones(n_envs, dtype=bool)
+    ep_return, ep_length = np.zeros(n_envs), np.zeros(n_envs, dtype=np.int64)
+    discounted = np.zeros(n_envs)  # the running discounted return, for reward normalisation
+    if (saved := ctx.checkpoints.restore(state)) is not None:
+        step, updates = saved["step"], saved["updates"]
+        next_eval, next_ckpt = saved["next_eval"], saved["next_ckpt"]
+        evals = [(int(s), m) for s, m in saved["evals"].tolist()]
+        if "envs" in saved:
+            envs.close()
+            envs = envstate.revive(saved["envs"])
+            raw_obs, valid = saved["obs"].numpy(), saved["valid"].numpy()
+            ep_return, ep_length = saved["ep_return"].numpy(), saved["ep_length"].numpy()
+            discounted = saved["discounted"].numpy()
+        else:
+            raw_obs, _ = envs.reset(seed=ctx.seed + step)
+        ctx.log.info("resumed from the checkpoint at timestep %d", step)
+
+    def observe(raw: np.ndarray, update: bool) -> torch.Tensor:
+        x = np.asarray(raw, dtype=np.float32).reshape(len(raw), -1)
+        if config.normalize_obs:
+            if update:
+                obs_stats.update(x)
+            x = obs_stats.normalize(x)
+        return torch.as_tensor(x, device=device)
+
+    @torch.inference_mode()
+    def act_deterministic(raw: np.ndarray) -> np.ndarray:
+        out = agent.deterministic(observe(raw, update=False)).cpu().numpy()
+        return np.clip(out, low, high) if agent.continuous else out
+
+    def evaluate() -> float:
+        with ctx.timer.paused():
+            returns, lengths = evaluate_vector(
+                eval_envs, act_deterministic, config.eval_episodes, ctx.seed + 10_000,
+                config.eval_max_steps,
+            )  # fmt: skip
+            evals.append((step, float(returns.mean())))
+            ctx.log_metrics(
+                {
+                    "eval/return_mean": returns.mean(),
+                    "eval/return_std": returns.std(),
+                    **length_metric("eval/length_mean", returns, lengths),
+                    "time/train_s": ctx.timer.elapsed(),
+                },
+                step=step,
+            )
+        return float(returns.mean())
+
+    def checkpoint() -> None:
+        with ctx.timer.paused():
+            envs_state = envstate.snapshot(envs)
+            ctx.checkpoints.save(
+                {
+                    **capture(state),
+                    "step": step,
+                    "updates": updates,
+                    "next_eval": next_eval,
+                    "next_ckpt": next_ckpt,
+                    "evals": torch.tensor(evals, dtype=torch.float64).reshape(-1, 2),
+                    **(
+                        {
+                            "envs": envs_state,
+                            "obs": torch.from_numpy(np.asarray(raw_obs).copy()),
+                            "valid": torch.from_numpy(valid.copy()),
+                            "ep_return": torch.from_numpy(ep_return.copy()),
+                            "ep_length": torch.from_numpy(ep_length.copy()),
+                            "discounted": torch.from_numpy(discounted.copy()),
+                        }
+                        if envs_state is not None
+                        else {}
+                    ),
+                },
+                step=step,
+            )
+
+    # Rollout storage, (T, N, ...).
+    shape_a: tuple[int, ...] = tuple(action_space.shape or ()) if agent.continuous else ()
+    b_obs = torch.zeros((n_steps, n_envs, obs_dim), device=device)
+    b_actions = torch.zeros((n_steps, n_envs, *shape_a), device=device)
+    b_logp = torch.zeros((n_steps, n_envs), device=device)
+    b_values = np.zeros((n_steps, n_envs), dtype=np.float32)
+    b_rewards = np.zeros((n_steps, n_envs), dtype=np.float32)
+    b_dones = np.zeros((n_steps, n_envs), dtype=np.float32)
+    b_valid = np.zeros((n_steps, n_envs), dtype=bool)
+    tick = (step, ctx.timer.elapsed())
+    while step < config.total_timesteps and not ctx.should_stop():
+        if config.anneal_lr:  # detail 4: linearly to 0 over the budget (in timesteps: reset
+            # steps are not transitions, so the number of rollouts is not known in advance)
+            frac = max(0.0, 1 - step / config.total_timesteps)
+            optimizer.param_groups[0]["lr"] = config.learning_rate * frac
+        # -- collect ------------------------------------------------------------------------
+        for t in range(n_steps):
+            obs = observe(raw_obs, update=True)
+            with torch.no_grad():  # sampled from the trial's generator (`.sample()` takes none)
+                d = agent.dist(obs)
+                if agent.continuous:
+                    noise = torch.randn(d.mean.shape, generator=sampling, device=device)
+                    action = d.mean + d.stddev * noise
+                else:  # inverse CDF of the categorical
+                    u = torch.rand((n_envs, 1), generator=sampling, device=device)
+                    probs = d.probs  # type: ignore[attr-defined]
+                    action = (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
+                logp, _ = agent.log_prob_entropy(obs, action)
+                value = agent.value(obs)
+            env_action = action.cpu().numpy()
+            if agent.continuous:  # detail c2: the env gets the clipped action
+                env_action = np.clip(env_action, low, high)
+            raw_next, reward, terminated, truncated, _ = envs.step(env_action)
+            done = terminated | truncated
+            reward = np.asarray(reward, dtype=np.float64)
+            step += int(valid.sum())
+            ep_return += reward * valid
+            ep_length += valid
+            for e in np.flatnonzero(done & valid):
+                ctx.log_metrics(
+                    {
+                        "charts/episodic_return": ep_return[e],
+                        **length_metric("charts/episodic_length", ep_return[e], ep_length[e]),
+                    },
+                    step=step,
+                )
+            ep_return[done], ep_length[done] = 0.0, 0
+            if config.normalize_reward:  # details c5-c6: scale by the discounted return's std
+                discounted = discounted * config.gamma * (1 - done) + reward
+                ret_stats.update(discounted[valid])
+                reward = np.clip(reward / math.sqrt(float(ret_stats.var) + 1e-8), -10, 10)
+            # Truncated: the episode did not end, it was cut; bootstrap from V(final obs), which
+            # next-step autoreset returns now (it resets on the next step).
+            cut = truncated & ~terminated & valid
+            if cut.any():
+                with torch.no_grad():
+                    final_v = agent.value(observe(raw_next[cut], update=False)).cpu().numpy()
+                reward[cut] += config.gamma * final_v
+            b_obs[t], b_actions[t], b_logp[t] = obs, action, logp
+            b_values[t] = value.cpu().numpy()
+            b_rewards[t], b_dones[t], b_valid[t] = reward * valid, done, valid
+            valid = ~done  # the next step of a done env is its reset step, not a transition
+            raw_obs = raw_next
+        with torch.no_grad():
+            last_values = agent.value(observe(raw_obs, update=False)).cpu().numpy()
+        advantages = gae(b_rewards, b_values, b_dones, last_values, config.gamma, config.gae_lambda)
+        returns = advantages + b_values
+
+        # -- learn on the valid steps -------------------------------------------------------
+        keep = torch.as_tensor(b_valid.reshape(-1), device=device)
+        f_obs = b_obs.reshape(-1, obs_dim)[keep]
+        f_actions = b_actions.reshape(-1, *shape_a)[keep]
+        f_logp = b_logp.reshape(-1)[keep]
+        f_adv = torch.as_tensor(advantages.reshape(-1), device=device)[keep]
+        f_ret = torch.as_tensor(returns.reshape(-1), device=device)[keep]
+        f_val = torch.as_tensor(b_values.reshape(-1), device=device)[keep]
+        n = len(f_obs)
+        size = max(1, n // config.num_minibatches)
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "v", "ent", "kl", "clip")}
+        for _ in range(config.update_epochs):
+            order = torch.randperm(n, generator=sampling, device=device)
+            for start in range(0, n, size):
+                mb = order[start : start + size]
+                new_logp, entropy = agent.log_prob_entropy(f_obs[mb], f_actions[mb])
+                adv = f_adv[mb]
+                if config.norm_adv and len(mb) > 1:  # detail 7
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                pg_loss = clipped_surrogate(new_logp, f_logp[mb], adv, config.clip_coef)
+                v = agent.value(f_obs[mb])
+                v_loss = (v - f_ret[mb]) ** 2
+                if config.clip_vloss:  # detail 9
+                    v_clipped = f_val[mb] + (v - f_val[mb]).clamp(
+                        -config.clip_coef, config.clip_coef
+                    )
+                    v_loss = torch.max(v_loss, (v_clipped - f_ret[mb]) ** 2)
+                v_loss = 0.5 * v_loss.mean()
+                loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
+                optimizer.step()
+                with torch.no_grad():
+                    log_ratio = new_logp - f_logp[mb]
+                    stats["kl"].append(((log_ratio.exp() - 1) - log_ratio).mean())
+                    stats["clip"].append(
+                        ((log_ratio.exp() - 1).abs() > config.clip_coef).float().mean()
+                    )
+                    stats["pg"].append(pg_loss.detach())
+                    stats["v"].append(v_loss.detach())
+                    stats["ent"].append(entropy.mean().detach())
+        updates += 1
+        y, pred = f_ret.cpu().numpy(), f_val.cpu().numpy()
+        explained = 1 - np.var(y - pred) / np.var(y) if np.var(y) > 0 else float("nan")
+        now = (step, ctx.timer.elapsed())
+        sps = (now[0] - tick[0]) / max(now[1] - tick[1], 1e-9)
+        tick = now
+        mean = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        ctx.log_metrics(
+            {
+                "losses/policy_loss": mean["pg"],
+                "losses/value_loss": mean["v"],
+                "losses/entropy": mean["ent"],
+                "losses/approx_kl": mean["kl"],
+                "losses/clipfrac": mean["clip"],
+                **({"losses/explained_variance": explained} if math.isfinite(explained) else {}),
+                "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                "time/sps": sps,
+            },
+            step=step,
+        )
+        if not math.isfinite(mean["pg"] + mean["v"]):
+            raise FloatingPointError(f"PPO loss is not finite at timestep {step}")
+        if step >= next_eval:
+            while next_eval <= step:  # a rollout may pass several evaluation points
+                next_eval += config.eval_every
+            mean_return = evaluate()
+            if config.stop_at_return is not None and mean_return >= config.stop_at_return:
+                break
+        if step >= next_ckpt:
+            while next_ckpt <= step:
+                next_ckpt += config.checkpoint_every
+            checkpoint()
+
+    ctx.timer.stop()
+    if not evals or evals[-1][0] != step:
+        evaluate()
+    checkpoint()
+    envs.close()
+    eval_envs.close()
+
+
+def load_policy(config: Config, state: dict[str, Any], env: gym.Env) -> Any:
+    """The deterministic policy of a checkpoint, for `rlgen evaluate`: obs (N, D) -> actions."""
+    obs_dim = int(np.prod(env.observation_space.shape))  # type: ignore[arg-type]
+    agent = ActorCritic(obs_dim, env.action_space, config.hidden_sizes, torch.Generator())
+    agent.load_state_dict(state["agent"])
+    obs_stats = RunningMeanStd((obs_dim,))
+    obs_stats.load_state_dict(state["obs_stats"])
+    space = env.action_space
+
+    @torch.inference_mode()
+    def act(obs: np.ndarray) -> np.ndarray:
+        x = np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
+        if config.normalize_obs:
+            x = obs_stats.normalize(x)
+        out = agent.deterministic(torch.as_tensor(x)).numpy()
+        return np.clip(out, space.low, space.high) if agent.continuous else out  # type: ignore[attr-defined]
+
+    return act
+
+
+__all__ = ["Config", "clipped_surrogate", "gae", "load_policy", "train"]

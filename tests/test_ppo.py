@@ -1,0 +1,125 @@
+"""PPO: the maths (GAE, the clipped surrogate), learning a continuous bandit and CartPole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from agents import ppo
+from agents.envs import EnvSpec
+from runctx import RunContext
+
+
+def test_gae_on_a_hand_computed_sequence_with_truncation_and_termination() -> None:
+    """Two envs, three steps, gamma 0.9, lambda 0.5. Env 0's episode is cut by a time limit at
+    step 1 (its reward holds gamma V(final obs) = 0.9 * 2), env 1's terminates at step 1."""
+    gamma, lam = 0.9, 0.5
+    rewards = np.array([[1.0, 1.0], [1.0 + gamma * 2.0, 1.0], [1.0, 1.0]])
+    values = np.array([[0.5, 0.5], [0.6, 0.6], [0.7, 0.7]])
+    dones = np.array([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    last = np.array([0.8, 0.8])
+    adv = ppo.gae(rewards, values, dones, last, gamma, lam)
+    # t=2: 1 + 0.9 * 0.8 - 0.7 = 1.02 in both.
+    # t=1: no bootstrap across the end: env 0, 2.8 - 0.6 = 2.2; env 1, 1 - 0.6 = 0.4.
+    # t=0: delta 1 + 0.9 * 0.6 - 0.5 = 1.04, plus 0.9 * 0.5 * A_1.
+    expected = np.array([[1.04 + 0.45 * 2.2, 1.04 + 0.45 * 0.4], [2.2, 0.4], [1.02, 1.02]])
+    assert np.allclose(adv, expected)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "advantage", "moves"),
+    [
+        (1.5, 1.0, False),  # above 1 + eps, and a larger ratio would only help: clipped
+        (0.5, -1.0, False),  # below 1 - eps, and a smaller ratio would only help: clipped
+        (1.1, 1.0, True),  # inside the range
+        (1.5, -1.0, True),  # outside, but in the direction the advantage punishes: not clipped
+        (0.5, 1.0, True),
+    ],
+)
+def test_the_clipped_objective_has_no_gradient_outside_the_clip_range(
+    ratio: float, advantage: float, moves: bool
+) -> None:
+    new = torch.tensor([float(np.log(ratio))], requires_grad=True)
+    loss = ppo.clipped_surrogate(new, torch.zeros(1), torch.tensor([advantage]), eps=0.2)
+    loss.backward()
+    assert new.grad is not None
+    assert (float(new.grad.abs()) > 0) == moves
+
+
+class ContinuousBandit(gym.Env):  # type: ignore[type-arg]
+    """One-step episodes; the reward is -(a - 1)^2 for an action a in [-2, 2]."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: object = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return np.zeros(1, np.float32), -float((action[0] - 1.0) ** 2), True, False, {}
+
+
+gym.register("rlgen-test/ContinuousBandit-v0", entry_point=ContinuousBandit)
+
+
+def test_ppo_solves_a_continuous_bandit(tmp_path: Path) -> None:
+    config = ppo.Config(
+        total_timesteps=20_000,
+        num_envs=8,
+        num_steps=16,
+        learning_rate=3e-3,
+        ent_coef=0.0,
+        hidden_sizes=[16],
+        eval_every=5_000,
+        eval_episodes=4,
+    )
+    ctx = RunContext.in_memory(
+        seed=0, workdir=tmp_path, env=EnvSpec(id="rlgen-test/ContinuousBandit-v0")
+    )
+    ppo.train(config, ctx)
+    ctx.close()
+    evals = [v for _, v in ctx.writer.metrics["eval/return_mean"]]  # type: ignore[attr-defined]
+    assert evals[-1] > -0.01  # the mean action within 0.1 of the optimum 1
+    # A deterministic policy on a constant observation: every evaluation episode is the same.
+    assert ctx.writer.metrics["eval/return_std"][-1][1] == 0.0  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_ppo_solves_cartpole_and_logs_its_metrics(tmp_path: Path) -> None:
+    """RL-Zoo3's CartPole settings and budget (100k steps) reach a greedy return of 475."""
+    config = ppo.Config(
+        total_timesteps=100_000,
+        num_envs=8,
+        num_steps=32,
+        gae_lambda=0.8,
+        gamma=0.98,
+        update_epochs=20,
+        num_minibatches=1,
+        learning_rate=1e-3,
+        ent_coef=0.0,
+        eval_every=10_000,
+    )
+    ctx = RunContext.in_memory(seed=0, workdir=tmp_path, env=EnvSpec(id="CartPole-v1"))
+    ppo.train(config, ctx)
+    ctx.close()
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    for key in ("losses/approx_kl", "losses/clipfrac", "losses/entropy", "charts/episodic_return"):
+        assert len(m[key]) >= 2, key
+    assert max(v for _, v in m["eval/return_mean"]) >= 475
+    assert "charts/episodic_length" not in m  # CartPole: the length is the return
+
+
+def test_ppo_refuses_what_it_cannot_act_in() -> None:
+    assert ppo.check_env(gym.make("CartPole-v1")) is None
+    assert ppo.check_env(gym.make("Pendulum-v1")) is None
+    assert "vector observations" in str(ppo.check_env(gym.make("Blackjack-v1")))  # a Tuple
+    binary = SimpleNamespace(
+        action_space=gym.spaces.MultiBinary(3), observation_space=gym.spaces.Box(0, 1, (2,))
+    )
+    assert "Discrete or Box" in str(ppo.check_env(binary))  # type: ignore[arg-type]
