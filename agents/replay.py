@@ -159,12 +159,15 @@ class ReplayBuffer:
         device: torch.device,
         generator: torch.Generator,
         frames: FrameStore | None = None,
+        action_shape: tuple[int, ...] = (),
+        action_dtype: torch.dtype = torch.int64,
     ):
         self.capacity, self.device, self.generator = capacity, device, generator
         self.frames = frames
         self.obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype, device=device)
         self.next_obs = torch.zeros_like(self.obs)
-        self.actions = torch.zeros(capacity, dtype=torch.int64, device=device)
+        # Action indices (DQN), or continuous action vectors (SAC: action_shape (A,), float32).
+        self.actions = torch.zeros((capacity, *action_shape), dtype=action_dtype, device=device)
         self.returns = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.discounts = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.pos = 0  # next row to write

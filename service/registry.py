@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from agents import dp, dqn, policy_iteration, ppo, q_learning, value_iteration
+from agents import dp, dqn, policy_iteration, ppo, q_learning, sac, value_iteration
 from generative import autoencoder, dbn, gan, rbm, vae
 from runctx import RunContext
 
@@ -115,6 +115,21 @@ ALGORITHMS: dict[str, Algorithm] = {
             load_policy=ppo.load_policy,
             resumes="actor-critic, optimizer, observation and return statistics, the sampling "
             "stream, the envs mid-episode; every checkpoint_every steps, between rollouts",
+            budget=("total_timesteps",),
+        ),
+        Algorithm(
+            "sac",
+            "rl",
+            "SAC with twin critics, a tanh-squashed Gaussian policy, automatic entropy tuning.",
+            sac.Config,
+            sac.train,
+            metrics=sac.METRICS,
+            check_env=sac.check_env,
+            load_policy=sac.load_policy,
+            resumes="actor, critics and targets, optimizers, temperature, random streams, the "
+            "envs mid-episode, and the replay buffer with checkpoint_buffer; every "
+            "checkpoint_every steps",
+            resume_problem=sac.resume_problem,
             budget=("total_timesteps",),
         ),
         Algorithm(

@@ -34,6 +34,13 @@ TINY: dict[str, list[str]] = {
         "params.buffer_size=1000",
     ],
     "policy_iteration": ["params.eval_episodes=3", "params.max_iterations=20"],
+    "sac": [
+        "params.total_timesteps=400",
+        "params.learning_starts=200",
+        "params.eval_every=200",
+        "params.eval_episodes=2",
+        "params.buffer_size=1000",
+    ],
     "ppo": [
         "params.total_timesteps=512",
         "params.num_steps=64",

@@ -81,6 +81,21 @@ CASES: dict[str, tuple[EnvSpec | None, dict[str, Any], int]] = {
         },
         2,
     ),
+    "sac": (
+        EnvSpec(id="Pendulum-v1"),
+        {
+            "total_timesteps": 1_200,
+            "learning_starts": 300,
+            "batch_size": 32,
+            "hidden_sizes": [16],
+            "log_every": 50,
+            "eval_every": 400,
+            "eval_episodes": 2,
+            "checkpoint_every": 500,
+            "checkpoint_buffer": True,
+        },
+        1,
+    ),
     "rbm": (
         None,
         {
