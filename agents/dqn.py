@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
 from agents import envstate
-from agents.evaluation import evaluate_vector, length_metric
+from agents.evaluation import evaluate_and_log, length_metric
 from agents.plots import learning_curve, observation_frames
 from agents.replay import Batch, FrameStore, NStep, PrioritizedReplayBuffer, ReplayBuffer
 from agents.schedules import linear_schedule
@@ -646,7 +646,6 @@ def train(config: Config, ctx: RunContext) -> None:
 
     def checkpoint() -> None:
         with ctx.timer.paused():
-            envs_state = envstate.snapshot(envs)
             ctx.checkpoints.save(
                 {
                     **capture(state),
@@ -662,39 +661,21 @@ def train(config: Config, ctx: RunContext) -> None:
                     "q_sum": q_sum.cpu(),
                     "losses_logged": losses_logged,
                     "config": config.model_dump(mode="json"),
-                    **(
-                        {
-                            "envs": envs_state,
-                            "obs": torch.from_numpy(np.asarray(obs).copy()),
-                            "valid": torch.from_numpy(valid.copy()),
-                            "ep_return": torch.from_numpy(ep_return.copy()),
-                            "ep_length": torch.from_numpy(ep_length.copy()),
-                        }
-                        if envs_state is not None
-                        else {}
+                    **envstate.episodes_state(
+                        envs, obs=obs, valid=valid, ep_return=ep_return, ep_length=ep_length
                     ),
                 },
                 step=step,
             )
 
     def evaluate() -> float:
-        with ctx.timer.paused():
-            q.eval()
-            returns, lengths = evaluate_vector(
-                eval_envs, act, config.eval_episodes, ctx.seed + 10_000, config.eval_max_steps
-            )
-            q.train()
-            evals.append((step, float(returns.mean()), float(returns.std())))
-            ctx.log_metrics(
-                {
-                    "eval/return_mean": returns.mean(),
-                    "eval/return_std": returns.std(),
-                    **length_metric("eval/length_mean", returns, lengths),
-                    "time/train_s": ctx.timer.elapsed(),
-                },
-                step=step,
-            )
-        return float(returns.mean())
+        q.eval()  # noisy nets: the mean weights
+        mean, std = evaluate_and_log(
+            ctx, eval_envs, act, config.eval_episodes, config.eval_max_steps, step
+        )
+        q.train()
+        evals.append((step, mean, std))
+        return mean
 
     def categorical_loss(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """C51: per-sample cross-entropy between the projected target distribution and the

@@ -33,3 +33,13 @@ def snapshot(env: Any) -> torch.Tensor | None:
 def revive(blob: torch.Tensor) -> Any:
     """The env `snapshot` saved, in the state it was in."""
     return pickle.loads(blob.numpy().tobytes())
+
+
+def episodes_state(envs: Any, **arrays: Any) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps to go on inside the episodes `envs` are in: the envs themselves
+    and the training loop's per-env arrays (observations, returns so far, ...), as tensors; or
+    nothing where the envs do not pickle (the resumed run then starts fresh episodes)."""
+    blob = snapshot(envs)
+    if blob is None:
+        return {}
+    return {"envs": blob, **{k: torch.from_numpy(np.asarray(v).copy()) for k, v in arrays.items()}}

@@ -8,6 +8,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from runctx import RunContext
+
 # A safety net for envs without a time limit (a policy that never terminates would hang).
 DEFAULT_MAX_STEPS = 100_000
 
@@ -57,6 +59,30 @@ def evaluate_policy(
                 frames.append(env.render())  # type: ignore[union-attr,arg-type]
         returns[ep], lengths[ep] = total, steps
     return returns, lengths
+
+
+def evaluate_and_log(
+    ctx: RunContext,
+    envs: gym.vector.VectorEnv,
+    act: Callable[[np.ndarray], np.ndarray],
+    episodes: int,
+    max_steps: int,
+    step: int,
+) -> tuple[float, float]:
+    """Training's evaluation: `episodes` greedy episodes (`evaluate_vector`) from the trial's
+    evaluation seed, off the training clock, logged as eval/* at `step`; their mean and std."""
+    with ctx.timer.paused():
+        returns, lengths = evaluate_vector(envs, act, episodes, ctx.seed + 10_000, max_steps)
+        ctx.log_metrics(
+            {
+                "eval/return_mean": returns.mean(),
+                "eval/return_std": returns.std(),
+                **length_metric("eval/length_mean", returns, lengths),
+                "time/train_s": ctx.timer.elapsed(),
+            },
+            step=step,
+        )
+    return float(returns.mean()), float(returns.std())
 
 
 def evaluate_vector(

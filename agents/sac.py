@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from agents import envstate
-from agents.evaluation import evaluate_vector, length_metric
+from agents.evaluation import evaluate_and_log, length_metric
 from agents.replay import NStep, ReplayBuffer
 from runctx import RunContext
 from runctx.checkpoints import capture
@@ -274,26 +274,14 @@ def train(config: Config, ctx: RunContext) -> None:
         return actor.deterministic(tensor(o)).cpu().numpy()
 
     def evaluate() -> float:
-        with ctx.timer.paused():
-            returns, lengths = evaluate_vector(
-                eval_envs, act_deterministic, config.eval_episodes, ctx.seed + 10_000,
-                config.eval_max_steps,
-            )  # fmt: skip
-            evals.append((step, float(returns.mean())))
-            ctx.log_metrics(
-                {
-                    "eval/return_mean": returns.mean(),
-                    "eval/return_std": returns.std(),
-                    **length_metric("eval/length_mean", returns, lengths),
-                    "time/train_s": ctx.timer.elapsed(),
-                },
-                step=step,
-            )
-        return float(returns.mean())
+        mean, _ = evaluate_and_log(
+            ctx, eval_envs, act_deterministic, config.eval_episodes, config.eval_max_steps, step
+        )
+        evals.append((step, mean))
+        return mean
 
     def checkpoint() -> None:
         with ctx.timer.paused():
-            envs_state = envstate.snapshot(envs)
             ctx.checkpoints.save(
                 {
                     **capture(state),
@@ -304,16 +292,8 @@ def train(config: Config, ctx: RunContext) -> None:
                     "evals": torch.tensor(evals, dtype=torch.float64).reshape(-1, 2),
                     "sums": {k: v.cpu() for k, v in sums.items()},
                     "alpha_loss": alpha_loss.detach().cpu(),
-                    **(
-                        {
-                            "envs": envs_state,
-                            "obs": torch.from_numpy(np.asarray(obs).copy()),
-                            "valid": torch.from_numpy(valid.copy()),
-                            "ep_return": torch.from_numpy(ep_return.copy()),
-                            "ep_length": torch.from_numpy(ep_length.copy()),
-                        }
-                        if envs_state is not None
-                        else {}
+                    **envstate.episodes_state(
+                        envs, obs=obs, valid=valid, ep_return=ep_return, ep_length=ep_length
                     ),
                 },
                 step=step,

@@ -37,13 +37,13 @@ def test_the_squashed_log_probability_is_the_change_of_variables() -> None:
 
 def test_sac_solves_a_continuous_bandit(tmp_path: Path) -> None:
     config = sac.Config(
-        total_timesteps=3_000,
+        total_timesteps=1_500,
         learning_starts=200,
         batch_size=64,
         hidden_sizes=[32, 32],
         policy_lr=3e-3,
         q_lr=3e-3,
-        eval_every=1_000,
+        eval_every=500,
         eval_episodes=4,
     )
     ctx = RunContext.in_memory(
