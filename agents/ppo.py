@@ -198,9 +198,14 @@ class ActorCritic(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi(a|s) and H[pi(.|s)], each (B,); a Gaussian's sum over action dimensions."""
         d = self.dist(obs)
-        if self.continuous:
-            return d.log_prob(actions).sum(-1), d.entropy().sum(-1)
-        return d.log_prob(actions), d.entropy()
+        return self.log_prob(d, actions), self.joint(d.entropy())
+
+    def log_prob(self, d: torch.distributions.Distribution, actions: torch.Tensor) -> torch.Tensor:
+        return self.joint(d.log_prob(actions))
+
+    def joint(self, per_dim: torch.Tensor) -> torch.Tensor:
+        """A Gaussian's per-dimension terms summed over the action's dimensions."""
+        return per_dim.sum(-1) if self.continuous else per_dim
 
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """The mode: argmax of the logits, or the Gaussian's mean."""
@@ -360,7 +365,7 @@ def train(config: Config, ctx: RunContext) -> None:
                     u = torch.rand((n_envs, 1), generator=sampling, device=device)
                     probs = d.probs  # type: ignore[attr-defined]
                     action = (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
-                logp, _ = agent.log_prob_entropy(obs, action)
+                logp = agent.log_prob(d, action)
                 value = agent.value(obs)
             env_action = action.cpu().numpy()
             if agent.continuous:  # detail c2: the env gets the clipped action

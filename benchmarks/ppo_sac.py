@@ -1,0 +1,199 @@
+"""PPO on CartPole-v1 and SAC on Pendulum-v1: rlgen's examples against Stable-Baselines3 with
+RL-Zoo3's hyperparameters, in the same run, on the same CPU, one torch thread each.
+
+    python benchmarks/ppo_sac.py [--ppo-seeds 0 1 2 3 4] [--sac-seeds 0 1 2] [--only ppo|sac]
+
+Both libraries are evaluated by the same function (`agents.evaluation.evaluate_vector`, 10
+deterministic episodes from the same seeds) every 10,000 steps (PPO) or 2,000 steps (SAC), and
+stop at the goal: a mean of at least 475 on CartPole, above -200 on Pendulum. Reported per seed
+and as the median: steps and training seconds (evaluation excluded) to the goal. rlgen runs
+`experiments/ppo_cartpole.yaml` and `experiments/sac_pendulum.yaml` in-process (the in-memory run
+context; its seconds are the `time/train_s` it logged with the evaluation that reached the goal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agents import ppo, sac  # noqa: E402
+from agents.evaluation import evaluate_vector  # noqa: E402
+from runctx import RunContext  # noqa: E402
+from service.spec import load_spec  # noqa: E402
+
+EPISODES = 10
+TASKS: dict[str, dict[str, Any]] = {
+    "ppo": {
+        "env": "CartPole-v1",
+        "spec": ROOT / "experiments" / "ppo_cartpole.yaml",
+        "module": ppo,
+        "goal": 475.0,
+        "every": 10_000,
+        "budget": 100_000,
+    },
+    "sac": {
+        "env": "Pendulum-v1",
+        "spec": ROOT / "experiments" / "sac_pendulum.yaml",
+        "module": sac,
+        "goal": -200.0,
+        "every": 2_000,
+        "budget": 20_000,
+    },
+}
+
+
+def reached(value: float, goal: float, task: str) -> bool:
+    return value >= goal if task == "ppo" else value > goal
+
+
+def run_rlgen(task: str, seed: int, budget: int) -> dict[str, Any]:
+    t = TASKS[task]
+    spec = load_spec(
+        t["spec"],
+        [
+            f"params.total_timesteps={budget}",
+            f"params.eval_every={t['every']}",
+            f"params.eval_episodes={EPISODES}",
+            f"params.stop_at_return={t['goal'] + (0.0 if task == 'ppo' else 1e-6)}",
+        ],
+    )
+    config = t["module"].Config.model_validate(spec.params.model_dump())  # type: ignore[attr-defined]
+    with tempfile.TemporaryDirectory() as d:
+        ctx = RunContext.in_memory(seed=seed, workdir=d, env=spec.env)  # type: ignore[attr-defined]
+        ctx.timer.start()
+        t["module"].train(config, ctx)
+        ctx.close()
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    train_s = dict(m["time/train_s"])
+    evals = m["eval/return_mean"]
+    hit = next(((s, v) for s, v in evals if reached(v, t["goal"], task)), None)
+    step, value = hit or evals[-1]
+    return {"seed": seed, "steps": step, "train_s": train_s[step], "mean": value, "ok": bool(hit)}
+
+
+def run_sb3(task: str, seed: int, budget: int) -> dict[str, Any]:
+    from stable_baselines3 import PPO, SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    t = TASKS[task]
+    eval_envs = gym.make_vec(t["env"], num_envs=EPISODES)
+
+    class Evaluate(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t0, self.paused, self.last = time.perf_counter(), 0.0, 0
+            self.result: dict[str, Any] = {}
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps - self.last < t["every"]:
+                return True
+            return not self.evaluate()
+
+        def evaluate(self) -> bool:
+            """Evaluates now; whether the goal is reached."""
+            self.last = self.num_timesteps
+            start = time.perf_counter()
+            returns, _ = evaluate_vector(
+                eval_envs,
+                lambda obs: self.model.predict(obs, deterministic=True)[0],
+                EPISODES,
+                seed + 10_000,
+            )
+            self.paused += time.perf_counter() - start
+            ok = reached(float(returns.mean()), t["goal"], task)
+            self.result = {
+                "seed": seed,
+                "steps": self.num_timesteps,
+                "train_s": time.perf_counter() - self.t0 - self.paused,
+                "mean": float(returns.mean()),
+                "ok": ok,
+            }
+            return ok
+
+    if task == "ppo":  # RL-Zoo3 hyperparams/ppo.yml, CartPole-v1
+        model: Any = PPO(
+            "MlpPolicy",
+            make_vec_env(t["env"], n_envs=8, seed=seed),
+            n_steps=32,
+            batch_size=256,
+            gae_lambda=0.8,
+            gamma=0.98,
+            n_epochs=20,
+            ent_coef=0.0,
+            learning_rate=lambda f: 1e-3 * f,
+            clip_range=lambda f: 0.2 * f,
+            seed=seed,
+            device="cpu",
+        )
+    else:  # RL-Zoo3 hyperparams/sac.yml, Pendulum-v1
+        model = SAC("MlpPolicy", gym.make(t["env"]), learning_rate=1e-3, seed=seed, device="cpu")
+    callback = Evaluate()
+    callback.t0 = time.perf_counter()
+    model.learn(budget, callback=callback)
+    if not callback.result.get("ok") and callback.last < model.num_timesteps:
+        callback.evaluate()  # at the end, as rlgen does
+    eval_envs.close()
+    return callback.result
+
+
+def fmt(row: dict[str, Any]) -> str:
+    mark = "" if row["ok"] else " (not reached)"
+    return f"{row['steps']:,}{mark} | {row['train_s']:.1f} | {row['mean']:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ppo-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--sac-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", choices=["ppo", "sac"], default=None)
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="Smoke tests only.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    out = sys.stdout
+    for task, seeds in (("ppo", args.ppo_seeds), ("sac", args.sac_seeds)):
+        if args.only not in (None, task):
+            continue
+        budget = int(TASKS[task]["budget"] * args.budget_scale)
+        ours, theirs = [], []
+        for i, seed in enumerate(seeds):  # alternate which library goes first
+            order = ("rlgen", "sb3") if i % 2 == 0 else ("sb3", "rlgen")
+            got = {
+                who: (run_rlgen if who == "rlgen" else run_sb3)(task, seed, budget) for who in order
+            }
+            ours.append(got["rlgen"])
+            theirs.append(got["sb3"])
+        t = TASKS[task]
+        out.write(
+            f"\n{task.upper()} on {t['env']}, goal: 10-episode mean "
+            f"{'>=' if task == 'ppo' else '>'} {t['goal']:.0f}, evaluated every {t['every']:,} "
+            f"steps, budget {budget:,}\n"
+            "| seed | rlgen steps | rlgen train s | rlgen return | SB3 steps | SB3 train s "
+            "| SB3 return |\n|---|---:|---:|---:|---:|---:|---:|\n"
+        )
+        for a, b in zip(ours, theirs, strict=True):
+            out.write(f"| {a['seed']} | {fmt(a)} | {fmt(b)} |\n")
+        mo = statistics.median(r["train_s"] for r in ours)
+        mt = statistics.median(r["train_s"] for r in theirs)
+        out.write(
+            f"reached: rlgen {sum(r['ok'] for r in ours)}/{len(ours)}, SB3 "
+            f"{sum(r['ok'] for r in theirs)}/{len(theirs)}; median train s rlgen {mo:.1f}, "
+            f"SB3 {mt:.1f}, ratio {mo / mt:.2f}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
