@@ -121,3 +121,8 @@ def test_atari_dqn() -> None:
 def test_minatar_dqn() -> None:
     out = run("minatar_dqn.py", "--steps", "600", "--eval-every", "300", "--seeds", "0", "1")
     assert "uniform random policy" in out
+
+
+def test_ppo_sac() -> None:
+    out = run("ppo_sac.py", "--ppo-seeds", "0", "--sac-seeds", "0", "--budget-scale", "0.02")
+    assert "PPO on CartPole-v1" in out and "SAC on Pendulum-v1" in out
