@@ -37,6 +37,7 @@ from torch import nn
 
 from agents import envstate
 from agents.evaluation import evaluate_and_log, length_metric
+from agents.nets import default_init_, update_target
 from agents.plots import learning_curve, observation_frames
 from agents.replay import Batch, FrameStore, NStep, PrioritizedReplayBuffer, ReplayBuffer
 from agents.schedules import linear_schedule
@@ -330,13 +331,8 @@ class QNetwork(nn.Module):
         self.register_buffer("obs_center", None)
         self.register_buffer("obs_scale", None)
         self.register_buffer("onehot_shift", None)
-        if generator is not None:  # PyTorch's default init, drawn from the trial's generator
-            for m in self.modules():
-                if isinstance(m, nn.Linear | nn.Conv2d):
-                    bound = 1 / math.sqrt(m.weight[0].numel())  # 1 / sqrt(fan_in)
-                    nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
-                    if m.bias is not None:
-                        nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+        if generator is not None:
+            default_init_(self, generator)
 
     support: torch.Tensor | None
     obs_center: torch.Tensor | None
@@ -428,16 +424,6 @@ def td_targets(
     else:
         best = next_q_target.gather(1, next_q_online.argmax(dim=1, keepdim=True)).squeeze(1)
     return batch_returns + discounts * best
-
-
-def update_target(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """theta' <- tau theta + (1 - tau) theta' (tau = 1: a copy)."""
-    with torch.no_grad():
-        for t, p in zip(target.parameters(), online.parameters(), strict=True):
-            if tau == 1.0:
-                t.copy_(p)
-            else:
-                t.lerp_(p, tau)
 
 
 def build_network(

@@ -32,6 +32,7 @@ from torch import nn
 
 from agents import envstate
 from agents.evaluation import evaluate_and_log, length_metric
+from agents.nets import default_init_, update_target
 from agents.replay import NStep, ReplayBuffer
 from runctx import RunContext
 from runctx.checkpoints import capture
@@ -124,13 +125,11 @@ def resume_problem(config: Config) -> str | None:
 def mlp(widths: list[int], generator: torch.Generator) -> nn.Sequential:
     """Linear layers with ReLUs between them, PyTorch's default init from `generator`."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(widths)):
-        m = nn.Linear(a, b)
-        bound = 1 / math.sqrt(a)
-        nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
-        nn.init.uniform_(m.bias, -bound, bound, generator=generator)
-        layers += [m] if i == len(widths) - 2 else [m, nn.ReLU()]
-    return nn.Sequential(*layers)
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    net = nn.Sequential(*layers[:-1])
+    default_init_(net, generator)
+    return net
 
 
 class Actor(nn.Module):
@@ -362,10 +361,8 @@ def train(config: Config, ctx: RunContext) -> None:
                 sums["actor"] += actor_loss.detach()
                 sums["ent"] += -logp.detach().mean()
             if updates % config.target_network_frequency == 0:
-                with torch.no_grad():
-                    for net, target in ((qf1, qf1_target), (qf2, qf2_target)):
-                        for p, tp in zip(net.parameters(), target.parameters(), strict=True):
-                            tp.lerp_(p, config.tau)
+                update_target(qf1_target, qf1, config.tau)
+                update_target(qf2_target, qf2, config.tau)
             updates += 1
             if updates % config.log_every == 0:
                 now = (step, ctx.timer.elapsed())
