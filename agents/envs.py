@@ -1,9 +1,10 @@
 """Environments of RL specs: a gymnasium id, its `gym.make` keyword arguments and, for Atari
 games, the standard preprocessing.
 
-Atari (ALE) and MinAtar ids are registered by optional packages (`pip install 'rlgen[atari]'`).
-Which package registers which ids is a closed table (`FAMILIES`): a spec names an id, never a
-module to import.
+Atari (ALE) and MinAtar ids are registered by optional packages (`pip install 'rlgen[atari]'`);
+gymnasium registers its MuJoCo ids itself, but they run only with `mujoco` installed (`pip
+install 'rlgen[mujoco]'`). Which package serves which ids is a closed table (`FAMILIES`): a spec
+names an id, never a module to import.
 """
 
 from __future__ import annotations
@@ -22,23 +23,37 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 @dataclass(frozen=True)
 class Family:
-    """Env ids registered by an optional package."""
+    """Env ids registered or served by an optional package."""
 
     name: str
     module: str  # imported (and its `register_envs()` called, if it has one) to register them
     extra: str  # the rlgen extra that installs it
     prefixes: tuple[str, ...] = ()
     suffixes: tuple[str, ...] = ()
+    # Ids gymnasium registers itself whose entry point lives in this package: importing
+    # `module` then only checks that the optional dependency is there.
+    entry_points: tuple[str, ...] = ()
 
     def matches(self, env_id: str) -> bool:
-        return env_id.startswith(self.prefixes) or env_id.endswith(self.suffixes)
+        if env_id.startswith(self.prefixes) or env_id.endswith(self.suffixes):
+            return True
+        registered = gym.registry.get(env_id)
+        return (
+            bool(self.entry_points)
+            and registered is not None
+            and str(registered.entry_point).startswith(self.entry_points)
+        )
 
 
 # ALE/Pong-v5: sticky actions (0.25), as Machado et al. (2018) recommend; PongNoFrameskip-v4:
 # deterministic, the setting of the DQN and Rainbow papers and of most published tables.
 ALE = Family("Atari (ALE)", "ale_py", "atari", prefixes=("ALE/",), suffixes=("NoFrameskip-v4",))
 MINATAR = Family("MinAtar", "minatar.gym", "atari", prefixes=("MinAtar/",))
-FAMILIES = (ALE, MINATAR)
+# HalfCheetah-v5, Hopper-v5, ...: registered by gymnasium, simulated by the `mujoco` wheel.
+MUJOCO = Family(
+    "MuJoCo", "gymnasium.envs.mujoco", "mujoco", entry_points=("gymnasium.envs.mujoco",)
+)
+FAMILIES = (ALE, MINATAR, MUJOCO)
 
 
 class MissingExtra(LookupError):
@@ -47,14 +62,15 @@ class MissingExtra(LookupError):
 
 def ensure_registered(env_id: str) -> None:
     """Register `env_id`'s family with gymnasium, if it belongs to one and is not registered
-    yet (on the driver when a spec is checked, and again in each trial's worker process)."""
-    if env_id in gym.registry:
-        return
+    yet, or check that the package its registered entry point needs is installed (on the
+    driver when a spec is checked, and again in each trial's worker process)."""
     for family in FAMILIES:
+        if env_id in gym.registry and not family.entry_points:
+            continue
         if family.matches(env_id):
             try:
                 module = importlib.import_module(family.module)
-            except ImportError:
+            except (ImportError, gym.error.DependencyNotInstalled):
                 raise MissingExtra(
                     f"{family.name} envs need an extra: pip install 'rlgen[{family.extra}]'"
                 ) from None

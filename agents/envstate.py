@@ -4,8 +4,11 @@ Gymnasium has no API for an environment's state, so a checkpoint keeps the envir
 its pickle, as a uint8 tensor (checkpoints stay loadable with `torch.load(weights_only=True)`;
 only the algorithm that wrote the bytes unpickles them, when it resumes its own run or one the
 user continues). Toy-text and classic-control envs, their vector envs and gymnasium's wrappers
-all pickle, so a resumed run goes on inside the very episodes it was in. Where an env does not
-pickle, `snapshot` returns None and the resumed run starts fresh episodes.
+all pickle, so a resumed run goes on inside the very episodes it was in. MuJoCo envs pickle as
+their constructor's arguments (gymnasium's `EzPickle`), which would revive them at their initial
+pose: their simulator state (`mujoco.mj_getState`, the integration state) and their generator
+travel beside the pickle and are put back. Where an env does not pickle, `snapshot` returns None
+and the resumed run starts fresh episodes.
 """
 
 from __future__ import annotations
@@ -20,10 +23,37 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def _mujoco_envs(env: Any) -> list[Any]:
+    """The MuJoCo envs inside `env` (an env or a vector env of copies), unwrapped."""
+    inner = [e.unwrapped for e in getattr(env, "envs", [env])]
+    return [e for e in inner if type(e).__module__.startswith("gymnasium.envs.mujoco")]
+
+
+def _physics(env: Any) -> list[tuple[np.ndarray, np.random.Generator]]:
+    import mujoco
+
+    states = []
+    for e in _mujoco_envs(env):
+        what = mujoco.mjtState.mjSTATE_INTEGRATION
+        state = np.empty(mujoco.mj_stateSize(e.model, what))
+        mujoco.mj_getState(e.model, e.data, state, what)
+        states.append((state, e.np_random))
+    return states
+
+
+def _restore_physics(env: Any, states: list[tuple[np.ndarray, np.random.Generator]]) -> None:
+    import mujoco
+
+    for e, (state, rng) in zip(_mujoco_envs(env), states, strict=True):
+        mujoco.mj_setState(e.model, e.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+        mujoco.mj_forward(e.model, e.data)  # positions and velocities -> derived quantities
+        e.np_random = rng
+
+
 def snapshot(env: Any) -> torch.Tensor | None:
     """The env (a `gym.Env` or vector env, wrappers and random state included) as bytes."""
     try:
-        blob = pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = pickle.dumps((env, _physics(env)), protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError) as e:
         log.warning("the env does not pickle (%s): a resumed run starts fresh episodes", e)
         return None
@@ -32,7 +62,11 @@ def snapshot(env: Any) -> torch.Tensor | None:
 
 def revive(blob: torch.Tensor) -> Any:
     """The env `snapshot` saved, in the state it was in."""
-    return pickle.loads(blob.numpy().tobytes())
+    saved = pickle.loads(blob.numpy().tobytes())
+    # (env, physics) since MuJoCo's state is kept; older checkpoints hold the env alone.
+    env, physics = saved if isinstance(saved, tuple) else (saved, [])
+    _restore_physics(env, physics)
+    return env
 
 
 def episodes_state(envs: Any, **arrays: Any) -> dict[str, torch.Tensor]:

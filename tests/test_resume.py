@@ -96,6 +96,36 @@ CASES: dict[str, tuple[EnvSpec | None, dict[str, Any], int]] = {
         },
         1,
     ),
+    # MuJoCo envs pickle as their constructor's arguments: the simulator's state is kept beside.
+    "ppo@mujoco": (
+        EnvSpec(id="InvertedPendulum-v5"),
+        {
+            "total_timesteps": 1_024,
+            "num_envs": 2,
+            "num_steps": 64,
+            "hidden_sizes": [16],
+            "normalize_obs": True,
+            "eval_every": 256,
+            "eval_episodes": 2,
+            "checkpoint_every": 256,
+        },
+        2,
+    ),
+    "sac@mujoco": (
+        EnvSpec(id="Hopper-v5"),
+        {
+            "total_timesteps": 600,
+            "learning_starts": 100,
+            "batch_size": 32,
+            "hidden_sizes": [16],
+            "log_every": 50,
+            "eval_every": 200,
+            "eval_episodes": 1,
+            "checkpoint_every": 250,
+            "checkpoint_buffer": True,
+        },
+        1,
+    ),
     "rbm": (
         None,
         {
@@ -212,10 +242,14 @@ def context(
     return RunContext(seed=3, writer=writer, workdir=workdir, env=env)
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_a_resumed_run_ends_as_the_uninterrupted_one(algorithm: str, tmp_path: Path) -> None:
-    env, params, crash_after = CASES[algorithm]
-    algo = ALGORITHMS[algorithm]
+def test_every_algorithm_has_a_resume_case() -> None:
+    assert set(ALGORITHMS) <= {case.split("@")[0] for case in CASES}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_resumed_run_ends_as_the_uninterrupted_one(case: str, tmp_path: Path) -> None:
+    env, params, crash_after = CASES[case]
+    algo = ALGORITHMS[case.split("@")[0]]
     config = algo.config.model_validate(params)
     torch.set_num_threads(1)
 
