@@ -43,6 +43,7 @@ from agents.replay import Batch, FrameStore, NStep, PrioritizedReplayBuffer, Rep
 from agents.schedules import linear_schedule
 from agents.spaces import buffer_obs_dtype, is_composite, takes
 from runctx import RunContext
+from runctx.accel import Compile, MixedPrecision, Precision, compile_modules
 from runctx.checkpoints import capture
 
 
@@ -146,12 +147,8 @@ class Config(BaseModel):
     log_every: int = Field(
         100, gt=0, description="Gradient steps between loss metrics (at most one log a step)."
     )
-    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
-        "fp32",
-        description="Forward passes autocast to bfloat16 or float16 (fp16 with a gradient "
-        "scaler); weights, optimizer and loss stay float32. bf16 speeds up CNNs on GPUs and "
-        "on CPUs with AVX-512 BF16 or AMX.",
-    )
+    precision: Precision = "fp32"
+    compile: Compile = False
     checkpoint_every: int = Field(
         10_000, gt=0, description="Timesteps between checkpoints (and at the end)."
     )
@@ -558,14 +555,9 @@ def train(config: Config, ctx: RunContext) -> None:
     )
     nstep = NStep(config.n_step, n_envs, config.gamma)
     loss_fn = F.smooth_l1_loss if config.loss == "huber" else F.mse_loss
-    # Mixed precision: forward passes autocast (the network returns float32); fp16 scales the
-    # loss so that small gradients do not underflow (a no-op object for fp32 and bf16).
-    amp = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(config.precision)
-
-    def autocast() -> torch.autocast:
-        return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
-
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16-mixed")
+    # Mixed precision: forward passes autocast (the network returns float32).
+    amp = MixedPrecision(config.precision, device)
+    compile_modules(config.compile, q, target, device=device)
     act = greedy_actor(q, device, a0)
 
     # Everything the trajectory depends on besides the counters below and the envs: a
@@ -580,7 +572,7 @@ def train(config: Config, ctx: RunContext) -> None:
         "replay_rng": replay_rng,
         "nstep": nstep,
         **({"noise": noise} if noise is not None else {}),
-        **({"scaler": scaler} if scaler.is_enabled() else {}),
+        **amp.state(),
         **({"buffer": buffer} if config.checkpoint_buffer else {}),
         **({"frames": frames} if config.checkpoint_buffer and frames is not None else {}),
     }
@@ -683,15 +675,9 @@ def train(config: Config, ctx: RunContext) -> None:
         if noise is not None:  # fresh noise for this update, independent in the two networks
             q.reset_noise(noise)
             target.reset_noise(noise)
-        with autocast():
+        with amp.autocast():
             loss, q_taken = loss_of(batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.max_grad_norm is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients
-            nn.utils.clip_grad_norm_(params, config.max_grad_norm, foreach=True)
-        scaler.step(optimizer)
-        scaler.update()
+        amp.step(loss, optimizer, params, config.max_grad_norm)
         return loss.detach(), q_taken.detach().mean()
 
     def loss_of(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -729,7 +715,7 @@ def train(config: Config, ctx: RunContext) -> None:
         if not explore.all():
             if noise is not None:  # noisy nets: new noise for each acting step
                 q.reset_noise(noise)
-            with autocast():
+            with amp.autocast():
                 greedy = act(obs)
             actions = np.where(explore, actions, greedy)
         next_obs, rewards, terminated, truncated, info = envs.step(actions)
@@ -792,9 +778,13 @@ def train(config: Config, ctx: RunContext) -> None:
                 tick = now
                 n = updates - losses_logged
                 losses_logged = updates
+                # Read from the device once a log, not once an update (no host sync a step).
+                mean_loss = float(loss_sum) / n
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"TD loss is {mean_loss} at timestep {step}")
                 ctx.log_metrics(
                     {
-                        "losses/td_loss": loss_sum / n,
+                        "losses/td_loss": mean_loss,
                         "losses/q_values": q_sum / n,
                         "charts/epsilon": eps,
                         "charts/updates": updates,
@@ -805,8 +795,6 @@ def train(config: Config, ctx: RunContext) -> None:
                 )
                 loss_sum.zero_()
                 q_sum.zero_()
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"TD loss is {float(loss)} at timestep {step}")
 
         # -- evaluate and checkpoint ----------------------------------------------------------
         if step >= next_eval:

@@ -46,6 +46,7 @@ from torch import nn
 from agents import envstate
 from agents.evaluation import evaluate_and_log, length_metric
 from runctx import RunContext
+from runctx.accel import Compile, MixedPrecision, Precision, compile_modules
 from runctx.checkpoints import capture
 
 
@@ -90,6 +91,8 @@ class Config(BaseModel):
     checkpoint_every: int = Field(
         50_000, gt=0, description="Timesteps between checkpoints (and at the end)."
     )
+    precision: Precision = "fp32"
+    compile: Compile = False
 
 
 METRICS = (
@@ -184,11 +187,13 @@ class ActorCritic(nn.Module):
         self.actor = mlp(widths, n, 0.01, generator)
         self.log_std = nn.Parameter(torch.zeros(n)) if self.continuous else None
 
+    # The networks' outputs in float32: under mixed precision, log-probabilities, their ratios
+    # and the value loss are computed in full precision.
     def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs).squeeze(-1)
+        return self.critic(obs).float().squeeze(-1)
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Distribution:
-        out = self.actor(obs)
+        out = self.actor(obs).float()
         if self.log_std is None:
             return torch.distributions.Categorical(logits=out)
         return torch.distributions.Normal(out, self.log_std.exp().expand_as(out))
@@ -209,7 +214,7 @@ class ActorCritic(nn.Module):
 
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """The mode: argmax of the logits, or the Gaussian's mean."""
-        out = self.actor(obs)
+        out = self.actor(obs).float()
         return out if self.continuous else out.argmax(-1)
 
 
@@ -261,6 +266,8 @@ def train(config: Config, ctx: RunContext) -> None:
     )
     agent.to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5)
+    amp = MixedPrecision(config.precision, device)
+    compile_modules(config.compile, agent.actor, agent.critic, device=device)
     obs_stats = RunningMeanStd((obs_dim,))
     ret_stats = RunningMeanStd(())
     sampling = ctx.torch_generator("policy", device=device)  # actions and minibatch shuffles
@@ -274,6 +281,7 @@ def train(config: Config, ctx: RunContext) -> None:
         "obs_stats": obs_stats,
         "ret_stats": ret_stats,
         "sampling": sampling,
+        **amp.state(),
     }
     step, updates = 0, 0
     next_eval, next_ckpt = config.eval_every, config.checkpoint_every
@@ -356,7 +364,8 @@ def train(config: Config, ctx: RunContext) -> None:
         # -- collect ------------------------------------------------------------------------
         for t in range(n_steps):
             obs = observe(raw_obs, update=True)
-            with torch.no_grad():  # sampled from the trial's generator (`.sample()` takes none)
+            # Sampled from the trial's generator (`.sample()` takes none).
+            with torch.no_grad(), amp.autocast():
                 d = agent.dist(obs)
                 if agent.continuous:
                     noise = torch.randn(d.mean.shape, generator=sampling, device=device)
@@ -421,12 +430,13 @@ def train(config: Config, ctx: RunContext) -> None:
             order = torch.randperm(n, generator=sampling, device=device)
             for start in range(0, n, size):
                 mb = order[start : start + size]
-                new_logp, entropy = agent.log_prob_entropy(f_obs[mb], f_actions[mb])
+                with amp.autocast():
+                    new_logp, entropy = agent.log_prob_entropy(f_obs[mb], f_actions[mb])
+                    v = agent.value(f_obs[mb])
                 adv = f_adv[mb]
                 if config.norm_adv and len(mb) > 1:  # detail 7
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
                 pg_loss = clipped_surrogate(new_logp, f_logp[mb], adv, config.clip_coef)
-                v = agent.value(f_obs[mb])
                 v_loss = (v - f_ret[mb]) ** 2
                 if config.clip_vloss:  # detail 9
                     v_clipped = f_val[mb] + (v - f_val[mb]).clamp(
@@ -435,10 +445,7 @@ def train(config: Config, ctx: RunContext) -> None:
                     v_loss = torch.max(v_loss, (v_clipped - f_ret[mb]) ** 2)
                 v_loss = 0.5 * v_loss.mean()
                 loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy.mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
-                optimizer.step()
+                amp.step(loss, optimizer, agent.parameters(), config.max_grad_norm)
                 with torch.no_grad():
                     log_ratio = new_logp - f_logp[mb]
                     stats["kl"].append(((log_ratio.exp() - 1) - log_ratio).mean())

@@ -35,6 +35,7 @@ from agents.evaluation import evaluate_and_log, length_metric
 from agents.nets import default_init_, update_target
 from agents.replay import NStep, ReplayBuffer
 from runctx import RunContext
+from runctx.accel import Compile, MixedPrecision, Precision, compile_modules
 from runctx.checkpoints import capture
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the policy's log-std is squashed into this range
@@ -80,6 +81,8 @@ class Config(BaseModel):
     checkpoint_buffer: bool = Field(
         False, description="Include the replay buffer in checkpoints (large, exact resume)."
     )
+    precision: Precision = "fp32"
+    compile: Compile = False
 
 
 METRICS = (
@@ -148,8 +151,9 @@ class Actor(nn.Module):
     center: torch.Tensor
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Means and log-stds of the pre-squash Gaussian, each (B, A)."""
-        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        """Means and log-stds of the pre-squash Gaussian, each (B, A), in float32 (under mixed
+        precision, the squashed log-probability is computed in full precision)."""
+        mean, log_std = self.net(obs).float().chunk(2, dim=-1)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
         return mean, log_std
 
@@ -187,7 +191,7 @@ class QNetwork(nn.Module):
         self.net = mlp([obs_dim + n_actions, *hidden, 1], g)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+        return self.net(torch.cat([obs, action], dim=-1)).float().squeeze(-1)
 
 
 def train(config: Config, ctx: RunContext) -> None:
@@ -212,6 +216,9 @@ def train(config: Config, ctx: RunContext) -> None:
     log_alpha = torch.full((1,), math.log(config.alpha), device=device, requires_grad=True)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=config.policy_lr)
     target_entropy = -float(n_actions)
+    amp = MixedPrecision(config.precision, device)
+    nets = (actor.net, qf1.net, qf2.net, qf1_target.net, qf2_target.net)
+    compile_modules(config.compile, *nets, device=device)
     sampling = ctx.torch_generator("policy", device=device)  # actions drawn from the policy
     buffer = ReplayBuffer(
         config.buffer_size,
@@ -237,6 +244,7 @@ def train(config: Config, ctx: RunContext) -> None:
         "sampling": sampling,
         "replay_rng": buffer.generator,
         "action_rng": envs.action_space.np_random,
+        **amp.state(),
         **({"buffer": buffer} if config.checkpoint_buffer else {}),
     }
     step, updates = 0, 0
@@ -330,28 +338,26 @@ def train(config: Config, ctx: RunContext) -> None:
         if step > config.learning_starts and buffer.size >= config.batch_size:
             batch = buffer.sample(config.batch_size)
             alpha = log_alpha.detach().exp()
-            with torch.no_grad():
-                next_a, next_logp = actor.sample(batch.next_obs, sampling)
-                next_q = torch.min(
-                    qf1_target(batch.next_obs, next_a), qf2_target(batch.next_obs, next_a)
-                )
-                y = batch.returns + batch.discounts * (next_q - alpha * next_logp)
-            q1, q2 = qf1(batch.obs, batch.actions), qf2(batch.obs, batch.actions)
-            qf1_loss, qf2_loss = F.mse_loss(q1, y), F.mse_loss(q2, y)
-            q_optimizer.zero_grad(set_to_none=True)
-            (qf1_loss + qf2_loss).backward()
-            q_optimizer.step()
+            with amp.autocast():
+                with torch.no_grad():
+                    next_a, next_logp = actor.sample(batch.next_obs, sampling)
+                    next_q = torch.min(
+                        qf1_target(batch.next_obs, next_a), qf2_target(batch.next_obs, next_a)
+                    )
+                    y = batch.returns + batch.discounts * (next_q - alpha * next_logp)
+                q1, q2 = qf1(batch.obs, batch.actions), qf2(batch.obs, batch.actions)
+                qf1_loss, qf2_loss = F.mse_loss(q1, y), F.mse_loss(q2, y)
+            amp.step(qf1_loss + qf2_loss, q_optimizer)
             sums["qf1"] += qf1_loss.detach()
             sums["qf2"] += qf2_loss.detach()
             sums["qv"] += q1.detach().mean()
             if updates % config.policy_frequency == 0:  # delayed, as many times as skipped
                 for _ in range(config.policy_frequency):
-                    a, logp = actor.sample(batch.obs, sampling)
-                    q = torch.min(qf1(batch.obs, a), qf2(batch.obs, a))
-                    actor_loss = (log_alpha.detach().exp() * logp - q).mean()
-                    actor_optimizer.zero_grad(set_to_none=True)
-                    actor_loss.backward()
-                    actor_optimizer.step()
+                    with amp.autocast():
+                        a, logp = actor.sample(batch.obs, sampling)
+                        q = torch.min(qf1(batch.obs, a), qf2(batch.obs, a))
+                        actor_loss = (log_alpha.detach().exp() * logp - q).mean()
+                    amp.step(actor_loss, actor_optimizer)
                     if config.autotune:
                         loss = -(log_alpha * (logp.detach() + target_entropy)).mean()
                         alpha_optimizer.zero_grad(set_to_none=True)

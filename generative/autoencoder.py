@@ -29,6 +29,7 @@ from generative import data
 from generative.plots import image_grid
 from generative.probe import probe_accuracy
 from runctx import RunContext
+from runctx.accel import MixedPrecision, Precision
 from runctx.checkpoints import capture
 
 # What a run logs (see the registry).
@@ -64,6 +65,7 @@ class Config(BaseModel):
         description="Epochs between checkpoints (and after pretraining, and the end); each is "
         "kept as an MLflow artifact.",
     )
+    precision: Precision = "fp32"
 
 
 class AutoEncoder(torch.nn.Module):
@@ -144,7 +146,7 @@ def fit_layer(
     order = ctx.torch_generator(f"pretrain{layer}/batches")
     g = ctx.torch_generator(f"pretrain{layer}/noise")
     for epoch in range(config.pretrain_epochs):
-        total = 0.0
+        total = torch.zeros((), device=x.device)
         for idx in torch.randperm(len(x), generator=order, device=x.device).split(
             config.batch_size
         ):
@@ -158,8 +160,8 @@ def fit_layer(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-        ctx.log_metrics({f"pretrain/layer{layer}/loss": total / len(x)}, step=epoch + 1)
+            total += loss.detach() * len(idx)
+        ctx.log_metrics({f"pretrain/layer{layer}/loss": float(total) / len(x)}, step=epoch + 1)
 
 
 def check_data(config: Config, dataset: data.DatasetSpec | None) -> str | None:
@@ -179,7 +181,8 @@ def train(config: Config, ctx: RunContext) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     # Everything the trajectory depends on. Checkpoints are taken after pretraining (epoch 0)
     # and at the ends of epochs; a run that dies while pretraining pretrains again, the same.
-    state = {"model": model, "optimizer": opt, "batches": order, "noise": g}
+    amp = MixedPrecision(config.precision, dev)
+    state = {"model": model, "optimizer": opt, "batches": order, "noise": g, **amp.state()}
     start = 0
     if (saved := ctx.checkpoints.restore(state)) is not None:
         start = int(saved["epoch"])
@@ -195,17 +198,22 @@ def train(config: Config, ctx: RunContext) -> None:
             ctx.checkpoints.save({**capture(state), "epoch": 0}, step=0)
 
     for epoch in range(start, config.epochs):
-        total = 0.0
+        # Summed on the device and read once an epoch: no host synchronisation per step.
+        summed = torch.zeros((), device=dev)
         for idx in torch.randperm(len(x_train), generator=order, device=dev).split(
             config.batch_size
         ):
             x = x_train[idx]
-            hs = model.encode(corrupt(config, x, g))
-            loss = recon_loss(model.decode(hs[-1]), x) + penalty(config, list(model.enc_w), hs)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
+            with amp.autocast():
+                hs = model.encode(corrupt(config, x, g))
+                out = model.decode(hs[-1])
+            # The loss and penalty in float32, outside autocast (which refuses binary
+            # cross-entropy on probabilities).
+            hs = [h.float() for h in hs]
+            loss = recon_loss(out.float(), x) + penalty(config, list(model.enc_w), hs)
+            amp.step(loss, opt)
+            summed += loss.detach() * len(idx)
+        total = float(summed)
         if not math.isfinite(total):
             raise FloatingPointError(f"autoencoder loss diverged in epoch {epoch}")
         last = epoch == config.epochs - 1

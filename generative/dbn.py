@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from generative import data, rbm
 from runctx import RunContext
+from runctx.accel import Compile, MixedPrecision, Precision, compile_modules
 from runctx.checkpoints import capture
 
 
@@ -74,6 +75,8 @@ class Config(BaseModel):
         description="Fine-tuning epochs between checkpoints (and after pretraining, and the "
         "end); each is kept as an MLflow artifact.",
     )
+    precision: Precision = "fp32"
+    compile: Compile = False
 
     @model_validator(mode="after")
     def _per_layer(self) -> Config:
@@ -176,7 +179,15 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> torch.nn.Sequentia
     )
     # Everything the trajectory depends on. Checkpoints are taken after pretraining (epoch 0)
     # and at the ends of fine-tuning epochs; a run that dies while pretraining pretrains again.
-    state = {"network": net, "optimizer": opt, "schedule": schedule, "batches": order}
+    amp = MixedPrecision(config.precision, dev)
+    compile_modules(config.compile, net, device=dev)
+    state = {
+        "network": net,
+        "optimizer": opt,
+        "schedule": schedule,
+        "batches": order,
+        **amp.state(),
+    }
     start = 0
     if (saved := ctx.checkpoints.restore(state)) is not None:
         start = int(saved["epoch"])
@@ -194,17 +205,19 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext) -> torch.nn.Sequentia
     for epoch in range(start, config.finetune_epochs):
         net.train()
         perm = torch.randperm(n, generator=order, device=dev)
-        total_loss, correct = 0.0, 0
+        # Summed on the device and read once an epoch: no host synchronisation per step.
+        summed = torch.zeros((), device=dev)
+        hits = torch.zeros((), dtype=torch.long, device=dev)
         for i in range(0, n, config.finetune_batch_size):
             idx = perm[i : i + config.finetune_batch_size]
-            logits = net(x_train[idx])  # (B, classes)
+            with amp.autocast():
+                logits = net(x_train[idx]).float()  # (B, classes), the loss in float32
             loss = F.cross_entropy(logits, y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            amp.step(loss, opt)
             schedule.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y_train[idx]).sum())
+            summed += loss.detach() * len(idx)
+            hits += (logits.argmax(1) == y_train[idx]).sum()
+        total_loss, correct = float(summed), int(hits)
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"fine-tuning loss diverged in epoch {epoch}")
         with ctx.timer.paused(), torch.no_grad():

@@ -24,6 +24,7 @@ from generative import data, fid
 from generative.fid import FIDConfig
 from generative.plots import image_grid
 from runctx import RunContext, scheduled_once
+from runctx.accel import Compile, MixedPrecision, Precision, compile_modules
 from runctx.checkpoints import capture
 
 EXPLODED = 1e6  # |loss| beyond this is divergence, not training
@@ -60,6 +61,8 @@ class Config(BaseModel):
         description="Epochs between checkpoints (and the end). Every checkpoint is kept as an "
         "MLflow artifact; fewer cost less storage, more lose less work to a restart.",
     )
+    precision: Precision = "fp32"
+    compile: Compile = False
 
 
 def _init(module: torch.nn.Module, g: torch.Generator) -> None:
@@ -159,6 +162,8 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
     betas = (config.beta1, config.beta2)
     opt_g = torch.optim.Adam(gen.parameters(), lr=config.learning_rate, betas=betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.learning_rate, betas=betas)
+    amp = MixedPrecision(config.precision, dev)
+    compile_modules(config.compile, gen, disc, device=dev)
     # Everything the trajectory depends on; an epoch's end is the point it resumes from.
     state = {
         "generator": gen,
@@ -167,6 +172,7 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
         "opt_d": opt_d,
         "batches": order,
         "noise": g,
+        **amp.state(),
     }
     start, step = 0, 0  # epochs done, discriminator steps taken (n_critic counts them)
     if (saved := ctx.checkpoints.restore(state)) is not None:
@@ -187,7 +193,9 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
             gen.train()
     for epoch in range(start, config.epochs):
         t0 = ctx.timer.elapsed()
-        sums = {"losses/d": 0.0, "losses/g": 0.0, "charts/d_real": 0.0, "charts/d_fake": 0.0}
+        # Summed on the device and read once an epoch: no host synchronisation per step.
+        keys = ("losses/d", "losses/g", "charts/d_real", "charts/d_fake")
+        sums = {k: torch.zeros((), device=dev) for k in keys}
         batches = g_steps = 0
         for idx in torch.randperm(len(x_train), generator=order, device=dev).split(
             config.batch_size
@@ -197,41 +205,41 @@ def fit(config: Config, ds: data.Dataset, ctx: RunContext, spec: BaseModel) -> t
             real = x_train[idx]
             z = torch.randn(len(real), config.latent_dim, generator=g, device=dev)
             # (1) Discriminator / critic: the fake batch is detached, G gets no gradient here.
-            fake = gen(z).detach()
-            d_real, d_fake = disc(real).squeeze(1), disc(fake).squeeze(1)
+            # D's outputs in float32: the losses are computed in full precision.
+            with amp.autocast():
+                fake = gen(z).detach()
+                d_real, d_fake = disc(real).float().squeeze(1), disc(fake).float().squeeze(1)
             if wgan:
                 d_loss = d_fake.mean() - d_real.mean()
-                d_loss = d_loss + config.gp_weight * gradient_penalty(disc, real, fake, g)
+                # The penalty's double backward runs in float32 (outside autocast).
+                d_loss = d_loss + config.gp_weight * gradient_penalty(disc, real, fake.float(), g)
             else:
                 d_loss = F.binary_cross_entropy_with_logits(
                     d_real, torch.ones_like(d_real)
                 ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
-            opt_d.zero_grad()
-            d_loss.backward()
-            opt_d.step()
+            amp.step(d_loss, opt_d)
             step += 1
             # (2) Generator, on a fresh batch of noise.
             if not wgan or step % config.n_critic == 0:
                 z = torch.randn(len(real), config.latent_dim, generator=g, device=dev)
-                out = disc(gen(z)).squeeze(1)
+                with amp.autocast():
+                    out = disc(gen(z)).float().squeeze(1)
                 g_loss = (
                     -out.mean()
                     if wgan
                     else F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
                 )  # non-saturating: maximise log D(G(z))
-                opt_g.zero_grad()
-                g_loss.backward()
-                opt_g.step()
-                sums["losses/g"] += float(g_loss.detach())
+                amp.step(g_loss, opt_g)
+                sums["losses/g"] += g_loss.detach()
                 g_steps += 1
             batches += 1
-            sums["losses/d"] += float(d_loss.detach())
+            sums["losses/d"] += d_loss.detach()
             # D's outputs: probabilities for the non-saturating loss, raw critic values for WGAN.
             to_chart = (lambda t: t.mean()) if wgan else (lambda t: torch.sigmoid(t).mean())
-            sums["charts/d_real"] += float(to_chart(d_real.detach()))
-            sums["charts/d_fake"] += float(to_chart(d_fake.detach()))
+            sums["charts/d_real"] += to_chart(d_real.detach())
+            sums["charts/d_fake"] += to_chart(d_fake.detach())
         metrics = {
-            k: v / (g_steps if k == "losses/g" else batches)
+            k: float(v) / (g_steps if k == "losses/g" else batches)
             for k, v in sums.items()
             if k != "losses/g" or g_steps
         }

@@ -87,17 +87,33 @@ class MetricLogger:
             due = len(self._buffer) >= self.max_buffer
         if self.on_log is not None:
             self.on_log({p.key: p.value for p in points}, int(step), self)
+        self._write_if_due(due)
+
+    def _write_if_due(self, due: bool) -> None:
         if due or time.monotonic() - self._last_flush >= self.flush_interval_s:
             if not self.background:
                 self.flush()
                 return
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="rlgen-metrics", daemon=True
-                )
-                self._thread.start()
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._loop, name="rlgen-metrics", daemon=True
+                    )
+                    self._thread.start()
             self._last_flush = time.monotonic()  # one wake-up per interval, not one per log()
             self._due.set()
+
+    def log_side(self, metrics: Mapping[str, float], step: int) -> None:
+        """Points from outside the training loop (the trial's system monitor, another thread):
+        buffered and written with the others, but not seen by `on_log` (which reports training
+        results to Ray Tune), nor counted in `last`, nor filtered by `logged_until`."""
+        now_ms = int(time.time() * 1000)
+        points = [MetricPoint(k, float(v), int(step), now_ms) for k, v in metrics.items()]
+        with self._lock:
+            self._buffer.extend(points)
+            due = len(self._buffer) >= self.max_buffer
+        if self.background:  # never writes on the caller's thread
+            self._write_if_due(due)
 
     def _loop(self) -> None:
         while not self._closing.is_set():

@@ -44,8 +44,9 @@ class Algorithm:
         return any(fnmatch(key, m) for m in (*SERVICE_METRICS, *self.metrics))
 
 
-# Logged by service.trial: for every run, and for PBT members the values they train with.
-SERVICE_METRICS = ("time/train_s", "pbt/*")
+# Logged by service.trial: for every run, its system metrics (`service.sysmetrics`), and for
+# PBT members the values they train with.
+SERVICE_METRICS = ("time/train_s", "system/*", "pbt/*")
 
 
 ALGORITHMS: dict[str, Algorithm] = {

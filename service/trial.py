@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from service.registry import ALGORITHMS
 from service.relay import RelayTracker
 from service.spec import SpecBase, dump_yaml, run_params, set_dotted, spec_model
 from service.store import client_for
+from service.sysmetrics import SystemMonitor
 from service.tracking import (
     TAG_CONTINUED_FROM,
     TAG_ERROR,
@@ -259,7 +261,8 @@ def run_trial(
             dataset=getattr(spec, "dataset", None),
         )
         ctx.timer.start()
-        algo.train(spec.params, ctx)  # type: ignore[attr-defined]
+        with monitor(spec.resources, ctx, logged_until):
+            algo.train(spec.params, ctx)  # type: ignore[attr-defined]
         ctx.timer.stop()
         status = "KILLED" if ctx.should_stop() else "FINISHED"
     except KeyboardInterrupt:
@@ -295,6 +298,16 @@ def run_trial(
         tracker.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return TrialOutcome(run_id, request.seed, status, error)
+
+
+def monitor(
+    resources: Any, ctx: RunContext, logged_until: Mapping[str, int]
+) -> AbstractContextManager[Any]:
+    """The trial's system metrics, sampled while it trains (nothing if switched off)."""
+    if not resources.system_metrics_s:
+        return nullcontext()
+    first = logged_until.get("system/cpu_utilization_percentage", 0) + 1
+    return SystemMonitor(ctx.metrics.log_side, resources.system_metrics_s, ctx.device, first)
 
 
 # -- population-based training ---------------------------------------------------------------

@@ -35,6 +35,12 @@ class Resources(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when the trial was given a GPU, else CPU."
     )
+    system_metrics_s: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between samples of the trial's CPU, memory and GPU use (MLflow's "
+        "system metrics, the run's System metrics tab); 0: none, for tiny trials.",
+    )
 
     @model_validator(mode="after")
     def _cuda_reserves_a_gpu(self) -> Resources:
