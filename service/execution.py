@@ -237,7 +237,8 @@ def launch(
             runs = runs_of_launch(client, experiment_id, launch_id)
             for run in runs:
                 label = run.data.tags.get(TAG_TRIAL, "")
-                if label in stopped:
+                # (A trial that failed in its algorithm ended its run FAILED itself.)
+                if label in stopped and run.info.status != "FAILED":
                     close_dangling(client, [run], "KILLED", STOPPED_EARLY)
                     client.set_tag(run.info.run_id, TAG_STOPPED_EARLY, "asha")
                     client.set_tag(run.info.run_id, TAG_ERROR, STOPPED_EARLY)
@@ -250,7 +251,10 @@ def launch(
                 ok = (
                     not interrupted
                     and len(final) == trial_count(spec)
-                    and all(s == "FINISHED" or label in stopped for label, s in final.items())
+                    and all(
+                        s == "FINISHED" or (s == "KILLED" and label in stopped)
+                        for label, s in final.items()
+                    )
                 )
                 if not interrupted:
                     try:

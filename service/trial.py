@@ -267,6 +267,11 @@ def run_trial(
         status = "KILLED" if ctx.should_stop() else "FINISHED"
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted"
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        status, error = "FAILED", out_of_memory(e, spec.resources, ctx)
+        log.error("trial %s (seed %d) failed: %s", run_id, request.seed, error)
+        (workdir / "error.txt").write_text(traceback.format_exc())
+        _best_effort(lambda: tracker.write_artifact(run_id, str(workdir / "error.txt"), ""))
     except Exception as e:
         status, error = "FAILED", f"{type(e).__name__}: {e}"
         log.error("trial %s (seed %d) failed: %s", run_id, request.seed, error)
@@ -298,6 +303,24 @@ def run_trial(
         tracker.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return TrialOutcome(run_id, request.seed, status, error)
+
+
+def out_of_memory(error: BaseException, resources: Any, ctx: RunContext | None) -> str:
+    """A trial that ran out of memory: what did not fit, and what to change. It fails like any
+    error of its algorithm (FAILED, not retried): a rerun would run out again."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    device = ctx.device if ctx is not None else None
+    if device is not None and device.type == "cuda":
+        held = torch.cuda.max_memory_reserved(device) / 1024**3
+        share = resources.num_gpus
+        where = (
+            f"out of GPU memory on {device} (PyTorch held up to {held:.1f} GiB; the trial "
+            f"reserved num_gpus: {share:g}, {'a shared' if share < 1 else 'a whole'} GPU)"
+        )
+        advice = "lower the batch size, buffer or model, or give each trial more of a GPU"
+    else:
+        where, advice = "out of host memory", "lower the batch size, buffer or data set"
+    return f"OutOfMemoryError: {where}: {first[:500]}; {advice}"
 
 
 def monitor(

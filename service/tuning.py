@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import tempfile
 import threading
 import time
@@ -143,7 +144,10 @@ def _trainable(
         on_metrics=reporter,
     )
     if outcome.status == "FAILED":
-        raise TrialFailedError(outcome.error)
+        # Failed in its algorithm (its run is FAILED with the reason): ended, not raised, so
+        # that Tune's retries (`max_failures`) stay for workers that died.
+        tune.report({"run_id": outcome.run_id, "status": "FAILED"})
+        return
     if reporter.last is None and outcome.status == "FINISHED":
         # Validation checks the algorithm can log the metric, but this configuration did not
         # (eval/fid without labels, eval/value_gap without a model...): ASHA had nothing to rank.
@@ -177,8 +181,8 @@ def _population_member(config: dict[str, Any], request: TrialRequest, metric: st
             on_checkpoint=reporter.checkpoint,
             start_checkpoint=Path(directory) if directory is not None else None,
         )
-    if outcome.status == "FAILED":
-        raise TrialFailedError(outcome.error)
+    if outcome.status == "FAILED":  # ended, not retried (see `_trainable`)
+        return
     if reporter.last is None and outcome.status == "FINISHED" and start is None:
         # (A trial sent to a donor's final checkpoint has nothing left to train or log.)
         raise TrialFailedError(
@@ -376,6 +380,10 @@ def run_tune(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
         ),
     )
+    # Tune refuses a trial's final report without the scheduler's metric; a trial that failed
+    # in its algorithm reports its status without one (rlgen checks the metric itself: at
+    # validation, and in `_trainable` for a configuration that never logs it).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     results = tuner.fit()
     if stop.is_set():  # Ctrl-C: the trials Tune stopped were interrupted, not stopped early
         raise KeyboardInterrupt

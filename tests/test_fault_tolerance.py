@@ -191,3 +191,59 @@ def test_a_killed_vae_worker_resumes_and_ends_as_an_uninterrupted_run(
         resumed = [(m.step, m.value) for m in client.get_metric_history(trial.run_id, key)]
         uninterrupted = [(m.step, m.value) for m in client.get_metric_history(whole.run_id, key)]
         assert sorted(resumed) == sorted(uninterrupted), key
+
+
+def test_a_trial_out_of_memory_fails_saying_so(
+    tracking_uri: str, experiment_name: str, in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    import torch
+
+    from service import registry
+
+    real = registry.ALGORITHMS["value_iteration"]
+
+    def too_big(config: Any, ctx: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(
+        registry.ALGORITHMS, "value_iteration", dataclasses.replace(real, train=too_big)
+    )
+    spec = load_spec(
+        ROOT / "experiments" / "value_iteration_frozenlake.yaml",
+        [f"name={experiment_name}", "seeds=[0]"],
+    )
+    report = launch(spec, mode="local", tracking_uri=tracking_uri)
+    (trial,) = report.trials
+    assert trial.status == "FAILED" and trial.error is not None
+    assert trial.error.startswith("OutOfMemoryError: out of host memory: CUDA out of memory.")
+    assert "lower the batch size" in trial.error
+
+
+def test_a_trial_that_fails_in_its_algorithm_is_not_retried_by_tune(
+    ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    """`max_failures` restarts trials whose worker died; an error of the algorithm (the FID
+    cache cannot be created under /proc) ends the trial FAILED once, under Tune as well."""
+    spec = load_spec(
+        ROOT / "experiments" / "gan_digits.yaml",
+        [
+            f"name={experiment_name}",
+            "seeds=[0]",
+            "max_failures=2",
+            "params.epochs=1",
+            "dataset.limit=200",
+            "params.fid.cache=/proc/rlgen-test/fid",
+            "sweep={params: {learning_rate: [0.0002, 0.0004]}, scheduler: "
+            "{metric: eval/fid, mode: min, max_t: 2}}",
+        ],
+    )
+    started = time.monotonic()
+    report = launch(spec, mode="ray", tracking_uri=tracking_uri)
+    assert not report.ok and len(report.trials) == 2
+    client = MlflowClient(tracking_uri)
+    for trial in report.trials:
+        assert trial.status == "FAILED" and "/proc/rlgen-test" in (trial.error or "")
+        assert TAG_RESTARTS not in client.get_run(trial.run_id).data.tags  # ran once
+    assert time.monotonic() - started < 120
