@@ -158,7 +158,12 @@ WORKLOADS = [
         "examples/s",
         _example_run(
             "vae_conv_digits.yaml",
-            ["params.epochs=5|1", "params.fid.enabled=false", "params.iwae_examples=50", *GENERATIVE],
+            [
+                "params.epochs=5|1",
+                "params.fid.enabled=false",
+                "params.iwae_examples=50",
+                *GENERATIVE,
+            ],
             lambda s: s.params.epochs * train_size(s),  # type: ignore[attr-defined]
         ),
         True,
@@ -229,7 +234,9 @@ def throughput(device: str, quick: bool, tmp: Path) -> list[list[str]]:
         if where not in rates:
             done, seconds = value_iteration_sweeps(where, side, 5 if quick else 30)
             rates[where] = done / seconds
-    rows.append(table_row(f"Value iteration, {side * side:,} states", "fp32", "sweeps/s", rates, device))
+    rows.append(
+        table_row(f"Value iteration, {side * side:,} states", "fp32", "sweeps/s", rates, device)
+    )
     print(" | ".join(rows[-1]), flush=True)
     return rows
 

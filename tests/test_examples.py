@@ -5,18 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
+from benchmarks.tiny import TINY, tiny_overrides
 from service.execution import expand, launch
 from service.registry import ALGORITHMS
 from service.spec import load_spec
 
-from benchmarks.tiny import TINY, tiny_overrides
-
 from .conftest import ROOT
 
 EXAMPLES = sorted((ROOT / "experiments").glob("*.yaml"))
+
 
 def test_there_are_examples() -> None:
     names = {p.name for p in EXAMPLES}
