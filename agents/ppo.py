@@ -171,6 +171,9 @@ def mlp(widths: list[int], out: int, out_gain: float, generator: torch.Generator
     return nn.Sequential(*layers, layer(widths[-1], out, out_gain, generator))
 
 
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
 class ActorCritic(nn.Module):
     """Separate MLPs: obs (B, D) -> policy (logits (B, A), or Gaussian means (B, A) with a
     state-independent log-std (A,)) and value (B,)."""
@@ -192,25 +195,43 @@ class ActorCritic(nn.Module):
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).float().squeeze(-1)
 
-    def dist(self, obs: torch.Tensor) -> torch.distributions.Distribution:
-        out = self.actor(obs).float()
-        if self.log_std is None:
-            return torch.distributions.Categorical(logits=out)
-        return torch.distributions.Normal(out, self.log_std.exp().expand_as(out))
+    # The policy's maths written out (torch.distributions objects cost more to build, with
+    # their argument checks, than the tiny networks of classic control cost to run).
+    def policy(self, obs: torch.Tensor) -> torch.Tensor:
+        """Logits (B, A), or the Gaussian's means (B, A)."""
+        return self.actor(obs).float()
+
+    def sample(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Actions drawn from the trial's generator: mean + std * N(0, 1), or the categorical's
+        inverse CDF at U(0, 1)."""
+        if self.log_std is not None:
+            noise = torch.randn(out.shape, generator=generator, device=out.device)
+            return out + self.log_std.exp() * noise
+        u = torch.rand((len(out), 1), generator=generator, device=out.device)
+        probs = out.softmax(-1)
+        return (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+    def log_prob(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s), (B,): log N(a; mean, std) summed over the action's dimensions, or the
+        log-softmax at a."""
+        if self.log_std is not None:
+            z = (actions - out) / self.log_std.exp()
+            return (-0.5 * z**2 - self.log_std - HALF_LOG_2PI).sum(-1)
+        return out.log_softmax(-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+    def entropy(self, out: torch.Tensor) -> torch.Tensor:
+        """H[pi(.|s)], (B,): sum_i (1/2 + log(2 pi)/2 + log std_i), or -sum_a p log p."""
+        if self.log_std is not None:
+            return (0.5 + HALF_LOG_2PI + self.log_std).sum().expand(len(out))
+        logp = out.log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1)
 
     def log_prob_entropy(
         self, obs: torch.Tensor, actions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi(a|s) and H[pi(.|s)], each (B,); a Gaussian's sum over action dimensions."""
-        d = self.dist(obs)
-        return self.log_prob(d, actions), self.joint(d.entropy())
-
-    def log_prob(self, d: torch.distributions.Distribution, actions: torch.Tensor) -> torch.Tensor:
-        return self.joint(d.log_prob(actions))
-
-    def joint(self, per_dim: torch.Tensor) -> torch.Tensor:
-        """A Gaussian's per-dimension terms summed over the action's dimensions."""
-        return per_dim.sum(-1) if self.continuous else per_dim
+        """log pi(a|s) and H[pi(.|s)], each (B,)."""
+        out = self.policy(obs)
+        return self.log_prob(out, actions), self.entropy(out)
 
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """The mode: argmax of the logits, or the Gaussian's mean."""
@@ -265,7 +286,7 @@ def train(config: Config, ctx: RunContext) -> None:
         obs_dim, action_space, config.hidden_sizes, ctx.torch_generator("init", "cpu")
     )
     agent.to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5, fused=True)
     amp = MixedPrecision(config.precision, device)
     compile_modules(config.compile, agent.actor, agent.critic, device=device)
     obs_stats = RunningMeanStd((obs_dim,))
@@ -364,17 +385,11 @@ def train(config: Config, ctx: RunContext) -> None:
         # -- collect ------------------------------------------------------------------------
         for t in range(n_steps):
             obs = observe(raw_obs, update=True)
-            # Sampled from the trial's generator (`.sample()` takes none).
+            # Actions drawn from the trial's generator.
             with torch.no_grad(), amp.autocast():
-                d = agent.dist(obs)
-                if agent.continuous:
-                    noise = torch.randn(d.mean.shape, generator=sampling, device=device)
-                    action = d.mean + d.stddev * noise
-                else:  # inverse CDF of the categorical
-                    u = torch.rand((n_envs, 1), generator=sampling, device=device)
-                    probs = d.probs  # type: ignore[attr-defined]
-                    action = (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
-                logp = agent.log_prob(d, action)
+                out = agent.policy(obs)
+                action = agent.sample(out, sampling)
+                logp = agent.log_prob(out, action)
                 value = agent.value(obs)
             env_action = action.cpu().numpy()
             if agent.continuous:  # detail c2: the env gets the clipped action
