@@ -37,7 +37,7 @@ from torch import nn
 
 from agents import envstate
 from agents.evaluation import evaluate_and_log, length_metric
-from agents.nets import default_init_, update_target
+from agents.nets import MinAtarCNN, NatureCNN, default_init_, image_torso, update_target
 from agents.plots import learning_curve, observation_frames
 from agents.replay import Batch, FrameStore, NStep, PrioritizedReplayBuffer, ReplayBuffer
 from agents.schedules import linear_schedule
@@ -204,45 +204,6 @@ def check_env(env: gym.Env) -> str | None:
             f"Tuple/Dict of them, not {env.observation_space}"
         )
     return None
-
-
-class NatureCNN(nn.Module):
-    """Mnih et al. (2015): (B, C, H, W) frames -> (B, 64 h w) features (3136 at 84x84).
-
-    Pixels arrive as the env's bytes and are scaled by `scale` (1/255) here, so replay and the
-    host-to-device copy move uint8, a quarter of float32's bytes."""
-
-    def __init__(self, shape: tuple[int, int, int], scale: float):
-        super().__init__()
-        self.scale = scale
-        self.net = nn.Sequential(
-            nn.Conv2d(shape[0], 32, 8, stride=4),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=1),
-            nn.ReLU(),
-            nn.Flatten(),
-        )
-        self.out_dim = int(self.net(torch.zeros(1, *shape)).shape[1])
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs.float() * self.scale)
-
-
-class MinAtarCNN(nn.Module):
-    """Young & Tian (2019): (B, H, W, C) channel-last grids -> 16 3x3 filters, stride 1 ->
-    (B, 16 (H-2) (W-2)) features (1024 on MinAtar's 10x10)."""
-
-    def __init__(self, shape: tuple[int, int, int], scale: float):
-        super().__init__()
-        self.scale = scale
-        h, w, c = shape
-        self.net = nn.Sequential(nn.Conv2d(c, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
-        self.out_dim = 16 * (h - 2) * (w - 2)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs.permute(0, 3, 1, 2).float() * self.scale)
 
 
 class NoisyLinear(nn.Module):
@@ -454,33 +415,6 @@ def build_network(
     elif config.normalize_obs and isinstance(space, gym.spaces.Box):
         q.set_obs_bounds(np.asarray(space.low).ravel(), np.asarray(space.high).ravel())
     return q
-
-
-def image_torso(network: str, space: Any) -> NatureCNN | MinAtarCNN | None:
-    """The CNN for image observations (see `Config.network`), or None for an MLP.
-
-    Channel-first stacks (C, H, W) (ALE's, C < H) get the Nature CNN; channel-last grids
-    (H, W, C) (MinAtar's, gymnasium's RGB images) the MinAtar CNN when small. Pixels are
-    scaled by 1/high (1/255 for bytes)."""
-    image = isinstance(space, gym.spaces.Box) and len(space.shape) == 3
-    if network == "mlp" or (network == "auto" and not image):
-        return None
-    if not image:
-        raise ValueError(f"network {network} needs image observations, not {space}")
-    shape = tuple(int(d) for d in space.shape)
-    high = float(np.max(space.high))
-    scale = 1.0 / high if np.isfinite(high) and high > 1 else 1.0
-    channels_last = shape[2] <= shape[0]  # (10, 10, 4), (210, 160, 3); not (4, 84, 84)
-    chw = (shape[2], shape[0], shape[1]) if channels_last else shape
-    if network == "auto":
-        network = "nature_cnn" if min(chw[1:]) >= 36 else "minatar_cnn"
-    if network == "nature_cnn":
-        if channels_last:
-            raise ValueError(f"the Nature CNN takes channel-first stacks (C, H, W), not {shape}")
-        return NatureCNN(shape, scale)  # type: ignore[arg-type]
-    if not channels_last:
-        raise ValueError(f"the MinAtar CNN takes channel-last grids (H, W, C), not {shape}")
-    return MinAtarCNN(shape, scale)  # type: ignore[arg-type]
 
 
 def stacked_frames(space: Any) -> bool:

@@ -22,9 +22,14 @@ separate actor and critic MLPs with tanh (13); truncated episodes bootstrap from
 actions: a diagonal Gaussian with a state-independent log-std (detail c1), sampled actions
 clipped to the bounds for the env while their log-probabilities use the unclipped sample (c2),
 observation and reward normalisation by running statistics with clipping to +-10 (c3-c6,
-`normalize_obs`, `normalize_reward`). Not in: early stopping on a target KL (off by default in
-the reference too), shared actor-critic torsos and the Atari details (the Nature CNN with PPO
-waits for the pixel pipeline to be wired here), LSTM and multi-discrete details.
+`normalize_obs`, `normalize_reward`). Atari (CleanRL's `ppo_atari.py`): the preprocessing
+(details 19-25: no-op reset, frame skip with max-pooling, life loss as an episode's end where
+`terminal_on_life_loss` asks, FIRE on reset, reward clipping, 84x84 greyscale, 4 stacked frames)
+comes from the env's `preprocessing` (ALE's vector env); a shared Nature CNN torso with a
+512-unit layer and linear actor and critic heads, orthogonally initialised (26-27), bytes
+scaled by 1/255 inside the network (28). MinAtar's grids get MinAtar's small CNN the same way.
+Not in: early stopping on a target KL (off by default in the reference too), LSTM and
+multi-discrete details.
 
 Counting: a *timestep* is one transition of one env (the reset step of gymnasium's next-step
 autoreset is not one, and is left out of the loss).
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -45,6 +50,7 @@ from torch import nn
 
 from agents import envstate
 from agents.evaluation import evaluate_and_log, length_metric
+from agents.nets import image_torso
 from runctx import RunContext
 from runctx.accel import Compile, MixedPrecision, Precision, compile_modules
 from runctx.checkpoints import capture
@@ -70,6 +76,11 @@ class Config(BaseModel):
     ent_coef: float = Field(0.01, ge=0, description="Entropy bonus coefficient.")
     vf_coef: float = Field(0.5, ge=0, description="Value loss coefficient.")
     max_grad_norm: float = Field(0.5, gt=0, description="Clip the gradient's global norm.")
+    network: Literal["auto", "mlp", "nature_cnn", "minatar_cnn"] = Field(
+        "auto",
+        description="auto: a shared Nature CNN torso for image stacks of 36+ pixels a side, "
+        "MinAtar's CNN for smaller grids, separate actor and critic MLPs for vectors.",
+    )
     hidden_sizes: list[PositiveInt] = Field(
         default_factory=lambda: [64, 64], description="Widths of the actor's and critic's MLPs."
     )
@@ -120,8 +131,11 @@ def check_env(env: gym.Env) -> str | None:
     if isinstance(env.action_space, gym.spaces.Box) and len(env.action_space.shape) != 1:
         return f"PPO needs a one-dimensional Box of actions, not {env.action_space}"
     space = env.observation_space
-    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-        return f"PPO takes vector observations (a one-dimensional Box), not {space}"
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) not in (1, 3):
+        return (
+            "PPO takes vector observations (a one-dimensional Box) or images (a 3-dimensional "
+            f"Box), not {space}"
+        )
     return None
 
 
@@ -175,32 +189,58 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class ActorCritic(nn.Module):
-    """Separate MLPs: obs (B, D) -> policy (logits (B, A), or Gaussian means (B, A) with a
-    state-independent log-std (A,)) and value (B,)."""
+    """obs -> policy (logits (B, A), or Gaussian means (B, A) with a state-independent log-std
+    (A,)) and value (B,). Vector observations (B, D): separate actor and critic MLPs (tanh).
+    Images (B, C, H, W) or (B, H, W, C): a shared CNN torso and a 512-unit ReLU layer, then a
+    linear actor head and a linear critic head (CleanRL's `ppo_atari.py`)."""
 
     def __init__(
-        self, obs_dim: int, action_space: gym.Space, hidden: list[int], generator: torch.Generator
+        self,
+        obs_space: gym.Space,
+        action_space: gym.Space,
+        hidden: list[int],
+        generator: torch.Generator,
+        network: str = "auto",
     ):
         super().__init__()
         self.continuous = isinstance(action_space, gym.spaces.Box)
         size = np.prod(action_space.shape or ()) if self.continuous else action_space.n  # type: ignore[attr-defined]
         n = int(size)
-        widths = [obs_dim, *hidden]
-        self.critic = mlp(widths, 1, 1.0, generator)
-        self.actor = mlp(widths, n, 0.01, generator)
+        cnn = image_torso(network, obs_space)
+        if cnn is None:
+            widths = [int(np.prod(obs_space.shape)), *hidden]  # type: ignore[arg-type]
+            self.torso: nn.Module = nn.Identity()
+            self.critic = mlp(widths, 1, 1.0, generator)
+            self.actor = mlp(widths, n, 0.01, generator)
+        else:
+            for m in cnn.modules():
+                if isinstance(m, nn.Conv2d):  # detail 26: orthogonal, sqrt(2), zero biases
+                    nn.init.orthogonal_(m.weight, math.sqrt(2), generator=generator)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+            self.torso = nn.Sequential(
+                cnn, layer(cnn.out_dim, 512, math.sqrt(2), generator), nn.ReLU()
+            )
+            self.critic = layer(512, 1, 1.0, generator)
+            self.actor = layer(512, n, 0.01, generator)
         self.log_std = nn.Parameter(torch.zeros(n)) if self.continuous else None
 
     # The networks' outputs in float32: under mixed precision, log-probabilities, their ratios
     # and the value loss are computed in full precision.
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's output (see `policy`) and the value, (B,), from one torso pass."""
+        h = self.torso(obs)
+        return self.actor(h).float(), self.critic(h).float().squeeze(-1)
+
     def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs).float().squeeze(-1)
+        return self.critic(self.torso(obs)).float().squeeze(-1)
+
+    def policy(self, obs: torch.Tensor) -> torch.Tensor:
+        """Logits (B, A), or the Gaussian's means (B, A)."""
+        return self.actor(self.torso(obs)).float()
 
     # The policy's maths written out (torch.distributions objects cost more to build, with
     # their argument checks, than the tiny networks of classic control cost to run).
-    def policy(self, obs: torch.Tensor) -> torch.Tensor:
-        """Logits (B, A), or the Gaussian's means (B, A)."""
-        return self.actor(obs).float()
-
     def sample(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Actions drawn from the trial's generator: mean + std * N(0, 1), or the categorical's
         inverse CDF at U(0, 1)."""
@@ -226,16 +266,9 @@ class ActorCritic(nn.Module):
         logp = out.log_softmax(-1)
         return -(logp.exp() * logp).sum(-1)
 
-    def log_prob_entropy(
-        self, obs: torch.Tensor, actions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi(a|s) and H[pi(.|s)], each (B,)."""
-        out = self.policy(obs)
-        return self.log_prob(out, actions), self.entropy(out)
-
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """The mode: argmax of the logits, or the Gaussian's mean."""
-        out = self.actor(obs).float()
+        out = self.policy(obs)
         return out if self.continuous else out.argmax(-1)
 
 
@@ -279,16 +312,26 @@ def train(config: Config, ctx: RunContext) -> None:
     if mode != AutoresetMode.NEXT_STEP:
         raise ValueError(f"unsupported vector-env autoreset mode {mode}")
     n_envs, n_steps = config.num_envs, config.num_steps
-    obs_dim = int(np.prod(envs.single_observation_space.shape))  # type: ignore[arg-type]
-    action_space = envs.single_action_space
+    obs_space, action_space = envs.single_observation_space, envs.single_action_space
+    obs_dim = int(np.prod(obs_space.shape))  # type: ignore[arg-type]
     envs.action_space.seed(int(ctx.rng("exploration").integers(2**31)))
     agent = ActorCritic(
-        obs_dim, action_space, config.hidden_sizes, ctx.torch_generator("init", "cpu")
+        obs_space,
+        action_space,
+        config.hidden_sizes,
+        ctx.torch_generator("init", "cpu"),
+        config.network,
     )
     agent.to(device)
+    # Images enter the CNN as the env's bytes (scaled inside it): no flattening, no running
+    # normalisation, and a quarter of float32's bytes in the rollout storage.
+    images = not isinstance(agent.torso, nn.Identity)
+    if images and config.normalize_obs:
+        raise ValueError("normalize_obs is for vector observations; the CNN scales images")
+    obs_shape = tuple(obs_space.shape) if images else (obs_dim,)  # type: ignore[arg-type]
     optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5, fused=True)
     amp = MixedPrecision(config.precision, device)
-    compile_modules(config.compile, agent.actor, agent.critic, device=device)
+    compile_modules(config.compile, agent, device=device)
     obs_stats = RunningMeanStd((obs_dim,))
     ret_stats = RunningMeanStd(())
     sampling = ctx.torch_generator("policy", device=device)  # actions and minibatch shuffles
@@ -326,6 +369,8 @@ def train(config: Config, ctx: RunContext) -> None:
         ctx.log.info("resumed from the checkpoint at timestep %d", step)
 
     def observe(raw: np.ndarray, update: bool) -> torch.Tensor:
+        if images:
+            return torch.as_tensor(np.asarray(raw), device=device)
         x = np.asarray(raw, dtype=np.float32).reshape(len(raw), -1)
         if config.normalize_obs:
             if update:
@@ -369,7 +414,8 @@ def train(config: Config, ctx: RunContext) -> None:
 
     # Rollout storage, (T, N, ...).
     shape_a: tuple[int, ...] = tuple(action_space.shape or ()) if agent.continuous else ()
-    b_obs = torch.zeros((n_steps, n_envs, obs_dim), device=device)
+    obs_dtype = torch.uint8 if images and obs_space.dtype == np.uint8 else torch.float32
+    b_obs = torch.zeros((n_steps, n_envs, *obs_shape), dtype=obs_dtype, device=device)
     b_actions = torch.zeros((n_steps, n_envs, *shape_a), device=device)
     b_logp = torch.zeros((n_steps, n_envs), device=device)
     b_values = np.zeros((n_steps, n_envs), dtype=np.float32)
@@ -387,10 +433,9 @@ def train(config: Config, ctx: RunContext) -> None:
             obs = observe(raw_obs, update=True)
             # Actions drawn from the trial's generator.
             with torch.no_grad(), amp.autocast():
-                out = agent.policy(obs)
+                out, value = agent(obs)
                 action = agent.sample(out, sampling)
                 logp = agent.log_prob(out, action)
-                value = agent.value(obs)
             env_action = action.cpu().numpy()
             if agent.continuous:  # detail c2: the env gets the clipped action
                 env_action = np.clip(env_action, low, high)
@@ -432,7 +477,7 @@ def train(config: Config, ctx: RunContext) -> None:
 
         # -- learn on the valid steps -------------------------------------------------------
         keep = torch.as_tensor(b_valid.reshape(-1), device=device)
-        f_obs = b_obs.reshape(-1, obs_dim)[keep]
+        f_obs = b_obs.reshape(-1, *obs_shape)[keep]
         f_actions = b_actions.reshape(-1, *shape_a)[keep]
         f_logp = b_logp.reshape(-1)[keep]
         f_adv = torch.as_tensor(advantages.reshape(-1), device=device)[keep]
@@ -446,8 +491,8 @@ def train(config: Config, ctx: RunContext) -> None:
             for start in range(0, n, size):
                 mb = order[start : start + size]
                 with amp.autocast():
-                    new_logp, entropy = agent.log_prob_entropy(f_obs[mb], f_actions[mb])
-                    v = agent.value(f_obs[mb])
+                    out, v = agent(f_obs[mb])
+                new_logp, entropy = agent.log_prob(out, f_actions[mb]), agent.entropy(out)
                 adv = f_adv[mb]
                 if config.norm_adv and len(mb) > 1:  # detail 7
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -514,7 +559,14 @@ def train(config: Config, ctx: RunContext) -> None:
 def load_policy(config: Config, state: dict[str, Any], env: gym.Env) -> Any:
     """The deterministic policy of a checkpoint, for `rlgen evaluate`: obs (N, D) -> actions."""
     obs_dim = int(np.prod(env.observation_space.shape))  # type: ignore[arg-type]
-    agent = ActorCritic(obs_dim, env.action_space, config.hidden_sizes, torch.Generator())
+    agent = ActorCritic(
+        env.observation_space,
+        env.action_space,
+        config.hidden_sizes,
+        torch.Generator(),
+        config.network,
+    )
+    images = not isinstance(agent.torso, nn.Identity)
     agent.load_state_dict(state["agent"])
     obs_stats = RunningMeanStd((obs_dim,))
     obs_stats.load_state_dict(state["obs_stats"])
@@ -522,6 +574,9 @@ def load_policy(config: Config, state: dict[str, Any], env: gym.Env) -> Any:
 
     @torch.inference_mode()
     def act(obs: np.ndarray) -> np.ndarray:
+        if images:  # the env's bytes, as in training
+            out = agent.deterministic(torch.as_tensor(np.asarray(obs))).numpy()
+            return out
         x = np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
         if config.normalize_obs:
             x = obs_stats.normalize(x)

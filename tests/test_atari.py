@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents import dqn
+from agents import dqn, nets
 from agents.envs import EnvSpec
 from agents.replay import FrameStore, NStep, ReplayBuffer
 from runctx import RunContext
@@ -171,15 +171,15 @@ def test_observations_match_sb3s_atari_wrapper() -> None:
 def test_cnns_take_the_envs_bytes() -> None:
     atari = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
     minatar = gym.spaces.Box(0, 1, (10, 10, 4), bool)
-    nature = dqn.image_torso("auto", atari)
-    small = dqn.image_torso("auto", minatar)
-    assert isinstance(nature, dqn.NatureCNN) and nature.out_dim == 3136
-    assert isinstance(small, dqn.MinAtarCNN) and small.out_dim == 1024
-    assert dqn.image_torso("auto", gym.spaces.Box(-1, 1, (4,))) is None
+    nature = nets.image_torso("auto", atari)
+    small = nets.image_torso("auto", minatar)
+    assert isinstance(nature, nets.NatureCNN) and nature.out_dim == 3136
+    assert isinstance(small, nets.MinAtarCNN) and small.out_dim == 1024
+    assert nets.image_torso("auto", gym.spaces.Box(-1, 1, (4,))) is None
     x = torch.full((2, 4, 84, 84), 255, dtype=torch.uint8)
     assert torch.equal(nature(x), nature(torch.ones(2, 4, 84, 84) * 255))  # scaled inside
     with pytest.raises(ValueError, match="channel-first"):
-        dqn.image_torso("nature_cnn", minatar)
+        nets.image_torso("nature_cnn", minatar)
 
 
 @pytest.mark.parametrize(

@@ -123,3 +123,45 @@ def test_ppo_refuses_what_it_cannot_act_in() -> None:
         action_space=gym.spaces.MultiBinary(3), observation_space=gym.spaces.Box(0, 1, (2,))
     )
     assert "Discrete or Box" in str(ppo.check_env(binary))  # type: ignore[arg-type]
+
+
+def test_ppo_sees_images_through_one_shared_cnn() -> None:
+    """Atari stacks get the Nature CNN, MinAtar grids MinAtar's CNN, as one torso that the
+    actor and critic heads share (one pass gives both); vectors keep separate MLPs."""
+    from agents.nets import MinAtarCNN, NatureCNN
+
+    g = torch.Generator().manual_seed(0)
+    atari = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+    agent = ppo.ActorCritic(atari, gym.spaces.Discrete(6), [64], g)
+    assert isinstance(agent.torso[0], NatureCNN)  # type: ignore[index]
+    obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8, generator=g)
+    out, value = agent(obs)
+    assert out.shape == (3, 6) and value.shape == (3,) and out.dtype == torch.float32
+    assert torch.equal(value, agent.value(obs)) and torch.equal(out, agent.policy(obs))
+    torso = {id(p) for p in agent.torso.parameters()}
+    assert len(torso) == len(list(agent.torso.parameters())) > 0
+    # Both heads' gradients reach the one torso.
+    (out.sum() + value.sum()).backward()
+    assert all(p.grad is not None for p in agent.torso.parameters())
+    minatar = gym.spaces.Box(0, 1, (10, 10, 4), bool)
+    small = ppo.ActorCritic(minatar, gym.spaces.Discrete(3), [64], g)
+    assert isinstance(small.torso[0], MinAtarCNN)  # type: ignore[index]
+    vector = ppo.ActorCritic(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2), [8], g)
+    assert isinstance(vector.torso, torch.nn.Identity)
+    assert ppo.check_env(gym.make("CartPole-v1")) is None
+
+
+def test_ppo_runs_from_pixels_and_refuses_normalising_them(tmp_path: Path) -> None:
+    env = EnvSpec(id="MinAtar/Breakout-v1")
+    config = ppo.Config(
+        total_timesteps=1_024, num_envs=4, num_steps=64, eval_every=512, eval_episodes=2
+    )
+    ctx = RunContext.in_memory(seed=0, workdir=tmp_path / "a", env=env)
+    ppo.train(config, ctx)
+    ctx.close()
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    assert len(m["losses/value_loss"]) >= 2
+    assert all(np.isfinite(v) for _, v in m["losses/policy_loss"])
+    bad = config.model_copy(update={"normalize_obs": True})
+    with pytest.raises(ValueError, match="normalize_obs is for vector observations"):
+        ppo.train(bad, RunContext.in_memory(seed=0, workdir=tmp_path / "b", env=env))

@@ -96,6 +96,18 @@ CASES: dict[str, tuple[EnvSpec | None, dict[str, Any], int]] = {
         },
         1,
     ),
+    "ppo@pixels": (
+        EnvSpec(id="MinAtar/Breakout-v1"),
+        {
+            "total_timesteps": 768,
+            "num_envs": 2,
+            "num_steps": 64,
+            "eval_every": 256,
+            "eval_episodes": 2,
+            "checkpoint_every": 256,
+        },
+        2,
+    ),
     # MuJoCo envs pickle as their constructor's arguments: the simulator's state is kept beside.
     "ppo@mujoco": (
         EnvSpec(id="InvertedPendulum-v5"),
