@@ -168,3 +168,65 @@ def test_a_search_needs_the_optuna_extra_and_ray(
     with pytest.raises(SpecError) as e:
         load_spec(path)
     assert "pip install 'rlgen[optuna]'" in str(e.value) and "sweep.search.type" in str(e.value)
+
+
+PBT_RL = """\
+name: {name}
+algorithm: {algorithm}
+env: {{id: Pendulum-v1}}
+params: {params}
+sweep:
+  params:
+    {rate}: [0.00001, 0.003]
+  max_concurrent_trials: 2
+  scheduler:
+    type: pbt
+    metric: eval/return_mean
+    mode: max
+    perturbation_interval: {interval}
+    quantile_fraction: 0.5
+    synch: true
+    hyperparam_mutations:
+      {rate}: {{loguniform: [0.0001, 0.003]}}
+"""
+# Checkpoints (and so reports to PBT) every 512 or 300 steps; perturbations from the second one
+# on (Ray's synchronous PBT does not resume trials it perturbs at their first report).
+RL_MEMBERS = {
+    "ppo": (
+        "learning_rate",
+        1000,
+        "{total_timesteps: 2048, num_envs: 1, num_steps: 128, hidden_sizes: [16], "
+        "eval_every: 512, eval_episodes: 2, checkpoint_every: 512}",
+    ),
+    "sac": (
+        "q_lr",
+        500,
+        "{total_timesteps: 1200, learning_starts: 100, batch_size: 32, hidden_sizes: [16], "
+        "eval_every: 300, eval_episodes: 1, checkpoint_every: 300, checkpoint_buffer: true}",
+    ),
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(RL_MEMBERS))
+def test_pbt_runs_ppo_and_sac(
+    algorithm: str, ray_cluster: None, tracking_uri: str, experiment_name: str, in_tmp: Path
+) -> None:
+    """PPO's and SAC's members pause, exploit (the donor's networks, optimizer, envs and, for
+    SAC, replay) and continue their own MLflow runs to the end of the budget."""
+    rate, interval, params = RL_MEMBERS[algorithm]
+    path = in_tmp / "pbt.yaml"
+    text = PBT_RL.format(
+        name=experiment_name, algorithm=algorithm, params=params, rate=rate, interval=interval
+    )
+    path.write_text(text)
+    report = launch(load_spec(path), mode="ray", tracking_uri=tracking_uri)
+    assert report.ok, [(t.label, t.status, t.error) for t in report.trials]
+    client = MlflowClient(tracking_uri)
+    runs = [client.get_run(t.run_id) for t in report.trials]
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert any(TAG_EXPLOITS in r.data.tags for r in runs), "no exploit happened"
+    for r in runs:
+        evals = history(client, r.info.run_id, "eval/return_mean")
+        budget = 2048 if algorithm == "ppo" else 1200
+        assert max(evals) >= budget - 256  # evaluated up to the end of the budget
+        assert history(client, r.info.run_id, f"pbt/{rate}")  # its rate as a curve
