@@ -105,6 +105,15 @@ def test_pbt_blocks_are_checked_like_sweeps(tmp_path: Path) -> None:
             ],
         )
     assert "checkpoint_buffer" in str(e.value)
+    # Synchronous PBT perturbing at the first checkpoint would stall the sweep.
+    early = PBT_VAE.format(name="x").replace("interval: 2", "interval: 1")
+    (tmp_path / "early.yaml").write_text(early)
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / "early.yaml")
+    assert "early.yaml:20: sweep.scheduler.perturbation_interval: 1 (+ burn_in_period 0)" in str(
+        e.value
+    )
+    assert "params.checkpoint_every 1" in str(e.value)
 
 
 SEARCH_VAE = """\
