@@ -122,17 +122,21 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
         raise SpecError([Problem(source.where(("continue_from",)), "continue_from", msg)])
     pbt = spec.sweep.scheduler
     every = getattr(spec.params, "checkpoint_every", None)
-    if isinstance(pbt, Pbt) and pbt.synch and every is not None:
-        # Members report at checkpoints, the first at step >= checkpoint_every; Ray Tune's
-        # synchronous PBT never resumes the members it perturbs at their first report.
-        if pbt.burn_in_period + pbt.perturbation_interval <= every:
-            loc = ("sweep", "scheduler", "perturbation_interval")
-            msg = (
-                f"{pbt.perturbation_interval} (+ burn_in_period {pbt.burn_in_period}) would "
-                f"perturb at the first checkpoint (params.checkpoint_every {every}), where "
-                "synchronous PBT stalls: make it larger than checkpoint_every"
-            )
-            raise SpecError([Problem(source.where(loc), dotted(loc), msg)])
+    # Members report at checkpoints, the first at step >= checkpoint_every; Ray Tune's
+    # synchronous PBT never resumes the members it perturbs at their first report.
+    if (
+        isinstance(pbt, Pbt)
+        and pbt.synch
+        and every is not None
+        and pbt.burn_in_period + pbt.perturbation_interval <= every
+    ):
+        loc = ("sweep", "scheduler", "perturbation_interval")
+        msg = (
+            f"{pbt.perturbation_interval} (+ burn_in_period {pbt.burn_in_period}) would "
+            f"perturb at the first checkpoint (params.checkpoint_every {every}), where "
+            "synchronous PBT stalls: make it larger than checkpoint_every"
+        )
+        raise SpecError([Problem(source.where(loc), dotted(loc), msg)])
     if spec.sweep.search is not None:
         import importlib.util
 
