@@ -121,7 +121,7 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
         msg = "PBT members change their params as they train: continue a member on its own"
         raise SpecError([Problem(source.where(("continue_from",)), "continue_from", msg)])
     pbt = spec.sweep.scheduler
-    every = getattr(spec.params, "checkpoint_every", None)
+    every = getattr(getattr(spec, "params", None), "checkpoint_every", None)
     # Members report at checkpoints, the first at step >= checkpoint_every; Ray Tune's
     # synchronous PBT never resumes the members it perturbs at their first report.
     if (
@@ -130,13 +130,13 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
         and every is not None
         and pbt.burn_in_period + pbt.perturbation_interval <= every
     ):
-        loc = ("sweep", "scheduler", "perturbation_interval")
+        at = ("sweep", "scheduler", "perturbation_interval")
         msg = (
             f"{pbt.perturbation_interval} (+ burn_in_period {pbt.burn_in_period}) would "
             f"perturb at the first checkpoint (params.checkpoint_every {every}), where "
             "synchronous PBT stalls: make it larger than checkpoint_every"
         )
-        raise SpecError([Problem(source.where(loc), dotted(loc), msg)])
+        raise SpecError([Problem(source.where(at), dotted(at), msg)])
     if spec.sweep.search is not None:
         import importlib.util
 
