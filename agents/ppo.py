@@ -154,16 +154,18 @@ class RunningMeanStd(nn.Module):
     count: torch.Tensor
 
     def update(self, x: np.ndarray) -> None:
-        batch = torch.as_tensor(x, dtype=torch.float64)
+        # In NumPy on the buffers' memory (`.numpy()` shares it): a step's batch is a few
+        # numbers, for which torch's per-op overhead would cost more than the env step.
+        batch = np.asarray(x, dtype=np.float64)
         if len(batch) == 0:  # every env was on its reset step
             return
-        b_mean, b_var, n = batch.mean(0), batch.var(0, unbiased=False), len(batch)
-        delta, total = b_mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.var.copy_(
-            (self.var * self.count + b_var * n + delta**2 * self.count * n / total) / total
-        )
-        self.count.copy_(total)
+        mean, var, count = self.mean.numpy(), self.var.numpy(), self.count.numpy()
+        n = len(batch)
+        b_mean, b_var = (batch[0], 0.0) if n == 1 else (batch.mean(0), batch.var(0))
+        delta, total = b_mean - mean, count + n
+        var[...] = (var * count + b_var * n + delta**2 * count * n / total) / total
+        mean += delta * n / total
+        count[...] = total
 
     def normalize(self, x: np.ndarray, clip: float = 10.0) -> np.ndarray:
         z = (x - self.mean.numpy()) / np.sqrt(self.var.numpy() + 1e-8)

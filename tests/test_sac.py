@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import pytest
 import torch
 
 from agents import sac
@@ -63,3 +64,20 @@ def test_sac_refuses_discrete_actions_and_unbounded_ones() -> None:
     unbounded = gym.make("Pendulum-v1")
     unbounded.action_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
     assert "infinite" in str(sac.check_env(unbounded))
+
+
+@pytest.mark.slow
+def test_sac_swings_up_the_pendulum(tmp_path: Path) -> None:
+    """RL-Zoo3's Pendulum settings (experiments/sac_pendulum.yaml): a greedy return above -200
+    within its 20k-step budget."""
+    from service.spec import load_spec
+
+    from .conftest import ROOT
+
+    spec = load_spec(ROOT / "experiments" / "sac_pendulum.yaml", ["params.stop_at_return=-200"])
+    ctx = RunContext.in_memory(seed=4, workdir=tmp_path, env=spec.env)  # type: ignore[attr-defined]
+    sac.train(spec.params, ctx)  # type: ignore[arg-type]
+    ctx.close()
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    assert max(v for _, v in m["eval/return_mean"]) > -200
+    assert m["losses/alpha"][-1][1] < 0.2  # tuned down as the policy sharpened
