@@ -126,3 +126,8 @@ def test_minatar_dqn() -> None:
 def test_ppo_sac() -> None:
     out = run("ppo_sac.py", "--ppo-seeds", "0", "--sac-seeds", "0", "--budget-scale", "0.02")
     assert "PPO on CartPole-v1" in out and "SAC on Pendulum-v1" in out
+
+
+def test_ppo_mujoco() -> None:
+    out = run("ppo_mujoco.py", "--steps", "4096", "--seeds", "0", "1", "--jobs", "2")
+    assert "rlgen >= SB3 mean - std" in out and "steps/s ratio" in out
