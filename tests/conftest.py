@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def validate_without(module: str, spec: Path) -> subprocess.CompletedProcess[str]:
+    """`rlgen validate SPEC` in a fresh interpreter where `module` cannot be imported: what a
+    machine without the extra that installs it sees."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; "
+        "sys.argv = ['rlgen', 'validate', sys.argv[1]]; from service.cli import main; main()"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(spec)], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def alive(pid: int) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -16,7 +14,7 @@ from agents.envs import EnvSpec
 from agents.replay import FrameStore, NStep, ReplayBuffer
 from runctx import RunContext
 
-from .conftest import ROOT
+from .conftest import validate_without
 
 PONG = "PongNoFrameskip-v4"
 
@@ -218,13 +216,6 @@ def test_dqn_trains_from_pixels(env: EnvSpec, options: dict[str, object], tmp_pa
 def test_an_atari_id_without_the_extra_is_refused_naming_it(tmp_path: Path) -> None:
     spec = tmp_path / "pong.yaml"
     spec.write_text("name: pong\nalgorithm: dqn\nenv: {id: ALE/Pong-v5, preprocessing: {}}\n")
-    # ale_py made unimportable: what a machine without the extra sees.
-    code = (
-        "import sys; sys.modules['ale_py'] = None; sys.argv = ['rlgen', 'validate', sys.argv[1]]; "
-        "from service.cli import main; main()"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(spec)], capture_output=True, text=True, cwd=ROOT
-    )
+    out = validate_without("ale_py", spec)
     assert out.returncode == 2, out.stderr
     assert "pong.yaml:3: env.id:" in out.stderr and "pip install 'rlgen[atari]'" in out.stderr

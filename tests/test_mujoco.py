@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +9,13 @@ import numpy as np
 from agents import envstate
 from agents.envs import EnvSpec
 
-from .conftest import ROOT
+from .conftest import validate_without
 
 
 def test_a_mujoco_id_without_the_extra_is_refused_naming_it(tmp_path: Path) -> None:
     spec = tmp_path / "cheetah.yaml"
     spec.write_text("name: cheetah\nalgorithm: sac\nenv:\n  id: HalfCheetah-v5\n")
-    # mujoco made unimportable: what a machine without the extra sees.
-    code = (
-        "import sys; sys.modules['mujoco'] = None; sys.argv = ['rlgen', 'validate', sys.argv[1]]; "
-        "from service.cli import main; main()"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(spec)], capture_output=True, text=True, cwd=ROOT
-    )
+    out = validate_without("mujoco", spec)
     assert out.returncode == 2, out.stderr
     assert "cheetah.yaml:4: env.id:" in out.stderr, out.stderr
     assert "pip install 'rlgen[mujoco]'" in out.stderr
