@@ -10,8 +10,11 @@ with `normalize: true`: 1 env, 2048 steps a rollout, 10 epochs of 64-sample mini
 (constant), gamma 0.99, GAE lambda 0.95, clip 0.2, no value clipping, no entropy bonus, value
 coefficient 0.5, gradient norm 0.5, Adam eps 1e-5, 64x64 tanh MLPs with orthogonal
 initialisation, observation and reward normalisation (VecNormalize, clipped to +-10). rlgen runs
-`experiments/ppo_halfcheetah.yaml` set to the same (its CleanRL defaults differ in two places:
-`anneal_lr` and `clip_vloss`, both switched off here).
+`experiments/ppo_halfcheetah.yaml` set to the same: its CleanRL defaults differ in `anneal_lr`
+and `clip_vloss` (both switched off here), and CleanRL's value loss is half the squared error
+where SB3's is the whole (`F.mse_loss`), so SB3's `vf_coef` 0.5 is rlgen's 1.0. (The actor and
+critic are separate networks, so with Adam the factor matters mostly through the global
+gradient-norm clipping, which sees both.)
 
 Reported per seed: training steps per second (evaluation excluded) and the final greedy return
 (10 episodes from the same seeds for both, through `agents.evaluation.evaluate_vector`, with each
@@ -55,6 +58,7 @@ def run_rlgen(env_id: str, seed: int, steps: int) -> dict[str, Any]:
             f"params.total_timesteps={steps}",
             "params.anneal_lr=false",
             "params.clip_vloss=false",
+            "params.vf_coef=1.0",  # SB3's 0.5 x its unhalved squared error
             f"params.eval_every={steps}",  # one evaluation, at the end
             f"params.eval_episodes={EPISODES}",
             f"params.checkpoint_every={steps}",
