@@ -180,6 +180,27 @@ def test_cnns_take_the_envs_bytes() -> None:
         nets.image_torso("nature_cnn", minatar)
 
 
+def test_the_nature_cnn_convolves_channels_last_and_computes_the_nchw_result() -> None:
+    torch.manual_seed(0)
+    cnn = nets.NatureCNN((4, 84, 84), 1 / 255)
+    layouts = []
+    for layer in cnn.net:
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_pre_hook(
+                lambda _, args: layouts.append(
+                    args[0].is_contiguous(memory_format=torch.channels_last)
+                )
+            )
+    frames = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    got = cnn(frames)
+    assert layouts == [True, True, True]
+    x = frames.float() / 255  # the textbook NCHW computation with the same weights
+    for layer in cnn.net:
+        x = layer(x.contiguous()) if isinstance(layer, torch.nn.Conv2d) else layer(x)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+    assert all(p.is_contiguous() for p in cnn.parameters())  # initialisers see plain tensors
+
+
 @pytest.mark.parametrize(
     ("env", "options"),
     [
