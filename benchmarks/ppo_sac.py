@@ -9,6 +9,10 @@ stop at the goal: a mean of at least 475 on CartPole, above -200 on Pendulum. Re
 and as the median: steps and training seconds (evaluation excluded) to the goal. rlgen runs
 `experiments/ppo_cartpole.yaml` and `experiments/sac_pendulum.yaml` in-process (the in-memory run
 context; its seconds are the `time/train_s` it logged with the evaluation that reached the goal).
+
+Each task also has rows at equal settings where rlgen's example differs from RL-Zoo3's: SAC's
+example uses 64x64 networks (RL-Zoo3: SB3's 256x256), so rlgen also runs with 256x256 and SB3
+also with 64x64, and every pair of equal settings has its own ratio.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ TASKS: dict[str, dict[str, Any]] = {
         "goal": 475.0,
         "every": 10_000,
         "budget": 100_000,
+        # label -> spec overrides (rlgen) or keyword arguments (SB3); the first of each is the
+        # headline pair: rlgen's example against RL-Zoo3's settings.
+        "rlgen": {"rlgen": []},
+        "sb3": {"SB3": {}},
+        "pairs": [("rlgen", "SB3")],
     },
     "sac": {
         "env": "Pendulum-v1",
@@ -50,6 +59,9 @@ TASKS: dict[str, dict[str, Any]] = {
         "goal": -200.0,
         "every": 2_000,
         "budget": 20_000,
+        "rlgen": {"rlgen": [], "rlgen 256x256": ["params.hidden_sizes=[256,256]"]},
+        "sb3": {"SB3": {}, "SB3 64x64": {"policy_kwargs": {"net_arch": [64, 64]}}},
+        "pairs": [("rlgen", "SB3"), ("rlgen 256x256", "SB3"), ("rlgen", "SB3 64x64")],
     },
 }
 
@@ -58,7 +70,7 @@ def reached(value: float, goal: float, task: str) -> bool:
     return value >= goal if task == "ppo" else value > goal
 
 
-def run_rlgen(task: str, seed: int, budget: int) -> dict[str, Any]:
+def run_rlgen(task: str, seed: int, budget: int, overrides: list[str]) -> dict[str, Any]:
     t = TASKS[task]
     spec = load_spec(
         t["spec"],
@@ -67,6 +79,7 @@ def run_rlgen(task: str, seed: int, budget: int) -> dict[str, Any]:
             f"params.eval_every={t['every']}",
             f"params.eval_episodes={EPISODES}",
             f"params.stop_at_return={t['goal'] + (0.0 if task == 'ppo' else 1e-6)}",
+            *overrides,
         ],
     )
     config = t["module"].Config.model_validate(spec.params.model_dump())  # type: ignore[attr-defined]
@@ -83,7 +96,7 @@ def run_rlgen(task: str, seed: int, budget: int) -> dict[str, Any]:
     return {"seed": seed, "steps": step, "train_s": train_s[step], "mean": value, "ok": bool(hit)}
 
 
-def run_sb3(task: str, seed: int, budget: int) -> dict[str, Any]:
+def run_sb3(task: str, seed: int, budget: int, kwargs: dict[str, Any]) -> dict[str, Any]:
     from stable_baselines3 import PPO, SAC
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
@@ -137,9 +150,17 @@ def run_sb3(task: str, seed: int, budget: int) -> dict[str, Any]:
             clip_range=lambda f: 0.2 * f,
             seed=seed,
             device="cpu",
+            **kwargs,
         )
     else:  # RL-Zoo3 hyperparams/sac.yml, Pendulum-v1
-        model = SAC("MlpPolicy", gym.make(t["env"]), learning_rate=1e-3, seed=seed, device="cpu")
+        model = SAC(
+            "MlpPolicy",
+            gym.make(t["env"]),
+            learning_rate=1e-3,
+            seed=seed,
+            device="cpu",
+            **kwargs,
+        )
     callback = Evaluate()
     callback.t0 = time.perf_counter()
     model.learn(budget, callback=callback)
@@ -167,32 +188,33 @@ def main() -> None:
     for task, seeds in (("ppo", args.ppo_seeds), ("sac", args.sac_seeds)):
         if args.only not in (None, task):
             continue
-        budget = int(TASKS[task]["budget"] * args.budget_scale)
-        ours, theirs = [], []
-        for i, seed in enumerate(seeds):  # alternate which library goes first
-            order = ("rlgen", "sb3") if i % 2 == 0 else ("sb3", "rlgen")
-            got = {
-                who: (run_rlgen if who == "rlgen" else run_sb3)(task, seed, budget) for who in order
-            }
-            ours.append(got["rlgen"])
-            theirs.append(got["sb3"])
         t = TASKS[task]
+        budget = int(t["budget"] * args.budget_scale)
+        runs = [("rlgen", label, arg) for label, arg in t["rlgen"].items()]
+        runs += [("sb3", label, arg) for label, arg in t["sb3"].items()]
+        results: dict[str, list[dict[str, Any]]] = {label: [] for _, label, _ in runs}
+        for i, seed in enumerate(seeds):  # alternate the order of the runs from seed to seed
+            for who, label, arg in runs if i % 2 == 0 else runs[::-1]:
+                run = run_rlgen if who == "rlgen" else run_sb3
+                results[label].append(run(task, seed, budget, arg))
         out.write(
             f"\n{task.upper()} on {t['env']}, goal: 10-episode mean "
             f"{'>=' if task == 'ppo' else '>'} {t['goal']:.0f}, evaluated every {t['every']:,} "
             f"steps, budget {budget:,}\n"
-            "| seed | rlgen steps | rlgen train s | rlgen return | SB3 steps | SB3 train s "
-            "| SB3 return |\n|---|---:|---:|---:|---:|---:|---:|\n"
+            "| run | seed | steps | train s | return |\n|---|---:|---:|---:|---:|\n"
         )
-        for a, b in zip(ours, theirs, strict=True):
-            out.write(f"| {a['seed']} | {fmt(a)} | {fmt(b)} |\n")
-        mo = statistics.median(r["train_s"] for r in ours)
-        mt = statistics.median(r["train_s"] for r in theirs)
-        out.write(
-            f"reached: rlgen {sum(r['ok'] for r in ours)}/{len(ours)}, SB3 "
-            f"{sum(r['ok'] for r in theirs)}/{len(theirs)}; median train s rlgen {mo:.1f}, "
-            f"SB3 {mt:.1f}, ratio {mo / mt:.2f}\n"
-        )
+        for label, rows in results.items():
+            for row in sorted(rows, key=lambda r: r["seed"]):
+                out.write(f"| {label} | {row['seed']} | {fmt(row)} |\n")
+        median = {k: statistics.median(r["train_s"] for r in v) for k, v in results.items()}
+        for label, rows in results.items():
+            out.write(
+                f"{label}: reached {sum(r['ok'] for r in rows)}/{len(rows)}, "
+                f"median train s {median[label]:.1f}\n"
+            )
+        for ours, theirs in t["pairs"]:
+            ratio = median[ours] / median[theirs]
+            out.write(f"ratio {ours} / {theirs}: {ratio:.2f}\n")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def test_sac_refuses_discrete_actions_and_unbounded_ones() -> None:
 
 @pytest.mark.slow
 def test_sac_swings_up_the_pendulum(tmp_path: Path) -> None:
-    """RL-Zoo3's Pendulum settings (experiments/sac_pendulum.yaml): a greedy return above -200
+    """rlgen's Pendulum example (experiments/sac_pendulum.yaml): a greedy return above -200
     within its 20k-step budget."""
     from service.spec import load_spec
 
