@@ -226,6 +226,7 @@ class ActorCritic(nn.Module):
             self.critic = layer(512, 1, 1.0, generator)
             self.actor = layer(512, n, 0.01, generator)
         self.log_std = nn.Parameter(torch.zeros(n)) if self.continuous else None
+        self.out_dim = n  # the policy's output per observation: logits or Gaussian means
 
     # The networks' outputs in float32: under mixed precision, log-probabilities, their ratios
     # and the value loss are computed in full precision.
@@ -419,7 +420,7 @@ def train(config: Config, ctx: RunContext) -> None:
     obs_dtype = torch.uint8 if images and obs_space.dtype == np.uint8 else torch.float32
     b_obs = torch.zeros((n_steps, n_envs, *obs_shape), dtype=obs_dtype, device=device)
     b_actions = torch.zeros((n_steps, n_envs, *shape_a), device=device)
-    b_logp = torch.zeros((n_steps, n_envs), device=device)
+    b_out = torch.zeros((n_steps, n_envs, agent.out_dim), device=device)  # logits or means
     b_values = np.zeros((n_steps, n_envs), dtype=np.float32)
     b_rewards = np.zeros((n_steps, n_envs), dtype=np.float32)
     b_dones = np.zeros((n_steps, n_envs), dtype=np.float32)
@@ -433,11 +434,11 @@ def train(config: Config, ctx: RunContext) -> None:
         # -- collect ------------------------------------------------------------------------
         for t in range(n_steps):
             obs = observe(raw_obs, update=True)
-            # Actions drawn from the trial's generator.
-            with torch.no_grad(), amp.autocast():
+            # Actions drawn from the trial's generator; their log-probabilities are computed
+            # for the whole rollout at once, after it.
+            with torch.inference_mode(), amp.autocast():
                 out, value = agent(obs)
                 action = agent.sample(out, sampling)
-                logp = agent.log_prob(out, action)
             env_action = action.cpu().numpy()
             if agent.continuous:  # detail c2: the env gets the clipped action
                 env_action = np.clip(env_action, low, high)
@@ -467,7 +468,7 @@ def train(config: Config, ctx: RunContext) -> None:
                 with torch.no_grad():
                     final_v = agent.value(observe(raw_next[cut], update=False)).cpu().numpy()
                 reward[cut] += config.gamma * final_v
-            b_obs[t], b_actions[t], b_logp[t] = obs, action, logp
+            b_obs[t], b_actions[t], b_out[t] = obs, action, out
             b_values[t] = value.cpu().numpy()
             b_rewards[t], b_dones[t], b_valid[t] = reward * valid, done, valid
             valid = ~done  # the next step of a done env is its reset step, not a transition
@@ -481,7 +482,8 @@ def train(config: Config, ctx: RunContext) -> None:
         keep = torch.as_tensor(b_valid.reshape(-1), device=device)
         f_obs = b_obs.reshape(-1, *obs_shape)[keep]
         f_actions = b_actions.reshape(-1, *shape_a)[keep]
-        f_logp = b_logp.reshape(-1)[keep]
+        with torch.no_grad():
+            f_logp = agent.log_prob(b_out.reshape(-1, agent.out_dim)[keep], f_actions)
         f_adv = torch.as_tensor(advantages.reshape(-1), device=device)[keep]
         f_ret = torch.as_tensor(returns.reshape(-1), device=device)[keep]
         f_val = torch.as_tensor(b_values.reshape(-1), device=device)[keep]
