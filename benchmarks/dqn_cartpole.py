@@ -18,7 +18,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agents.evaluation import evaluate_vector  # noqa: E402
+from benchmarks.peers import sb3_goal_callback  # noqa: E402
 from service.execution import launch  # noqa: E402
 from service.spec import load_spec  # noqa: E402
 
@@ -38,7 +37,7 @@ SOLVED = 475.0
 EVAL_EVERY, EVAL_EPISODES = 2_500, 10
 
 # RL-Zoo3 hyperparams/dqn.yml, CartPole-v1.
-RL_ZOO = {
+RL_ZOO: dict[str, Any] = {
     "learning_rate": 2.3e-3,
     "batch_size": 64,
     "buffer_size": 100_000,
@@ -53,39 +52,17 @@ RL_ZOO = {
 }
 
 
-def run_sb3(seed: int, total: int) -> dict[str, float]:
+def run_sb3(seed: int, total: int) -> dict[str, Any]:
     from stable_baselines3 import DQN
-    from stable_baselines3.common.callbacks import BaseCallback
 
-    eval_envs = gym.make_vec("CartPole-v1", num_envs=EVAL_EPISODES)
-
-    class Evaluate(BaseCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.t0 = time.perf_counter()
-            self.paused = 0.0
-            self.result: dict[str, float] = {}
-
-        def _on_step(self) -> bool:
-            if self.num_timesteps % EVAL_EVERY:
-                return True
-            t = time.perf_counter()
-            returns, _ = evaluate_vector(
-                eval_envs,
-                lambda obs: self.model.predict(obs, deterministic=True)[0],
-                EVAL_EPISODES,
-                seed + 10_000,
-            )
-            self.paused += time.perf_counter() - t
-            train_s = time.perf_counter() - self.t0 - self.paused
-            self.result = {"steps": self.num_timesteps, "train_s": train_s, "mean": returns.mean()}
-            return bool(returns.mean() < SOLVED)
-
+    callback = sb3_goal_callback(
+        "CartPole-v1", EVAL_EPISODES, EVAL_EVERY, seed, lambda mean: mean >= SOLVED
+    )
     model = DQN("MlpPolicy", gym.make("CartPole-v1"), seed=seed, device="cpu", **RL_ZOO)
-    callback = Evaluate()
-    callback.t0 = time.perf_counter()
+    callback.start()
     model.learn(total, callback=callback)
-    return callback.result
+    callback.close()
+    return dict(callback.result)
 
 
 def run_rlgen(
@@ -109,14 +86,14 @@ def run_rlgen(
                 "steps": last.step,
                 "train_s": train_s[last.step],
                 "mean": last.value,
-                "solved": solved is not None,
+                "ok": solved is not None,
             }
         )
     return rows
 
 
 def fmt(row: dict[str, Any]) -> str:
-    mark = "" if row.get("solved", row["mean"] >= SOLVED) else " (not solved)"
+    mark = "" if row["ok"] else " (not solved)"
     return f"{row['steps']:,}{mark} | {row['train_s']:.1f} | {row['steps'] / row['train_s']:,.0f}"
 
 
@@ -156,7 +133,7 @@ def main() -> None:
             f"| median | {med['steps'][0]:,.0f} | {med['train_s'][0]:.1f} | {sps[0]:,.0f} "
             f"| {med['steps'][1]:,.0f} | {med['train_s'][1]:.1f} | {sps[1]:,.0f} |"
         )
-        solved = sum(r["solved"] for r in ours), sum(r["mean"] >= SOLVED for r in theirs)
+        solved = sum(r["ok"] for r in ours), sum(r["ok"] for r in theirs)
         print(
             f"\nsolved: rlgen {solved[0]}/{len(ours)}, SB3 {solved[1]}/{len(theirs)}; "
             f"median time to solve, rlgen / SB3: {med['train_s'][0] / med['train_s'][1]:.2f}"

@@ -22,7 +22,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agents import ppo, sac  # noqa: E402
-from agents.evaluation import evaluate_vector  # noqa: E402
+from benchmarks.peers import sb3_goal_callback  # noqa: E402
 from runctx import RunContext  # noqa: E402
 from service.spec import load_spec  # noqa: E402
 
@@ -98,44 +97,12 @@ def run_rlgen(task: str, seed: int, budget: int, overrides: list[str]) -> dict[s
 
 def run_sb3(task: str, seed: int, budget: int, kwargs: dict[str, Any]) -> dict[str, Any]:
     from stable_baselines3 import PPO, SAC
-    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
     t = TASKS[task]
-    eval_envs = gym.make_vec(t["env"], num_envs=EPISODES)
-
-    class Evaluate(BaseCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.t0, self.paused, self.last = time.perf_counter(), 0.0, 0
-            self.result: dict[str, Any] = {}
-
-        def _on_step(self) -> bool:
-            if self.num_timesteps - self.last < t["every"]:
-                return True
-            return not self.evaluate()
-
-        def evaluate(self) -> bool:
-            """Evaluates now; whether the goal is reached."""
-            self.last = self.num_timesteps
-            start = time.perf_counter()
-            returns, _ = evaluate_vector(
-                eval_envs,
-                lambda obs: self.model.predict(obs, deterministic=True)[0],
-                EPISODES,
-                seed + 10_000,
-            )
-            self.paused += time.perf_counter() - start
-            ok = reached(float(returns.mean()), t["goal"], task)
-            self.result = {
-                "seed": seed,
-                "steps": self.num_timesteps,
-                "train_s": time.perf_counter() - self.t0 - self.paused,
-                "mean": float(returns.mean()),
-                "ok": ok,
-            }
-            return ok
-
+    callback = sb3_goal_callback(
+        t["env"], EPISODES, t["every"], seed, lambda mean: reached(mean, t["goal"], task)
+    )
     if task == "ppo":  # RL-Zoo3 hyperparams/ppo.yml, CartPole-v1
         model: Any = PPO(
             "MlpPolicy",
@@ -161,13 +128,12 @@ def run_sb3(task: str, seed: int, budget: int, kwargs: dict[str, Any]) -> dict[s
             device="cpu",
             **kwargs,
         )
-    callback = Evaluate()
-    callback.t0 = time.perf_counter()
+    callback.start()
     model.learn(budget, callback=callback)
     if not callback.result.get("ok") and callback.last < model.num_timesteps:
         callback.evaluate()  # at the end, as rlgen does
-    eval_envs.close()
-    return callback.result
+    callback.close()
+    return dict(callback.result)
 
 
 def fmt(row: dict[str, Any]) -> str:
