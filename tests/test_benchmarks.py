@@ -126,6 +126,8 @@ def test_minatar_dqn() -> None:
 def test_ppo_sac() -> None:
     out = run("ppo_sac.py", "--ppo-seeds", "0", "--sac-seeds", "0", "--budget-scale", "0.02")
     assert "PPO on CartPole-v1" in out and "SAC on Pendulum-v1" in out
+    # Every pair of equal settings gets its ratio, on top of the example against RL-Zoo3's.
+    assert "ratio rlgen 256x256 / SB3:" in out and "ratio rlgen / SB3 64x64:" in out
 
 
 def test_ppo_mujoco() -> None:
