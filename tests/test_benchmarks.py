@@ -120,7 +120,7 @@ def test_atari_dqn() -> None:
 
 def test_minatar_dqn() -> None:
     out = run("minatar_dqn.py", "--steps", "600", "--eval-every", "300", "--seeds", "0", "1")
-    assert "uniform random policy" in out
+    assert "uniform random policy" in out and "against the paper's DQN curve" in out
 
 
 def test_ppo_sac() -> None:
