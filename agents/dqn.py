@@ -54,7 +54,12 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     total_timesteps: int = Field(50_000, gt=0, description="Transitions to collect.")
-    learning_rate: float = Field(2.3e-3, gt=0, description="Adam step size.")
+    learning_rate: float = Field(2.3e-3, gt=0, description="The optimizer's step size.")
+    optimizer: Literal["adam", "rmsprop"] = Field(
+        "adam",
+        description="Adam, or the DQN papers' centred RMSprop (squared-gradient decay 0.95, "
+        "eps 0.01: Mnih et al. 2015; MinAtar, Young & Tian 2019).",
+    )
     final_learning_rate: float | None = Field(
         None,
         ge=0,
@@ -464,8 +469,15 @@ def train(config: Config, ctx: RunContext) -> None:
 
     q = build_network(config, envs, ctx.torch_generator("init", device="cpu")).to(device)
     target = copy.deepcopy(q).requires_grad_(False)
-    # Fused Adam: one kernel for all parameters instead of one per tensor.
-    optimizer = torch.optim.Adam(q.parameters(), lr=config.learning_rate, fused=True)
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "rmsprop":
+        # Centred: the step divides by sqrt(E[g^2] - E[g]^2) + eps; an eps of 0.01 (against
+        # Adam's 1e-8) keeps the steps of parameters with tiny gradients small.
+        optimizer = torch.optim.RMSprop(
+            q.parameters(), lr=config.learning_rate, alpha=0.95, eps=0.01, centered=True
+        )
+    else:  # fused: one kernel for all parameters instead of one per tensor
+        optimizer = torch.optim.Adam(q.parameters(), lr=config.learning_rate, fused=True)
     params = list(q.parameters())
     buffer_args: dict[str, Any] = {
         "capacity": config.buffer_size,

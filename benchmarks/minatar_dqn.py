@@ -3,6 +3,7 @@ settings, Young & Tian 2019) on 3 seeds at a CPU budget, against the paper's DQN
 uniform random policy.
 
     python benchmarks/minatar_dqn.py [--steps 200000] [--seeds 0 1 2] [--workers 3]
+                                     [--set params.optimizer=rmsprop ...]
 
 Each seed trains in its own process (one torch thread each) through the in-memory run context,
 evaluating 20 greedy episodes every `--eval-every` steps; epsilon anneals over the paper's first
@@ -51,7 +52,7 @@ PAPER_DQN_BREAKOUT = {
 Curve = list[tuple[int, float]]
 
 
-def run_seed(seed: int, steps: int, eval_every: int) -> tuple[Curve, Curve]:
+def run_seed(seed: int, steps: int, eval_every: int, extra: list[str]) -> tuple[Curve, Curve]:
     """(greedy evaluations, training-episode returns) of one seed, as (step, return) pairs."""
     import torch
 
@@ -64,6 +65,7 @@ def run_seed(seed: int, steps: int, eval_every: int) -> tuple[Curve, Curve]:
         f"params.total_timesteps={steps}",
         f"params.eval_every={eval_every}",
         f"params.exploration_fraction={min(1.0, EXPLORATION_STEPS / steps)}",
+        *extra,
     ]
     spec = load_spec(SPEC, overrides)
     config = dqn.Config.model_validate(spec.params.model_dump())
@@ -107,9 +109,14 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="Spec overrides, e.g. params.optimizer=rmsprop."
+    )
     args = parser.parse_args()
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_seed, s, args.steps, args.eval_every) for s in args.seeds]
+        futures = [
+            pool.submit(run_seed, s, args.steps, args.eval_every, args.set) for s in args.seeds
+        ]
         results = [f.result() for f in futures]
     curves = [evals for evals, _ in results]
     steps = [s for s, _ in curves[0]]
@@ -117,7 +124,8 @@ def main() -> None:
     paper_steps = sorted(PAPER_DQN_BREAKOUT)
     out.write(
         f"\nMinAtar/Breakout-v1, DQN with the MinAtar paper's settings, {args.steps:,} steps, "
-        f"seeds {args.seeds}; mean return of the last 100 training episodes (the paper's "
+        f"seeds {args.seeds}{''.join(' ' + o for o in args.set)}; mean return of the last 100 "
+        "training episodes (the paper's "
         "measure) against the paper's DQN curve (30 runs, read off its figure)\n"
     )
     out.write("| step | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | paper |\n")

@@ -349,6 +349,22 @@ def test_runs_log_the_named_metrics(options: dict[str, object], tmp_path: Path) 
     assert "learning_curve.png" in names and any(n.startswith("step_") for n in names)
 
 
+def test_rmsprop_is_the_papers_centred_variant(tmp_path: Path) -> None:
+    """`optimizer: rmsprop` trains with centred RMSprop at the DQN papers' settings and its state
+    goes into checkpoints; it is not Adam under another name."""
+    ctx = run(small_config(optimizer="rmsprop"), tmp_path)
+    saved = ctx.checkpoints.latest()
+    assert saved is not None
+    opt = saved["optimizer"]
+    group = opt["param_groups"][0]
+    assert (group["alpha"], group["eps"], group["centered"]) == (0.95, 0.01, True)
+    state = next(iter(opt["state"].values()))
+    assert {"square_avg", "grad_avg"} <= set(state) and "exp_avg" not in state
+    assert all(math.isfinite(v) for _, v in ctx.writer.metrics["losses/td_loss"])  # type: ignore[attr-defined]
+    adam = run(small_config(), tmp_path / "adam")
+    assert adam.writer.metrics["losses/td_loss"] != ctx.writer.metrics["losses/td_loss"]  # type: ignore[attr-defined]
+
+
 def test_same_seed_same_run(tmp_path: Path) -> None:
     a = run(small_config(), tmp_path / "a").writer.metrics  # type: ignore[attr-defined]
     b = run(small_config(), tmp_path / "b").writer.metrics  # type: ignore[attr-defined]
