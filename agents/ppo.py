@@ -31,6 +31,10 @@ scaled by 1/255 inside the network (28). MinAtar's grids get MinAtar's small CNN
 Not in: early stopping on a target KL (off by default in the reference too), LSTM and
 multi-discrete details.
 
+Speed: acting for MLP policies on the CPU runs in NumPy on the parameters' own memory
+(`NumpyActorCritic`), the same network without torch's per-operator cost on batches of a few
+observations; the rollout is stored in NumPy and moved to the device once per update.
+
 Counting: a *timestep* is one transition of one env (the reset step of gymnasium's next-step
 autoreset is not one, and is left out of the loss).
 """
@@ -244,16 +248,6 @@ class ActorCritic(nn.Module):
 
     # The policy's maths written out (torch.distributions objects cost more to build, with
     # their argument checks, than the tiny networks of classic control cost to run).
-    def sample(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Actions drawn from the trial's generator: mean + std * N(0, 1), or the categorical's
-        inverse CDF at U(0, 1)."""
-        if self.log_std is not None:
-            noise = torch.randn(out.shape, generator=generator, device=out.device)
-            return out + self.log_std.exp() * noise
-        u = torch.rand((len(out), 1), generator=generator, device=out.device)
-        probs = out.softmax(-1)
-        return (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
-
     def log_prob(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi(a|s), (B,): log N(a; mean, std) summed over the action's dimensions, or the
         log-softmax at a."""
@@ -273,6 +267,60 @@ class ActorCritic(nn.Module):
         """The mode: argmax of the logits, or the Gaussian's mean."""
         out = self.policy(obs)
         return out if self.continuous else out.argmax(-1)
+
+
+def draw_actions(
+    out: np.ndarray, log_std: np.ndarray | None, rng: np.random.Generator
+) -> np.ndarray:
+    """Actions for the policy's outputs `out` (B, A): mean + std * N(0, 1) for a Gaussian with
+    `log_std` (A,), or, for logits, the categorical's inverse CDF at U(0, 1) (indices, (B,))."""
+    if log_std is not None:
+        return out + np.exp(log_std) * rng.standard_normal(out.shape, dtype=np.float32)
+    probs = np.exp(out - out.max(-1, keepdims=True))
+    cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), -1)
+    u = rng.random((len(out), 1), dtype=np.float32)
+    return np.minimum((cdf < u).sum(-1), out.shape[-1] - 1)
+
+
+class NumpyActorCritic:
+    """`ActorCritic`'s forward pass in NumPy, for acting with MLPs on the CPU in float32.
+
+    Acting for a few envs multiplies tiny matrices: torch's per-operator dispatch (~20
+    operators a step, microseconds each) costs more than the arithmetic, and as much as a MuJoCo
+    step; NumPy's per-call cost is a fraction of it. The weights are the parameters' own memory
+    (`.numpy()` views), so the optimizer's in-place steps and checkpoint loads show through: it
+    is the same network, not a copy (the tests compare it with the torch forward pass)."""
+
+    def __init__(self, agent: ActorCritic):
+        self.actor, self.critic = self._layers(agent.actor), self._layers(agent.critic)
+
+    @staticmethod
+    def applies(agent: ActorCritic, device: torch.device, precision: str, compiled: bool) -> bool:
+        return (
+            device.type == "cpu"
+            and precision == "fp32"
+            and not compiled
+            and isinstance(agent.torso, nn.Identity)
+        )
+
+    @staticmethod
+    def _layers(seq: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(W^T (in, out), b (out,)) views of an `mlp`: Linear layers with tanh between them."""
+        assert all(isinstance(m, nn.Linear | nn.Tanh) for m in seq.children()), seq
+        linears = [m for m in seq.children() if isinstance(m, nn.Linear)]
+        return [(m.weight.detach().numpy().T, m.bias.detach().numpy()) for m in linears]
+
+    @staticmethod
+    def _mlp(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+        for i, (w, b) in enumerate(layers):
+            x = x @ w + b
+            if i < len(layers) - 1:
+                np.tanh(x, out=x)
+        return x
+
+    def __call__(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """obs (B, D) float32 -> the policy's output (B, A) and the values (B,)."""
+        return self._mlp(self.actor, obs), self._mlp(self.critic, obs)[:, 0]
 
 
 def gae(
@@ -334,10 +382,11 @@ def train(config: Config, ctx: RunContext) -> None:
     obs_shape = tuple(obs_space.shape) if images else (obs_dim,)  # type: ignore[arg-type]
     optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5, fused=True)
     amp = MixedPrecision(config.precision, device)
-    compile_modules(config.compile, agent, device=device)
+    compiled = compile_modules(config.compile, agent, device=device)
     obs_stats = RunningMeanStd((obs_dim,))
     ret_stats = RunningMeanStd(())
-    sampling = ctx.torch_generator("policy", device=device)  # actions and minibatch shuffles
+    sampling = ctx.torch_generator("policy", device=device)  # minibatch shuffles
+    noise = ctx.rng("actions")
     low = high = None
     if agent.continuous:
         low, high = action_space.low, action_space.high  # type: ignore[attr-defined]
@@ -348,6 +397,7 @@ def train(config: Config, ctx: RunContext) -> None:
         "obs_stats": obs_stats,
         "ret_stats": ret_stats,
         "sampling": sampling,
+        "noise": noise,
         **amp.state(),
     }
     step, updates = 0, 0
@@ -371,20 +421,43 @@ def train(config: Config, ctx: RunContext) -> None:
             raw_obs, _ = envs.reset(seed=ctx.seed + step)
         ctx.log.info("resumed from the checkpoint at timestep %d", step)
 
-    def observe(raw: np.ndarray, update: bool) -> torch.Tensor:
+    def observe(raw: np.ndarray, update: bool) -> np.ndarray:
+        """The network's input: images as the env's bytes, vectors flattened to float32 and
+        normalised where asked (updating the running statistics with rollout observations)."""
         if images:
-            return torch.as_tensor(np.asarray(raw), device=device)
+            return np.asarray(raw)
         x = np.asarray(raw, dtype=np.float32).reshape(len(raw), -1)
         if config.normalize_obs:
             if update:
                 obs_stats.update(x)
             x = obs_stats.normalize(x)
-        return torch.as_tensor(x, device=device)
+        return x
+
+    @torch.inference_mode()
+    def values(raw: np.ndarray) -> np.ndarray:
+        return agent.value(torch.as_tensor(observe(raw, update=False), device=device)).cpu().numpy()
 
     @torch.inference_mode()
     def act_deterministic(raw: np.ndarray) -> np.ndarray:
-        out = agent.deterministic(observe(raw, update=False)).cpu().numpy()
+        x = torch.as_tensor(observe(raw, update=False), device=device)
+        out = agent.deterministic(x).cpu().numpy()
         return np.clip(out, low, high) if agent.continuous else out
+
+    # Acting: the policy's outputs and values in NumPy where that is the same network (see
+    # `NumpyActorCritic`), else in torch; actions drawn from the trial's "actions" stream.
+    numpy_net = None
+    if NumpyActorCritic.applies(agent, device, config.precision, compiled):
+        numpy_net = NumpyActorCritic(agent)
+
+    def act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if numpy_net is not None:
+            out, value = numpy_net(x)
+        else:
+            with torch.inference_mode(), amp.autocast():
+                out_t, value_t = agent(torch.as_tensor(x, device=device))
+            out, value = out_t.cpu().numpy(), value_t.cpu().numpy()
+        log_std = None if agent.log_std is None else agent.log_std.detach().cpu().numpy()
+        return out, value, draw_actions(out, log_std, noise)
 
     def evaluate() -> float:
         mean, _ = evaluate_and_log(
@@ -415,12 +488,13 @@ def train(config: Config, ctx: RunContext) -> None:
                 step=step,
             )
 
-    # Rollout storage, (T, N, ...).
+    # Rollout storage, (T, N, ...), in NumPy (the learning phase moves the valid steps to the
+    # device in one copy each).
     shape_a: tuple[int, ...] = tuple(action_space.shape or ()) if agent.continuous else ()
-    obs_dtype = torch.uint8 if images and obs_space.dtype == np.uint8 else torch.float32
-    b_obs = torch.zeros((n_steps, n_envs, *obs_shape), dtype=obs_dtype, device=device)
-    b_actions = torch.zeros((n_steps, n_envs, *shape_a), device=device)
-    b_out = torch.zeros((n_steps, n_envs, agent.out_dim), device=device)  # logits or means
+    obs_dtype = np.uint8 if images and obs_space.dtype == np.uint8 else np.float32
+    b_obs = np.zeros((n_steps, n_envs, *obs_shape), dtype=obs_dtype)
+    b_actions = np.zeros((n_steps, n_envs, *shape_a), dtype=np.float32)
+    b_out = np.zeros((n_steps, n_envs, agent.out_dim), dtype=np.float32)  # logits or means
     b_values = np.zeros((n_steps, n_envs), dtype=np.float32)
     b_rewards = np.zeros((n_steps, n_envs), dtype=np.float32)
     b_dones = np.zeros((n_steps, n_envs), dtype=np.float32)
@@ -434,14 +508,12 @@ def train(config: Config, ctx: RunContext) -> None:
         # -- collect ------------------------------------------------------------------------
         for t in range(n_steps):
             obs = observe(raw_obs, update=True)
-            # Actions drawn from the trial's generator; their log-probabilities are computed
-            # for the whole rollout at once, after it.
-            with torch.inference_mode(), amp.autocast():
-                out, value = agent(obs)
-                action = agent.sample(out, sampling)
-            env_action = action.cpu().numpy()
+            # The actions' log-probabilities are computed for the whole rollout at once, after
+            # it, from the stored policy outputs.
+            out, value, action = act(obs)
+            env_action = action
             if agent.continuous:  # detail c2: the env gets the clipped action
-                env_action = np.clip(env_action, low, high)
+                env_action = np.clip(action, low, high)
             raw_next, reward, terminated, truncated, _ = envs.step(env_action)
             done = terminated | truncated
             reward = np.asarray(reward, dtype=np.float64)
@@ -465,31 +537,28 @@ def train(config: Config, ctx: RunContext) -> None:
             # next-step autoreset returns now (it resets on the next step).
             cut = truncated & ~terminated & valid
             if cut.any():
-                with torch.no_grad():
-                    final_v = agent.value(observe(raw_next[cut], update=False)).cpu().numpy()
-                reward[cut] += config.gamma * final_v
-            b_obs[t], b_actions[t], b_out[t] = obs, action, out
-            b_values[t] = value.cpu().numpy()
+                reward[cut] += config.gamma * values(raw_next[cut])
+            b_obs[t], b_actions[t], b_out[t], b_values[t] = obs, action, out, value
             b_rewards[t], b_dones[t], b_valid[t] = reward * valid, done, valid
             valid = ~done  # the next step of a done env is its reset step, not a transition
             raw_obs = raw_next
-        with torch.no_grad():
-            last_values = agent.value(observe(raw_obs, update=False)).cpu().numpy()
+        last_values = values(raw_obs)
         advantages = gae(b_rewards, b_values, b_dones, last_values, config.gamma, config.gae_lambda)
         returns = advantages + b_values
 
         # -- learn on the valid steps -------------------------------------------------------
-        keep = torch.as_tensor(b_valid.reshape(-1), device=device)
-        f_obs = b_obs.reshape(-1, *obs_shape)[keep]
-        f_actions = b_actions.reshape(-1, *shape_a)[keep]
+        keep = b_valid.reshape(-1)  # (T, N, ...) -> the valid steps' (n, ...), on the device
+        f_obs, f_actions, f_out, f_adv, f_ret, f_val = (
+            torch.as_tensor(x.reshape(len(keep), *x.shape[2:])[keep], device=device)
+            for x in (b_obs, b_actions, b_out, advantages, returns, b_values)
+        )
         with torch.no_grad():
-            f_logp = agent.log_prob(b_out.reshape(-1, agent.out_dim)[keep], f_actions)
-        f_adv = torch.as_tensor(advantages.reshape(-1), device=device)[keep]
-        f_ret = torch.as_tensor(returns.reshape(-1), device=device)[keep]
-        f_val = torch.as_tensor(b_values.reshape(-1), device=device)[keep]
+            f_logp = agent.log_prob(f_out, f_actions)
         n = len(f_obs)
         size = max(1, n // config.num_minibatches)
-        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "v", "ent", "kl", "clip")}
+        # Per-minibatch diagnostics, reduced once after the update (approx KL and the clip
+        # fraction computed per minibatch would cost ~5% of each gradient step).
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "v", "ent", "log_ratio")}
         for _ in range(config.update_epochs):
             order = torch.randperm(n, generator=sampling, device=device)
             for start in range(0, n, size):
@@ -508,24 +577,25 @@ def train(config: Config, ctx: RunContext) -> None:
                     )
                     v_loss = torch.max(v_loss, (v_clipped - f_ret[mb]) ** 2)
                 v_loss = 0.5 * v_loss.mean()
-                loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy.mean()
+                entropy = entropy.mean()
+                loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy
                 amp.step(loss, optimizer, agent.parameters(), config.max_grad_norm)
-                with torch.no_grad():
-                    log_ratio = new_logp - f_logp[mb]
-                    stats["kl"].append(((log_ratio.exp() - 1) - log_ratio).mean())
-                    stats["clip"].append(
-                        ((log_ratio.exp() - 1).abs() > config.clip_coef).float().mean()
-                    )
-                    stats["pg"].append(pg_loss.detach())
-                    stats["v"].append(v_loss.detach())
-                    stats["ent"].append(entropy.mean().detach())
+                stats["pg"].append(pg_loss.detach())
+                stats["v"].append(v_loss.detach())
+                stats["ent"].append(entropy.detach())
+                stats["log_ratio"].append((new_logp - f_logp[mb]).detach())
         updates += 1
         y, pred = f_ret.cpu().numpy(), f_val.cpu().numpy()
         explained = 1 - np.var(y - pred) / np.var(y) if np.var(y) > 0 else float("nan")
         now = (step, ctx.timer.elapsed())
         sps = (now[0] - tick[0]) / max(now[1] - tick[1], 1e-9)
         tick = now
+        # Approx KL (the unbiased estimator (rho - 1) - log rho) and the fraction of samples
+        # whose ratio left the clip range, over every minibatch of the update.
+        log_ratio = torch.cat(stats.pop("log_ratio"))
         mean = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        mean["kl"] = float(((log_ratio.exp() - 1) - log_ratio).mean())
+        mean["clip"] = float(((log_ratio.exp() - 1).abs() > config.clip_coef).float().mean())
         ctx.log_metrics(
             {
                 "losses/policy_loss": mean["pg"],

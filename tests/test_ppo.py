@@ -51,6 +51,66 @@ def test_the_clipped_objective_has_no_gradient_outside_the_clip_range(
     assert (float(new.grad.abs()) > 0) == moves
 
 
+@pytest.mark.parametrize(
+    "action_space", [gym.spaces.Box(-1.0, 1.0, (3,), np.float32), gym.spaces.Discrete(4)]
+)
+def test_numpy_acting_is_the_torch_networks_forward_pass(action_space: gym.Space) -> None:
+    """The rollout's NumPy network reads the parameters' memory: after optimizer steps and a
+    checkpoint load it computes what the torch network computes; the draws follow the policy's
+    distribution."""
+    obs_space = gym.spaces.Box(-1.0, 1.0, (5,), np.float32)
+    agent = ppo.ActorCritic(obs_space, action_space, [32, 16], torch.Generator().manual_seed(0))
+    numpy_net = ppo.NumpyActorCritic(agent)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=0.05, fused=True)
+    x = np.random.default_rng(1).standard_normal((6, 5)).astype(np.float32)
+
+    def check() -> None:
+        with torch.no_grad():
+            out, value = agent(torch.as_tensor(x))
+        np_out, np_value = numpy_net(x)
+        assert np.allclose(np_out, out.numpy(), atol=1e-5)
+        assert np.allclose(np_value, value.numpy(), atol=1e-5)
+
+    for _ in range(3):  # in-place optimizer steps that move every parameter
+        out, value = agent(torch.as_tensor(x))
+        loss = out.pow(2).sum() + value.sum()
+        if agent.log_std is not None:
+            loss = loss + agent.log_std.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        check()
+    other = ppo.ActorCritic(obs_space, action_space, [32, 16], torch.Generator().manual_seed(7))
+    agent.load_state_dict(other.state_dict())  # as a checkpoint's restore does
+    check()
+
+    # Draws: 40,000 actions for one observation.
+    one = np.repeat(x[:1], 40_000, axis=0)
+    out, _ = numpy_net(one)
+    log_std = None if agent.log_std is None else agent.log_std.detach().numpy()
+    actions = ppo.draw_actions(out, log_std, np.random.default_rng(0))
+    if log_std is not None:
+        z = (actions - out) / np.exp(log_std)
+        assert np.allclose(z.mean(0), 0.0, atol=0.03) and np.allclose(z.std(0), 1.0, atol=0.03)
+    else:
+        probs = torch.softmax(torch.as_tensor(out[0]), -1).numpy()
+        counts = np.bincount(actions, minlength=action_space.n) / len(actions)  # type: ignore[attr-defined]
+        assert np.allclose(counts, probs, atol=0.01)
+
+
+def test_numpy_acting_is_for_float32_mlps_on_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    mlp = ppo.ActorCritic(space, gym.spaces.Discrete(2), [8], torch.Generator())
+    pixels = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+    cnn = ppo.ActorCritic(pixels, gym.spaces.Discrete(2), [8], torch.Generator())
+    assert ppo.NumpyActorCritic.applies(mlp, cpu, "fp32", compiled=False)
+    assert not ppo.NumpyActorCritic.applies(mlp, cpu, "bf16-mixed", compiled=False)
+    assert not ppo.NumpyActorCritic.applies(mlp, cpu, "fp32", compiled=True)
+    assert not ppo.NumpyActorCritic.applies(mlp, torch.device("cuda"), "fp32", compiled=False)
+    assert not ppo.NumpyActorCritic.applies(cnn, cpu, "fp32", compiled=False)
+
+
 class ContinuousBandit(gym.Env):  # type: ignore[type-arg]
     """One-step episodes; the reward is -(a - 1)^2 for an action a in [-2, 2]."""
 
