@@ -76,6 +76,11 @@ class Config(BaseModel):
     update_epochs: int = Field(4, gt=0, description="Passes over each rollout.")
     norm_adv: bool = Field(True, description="Normalise advantages per minibatch.")
     clip_coef: float = Field(0.2, gt=0, description="Surrogate clipping epsilon.")
+    anneal_clip: bool = Field(
+        False,
+        description="Anneal the clipping epsilon linearly to 0 over the budget, as the step "
+        "size (SB3's linear schedules, which RL-Zoo3 uses on classic control).",
+    )
     clip_vloss: bool = Field(True, description="Clip the value loss as the surrogate is.")
     ent_coef: float = Field(0.01, ge=0, description="Entropy bonus coefficient.")
     vf_coef: float = Field(0.5, ge=0, description="Value loss coefficient.")
@@ -114,6 +119,7 @@ METRICS = (
     "charts/episodic_return",
     "charts/episodic_length",
     "charts/learning_rate",
+    "charts/clip_coef",
     "losses/policy_loss",
     "losses/value_loss",
     "losses/entropy",
@@ -380,7 +386,8 @@ def train(config: Config, ctx: RunContext) -> None:
     if images and config.normalize_obs:
         raise ValueError("normalize_obs is for vector observations; the CNN scales images")
     obs_shape = tuple(obs_space.shape) if images else (obs_dim,)  # type: ignore[arg-type]
-    optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5, fused=True)
+    params = list(agent.parameters())  # a list: clipping walks it every step
+    optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=1e-5, fused=True)
     amp = MixedPrecision(config.precision, device)
     compiled = compile_modules(config.compile, agent, device=device)
     obs_stats = RunningMeanStd((obs_dim,))
@@ -501,10 +508,12 @@ def train(config: Config, ctx: RunContext) -> None:
     b_valid = np.zeros((n_steps, n_envs), dtype=bool)
     tick = (step, ctx.timer.elapsed())
     while step < config.total_timesteps and not ctx.should_stop():
-        if config.anneal_lr:  # detail 4: linearly to 0 over the budget (in timesteps: reset
-            # steps are not transitions, so the number of rollouts is not known in advance)
-            frac = max(0.0, 1 - step / config.total_timesteps)
+        # Detail 4: the step size annealed linearly to 0 over the budget (in timesteps: reset
+        # steps are not transitions, so the number of rollouts is not known in advance).
+        frac = max(0.0, 1 - step / config.total_timesteps)
+        if config.anneal_lr:
             optimizer.param_groups[0]["lr"] = config.learning_rate * frac
+        clip = config.clip_coef * frac if config.anneal_clip else config.clip_coef
         # -- collect ------------------------------------------------------------------------
         for t in range(n_steps):
             obs = observe(raw_obs, update=True)
@@ -560,26 +569,27 @@ def train(config: Config, ctx: RunContext) -> None:
         # fraction computed per minibatch would cost ~5% of each gradient step).
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "v", "ent", "log_ratio")}
         for _ in range(config.update_epochs):
-            order = torch.randperm(n, generator=sampling, device=device)
+            # One minibatch is the whole rollout, which no shuffle changes: no copies then.
+            order = torch.randperm(n, generator=sampling, device=device) if size < n else None
             for start in range(0, n, size):
-                mb = order[start : start + size]
+                mb = slice(None) if order is None else order[start : start + size]
                 with amp.autocast():
                     out, v = agent(f_obs[mb])
                 new_logp, entropy = agent.log_prob(out, f_actions[mb]), agent.entropy(out)
                 adv = f_adv[mb]
-                if config.norm_adv and len(mb) > 1:  # detail 7
+                if config.norm_adv and len(adv) > 1:  # detail 7
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                pg_loss = clipped_surrogate(new_logp, f_logp[mb], adv, config.clip_coef)
+                pg_loss = clipped_surrogate(new_logp, f_logp[mb], adv, clip)
                 v_loss = (v - f_ret[mb]) ** 2
                 if config.clip_vloss:  # detail 9
-                    v_clipped = f_val[mb] + (v - f_val[mb]).clamp(
-                        -config.clip_coef, config.clip_coef
-                    )
+                    v_clipped = f_val[mb] + (v - f_val[mb]).clamp(-clip, clip)
                     v_loss = torch.max(v_loss, (v_clipped - f_ret[mb]) ** 2)
                 v_loss = 0.5 * v_loss.mean()
                 entropy = entropy.mean()
-                loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * entropy
-                amp.step(loss, optimizer, agent.parameters(), config.max_grad_norm)
+                loss = pg_loss + config.vf_coef * v_loss
+                if config.ent_coef > 0:  # else the entropy is a diagnostic, out of the backward
+                    loss = loss - config.ent_coef * entropy
+                amp.step(loss, optimizer, params, config.max_grad_norm)
                 stats["pg"].append(pg_loss.detach())
                 stats["v"].append(v_loss.detach())
                 stats["ent"].append(entropy.detach())
@@ -595,7 +605,7 @@ def train(config: Config, ctx: RunContext) -> None:
         log_ratio = torch.cat(stats.pop("log_ratio"))
         mean = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
         mean["kl"] = float(((log_ratio.exp() - 1) - log_ratio).mean())
-        mean["clip"] = float(((log_ratio.exp() - 1).abs() > config.clip_coef).float().mean())
+        mean["clip"] = float(((log_ratio.exp() - 1).abs() > clip).float().mean())
         ctx.log_metrics(
             {
                 "losses/policy_loss": mean["pg"],
@@ -605,6 +615,7 @@ def train(config: Config, ctx: RunContext) -> None:
                 "losses/clipfrac": mean["clip"],
                 **({"losses/explained_variance": explained} if math.isfinite(explained) else {}),
                 "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                "charts/clip_coef": clip,
                 "time/sps": sps,
             },
             step=step,

@@ -12,7 +12,9 @@ context; its seconds are the `time/train_s` it logged with the evaluation that r
 
 Each task also has rows at equal settings where rlgen's example differs from RL-Zoo3's: SAC's
 example uses 64x64 networks (RL-Zoo3: SB3's 256x256), so rlgen also runs with 256x256 and SB3
-also with 64x64, and every pair of equal settings has its own ratio.
+also with 64x64, and every pair of equal settings has its own ratio. PPO's example has RL-Zoo3's
+settings and SB3's losses (its clip range annealed, no value clipping); a second rlgen row runs
+CleanRL's losses (a constant clip range, the value loss clipped) on the same schedule.
 """
 
 from __future__ import annotations
@@ -47,9 +49,17 @@ TASKS: dict[str, dict[str, Any]] = {
         "budget": 100_000,
         # label -> spec overrides (rlgen) or keyword arguments (SB3); the first of each is the
         # headline pair: rlgen's example against RL-Zoo3's settings.
-        "rlgen": {"rlgen": []},
+        "rlgen": {
+            "rlgen": [],
+            # CleanRL's losses: a constant clip range, the value loss clipped and halved
+            "rlgen, CleanRL's losses": [
+                "params.anneal_clip=false",
+                "params.clip_vloss=true",
+                "params.vf_coef=0.5",
+            ],
+        },
         "sb3": {"SB3": {}},
-        "pairs": [("rlgen", "SB3")],
+        "pairs": [("rlgen", "SB3"), ("rlgen, CleanRL's losses", "SB3")],
     },
     "sac": {
         "env": "Pendulum-v1",

@@ -225,3 +225,32 @@ def test_ppo_runs_from_pixels_and_refuses_normalising_them(tmp_path: Path) -> No
     bad = config.model_copy(update={"normalize_obs": True})
     with pytest.raises(ValueError, match="normalize_obs is for vector observations"):
         ppo.train(bad, RunContext.in_memory(seed=0, workdir=tmp_path / "b", env=env))
+
+
+def test_the_clip_range_anneals_with_the_step_size(tmp_path: Path) -> None:
+    """`anneal_clip`: epsilon falls linearly to 0 over the budget, as SB3's linear schedule."""
+    budget = 4_000
+
+    def clips(anneal: bool) -> list[tuple[int, float]]:
+        config = ppo.Config(
+            total_timesteps=budget,
+            num_envs=4,
+            num_steps=64,
+            anneal_clip=anneal,
+            clip_coef=0.3,
+            hidden_sizes=[8],
+            eval_every=budget,
+            eval_episodes=1,
+        )
+        ctx = RunContext.in_memory(seed=0, workdir=tmp_path, env=EnvSpec(id="CartPole-v1"))
+        ppo.train(config, ctx)
+        ctx.close()
+        return ctx.writer.metrics["charts/clip_coef"]  # type: ignore[attr-defined,no-any-return]
+
+    annealed = clips(True)
+    assert len(annealed) >= 10
+    # Logged at the end of each update, with the epsilon its rollout started with.
+    previous = [0] + [s for s, _ in annealed[:-1]]
+    for (_, eps), start in zip(annealed, previous, strict=True):
+        assert eps == pytest.approx(0.3 * (1 - start / budget))
+    assert all(eps == 0.3 for _, eps in clips(False))
