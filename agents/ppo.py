@@ -292,7 +292,7 @@ class NumpyActorCritic:
     """`ActorCritic`'s forward pass in NumPy, for acting with MLPs on the CPU in float32.
 
     Acting for a few envs multiplies tiny matrices: torch's per-operator dispatch (~20
-    operators a step, microseconds each) costs more than the arithmetic, and as much as a MuJoCo
+    operators a step, microseconds each) costs more than the arithmetic, and more than a MuJoCo
     step; NumPy's per-call cost is a fraction of it. The weights are the parameters' own memory
     (`.numpy()` views), so the optimizer's in-place steps and checkpoint loads show through: it
     is the same network, not a copy (the tests compare it with the torch forward pass)."""
