@@ -68,7 +68,7 @@ def run_seed(seed: int, steps: int, eval_every: int, extra: list[str]) -> tuple[
         *extra,
     ]
     spec = load_spec(SPEC, overrides)
-    config = dqn.Config.model_validate(spec.params.model_dump())
+    config = dqn.Config.model_validate(spec.params.model_dump())  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory() as d:
         ctx = RunContext.in_memory(seed=seed, workdir=d, env=spec.env)  # type: ignore[attr-defined]
         ctx.timer.start()
@@ -86,11 +86,11 @@ def moving_average(episodes: Curve, step: int, window: int = 100) -> float:
     return float(np.mean(done)) if done else float("nan")
 
 
-def random_return(episodes: int = 1_000) -> float:
+def random_return(env_id: str, episodes: int = 1_000) -> float:
     from agents.envs import EnvSpec
     from agents.evaluation import evaluate_policy
 
-    env = EnvSpec(id="MinAtar/Breakout-v1").make()
+    env = EnvSpec(id=env_id).make()
     rng = np.random.default_rng(0)
     n = int(env.action_space.n)  # type: ignore[attr-defined]
     returns, _ = evaluate_policy(env, lambda _: int(rng.integers(n)), episodes, seed=0)
@@ -113,6 +113,9 @@ def main() -> None:
         "--set", nargs="*", default=[], help="Spec overrides, e.g. params.optimizer=rmsprop."
     )
     args = parser.parse_args()
+    from service.spec import load_spec
+
+    env_id = load_spec(SPEC, args.set).env.id  # type: ignore[attr-defined]
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [
             pool.submit(run_seed, s, args.steps, args.eval_every, args.set) for s in args.seeds
@@ -123,7 +126,7 @@ def main() -> None:
     out = sys.stdout
     paper_steps = sorted(PAPER_DQN_BREAKOUT)
     out.write(
-        f"\nMinAtar/Breakout-v1, DQN with the MinAtar paper's settings, {args.steps:,} steps, "
+        f"\n{env_id}, DQN with the MinAtar paper's settings, {args.steps:,} steps, "
         f"seeds {args.seeds}{''.join(' ' + o for o in args.set)}; mean return of the last 100 "
         "training episodes (the paper's "
         "measure) against the paper's DQN curve (30 runs, read off its figure)\n"
@@ -138,7 +141,7 @@ def main() -> None:
         row = " | ".join(f"{v:.1f}" for v in values)
         out.write(f"| {step:,} | {row} | {np.mean(values):.1f} | {cell} |\n")
     out.write(
-        f"\nMinAtar/Breakout-v1, DQN with the MinAtar paper's settings, {args.steps:,} steps, "
+        f"\n{env_id}, DQN with the MinAtar paper's settings, {args.steps:,} steps, "
         f"seeds {args.seeds}; greedy return over 20 episodes\n"
     )
     out.write("| step | " + " | ".join(f"seed {s}" for s in args.seeds) + " | median | IQM |\n")
@@ -147,7 +150,7 @@ def main() -> None:
         values = [c[i][1] for c in curves]
         row = " | ".join(f"{v:.1f}" for v in values)
         out.write(f"| {step:,} | {row} | {statistics.median(values):.1f} | {iqm(values):.1f} |\n")
-    out.write(f"\nuniform random policy, 1,000 episodes: {random_return():.2f}\n")
+    out.write(f"\nuniform random policy, 1,000 episodes: {random_return(env_id):.2f}\n")
 
 
 if __name__ == "__main__":
