@@ -469,16 +469,16 @@ def train(config: Config, ctx: RunContext) -> None:
 
     q = build_network(config, envs, ctx.torch_generator("init", device="cpu")).to(device)
     target = copy.deepcopy(q).requires_grad_(False)
+    params = list(q.parameters())
     optimizer: torch.optim.Optimizer
     if config.optimizer == "rmsprop":
         # Centred: the step divides by sqrt(E[g^2] - E[g]^2) + eps; an eps of 0.01 (against
         # Adam's 1e-8) keeps the steps of parameters with tiny gradients small.
         optimizer = torch.optim.RMSprop(
-            q.parameters(), lr=config.learning_rate, alpha=0.95, eps=0.01, centered=True
+            params, lr=config.learning_rate, alpha=0.95, eps=0.01, centered=True
         )
     else:  # fused: one kernel for all parameters instead of one per tensor
-        optimizer = torch.optim.Adam(q.parameters(), lr=config.learning_rate, fused=True)
-    params = list(q.parameters())
+        optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=True)
     buffer_args: dict[str, Any] = {
         "capacity": config.buffer_size,
         "obs_shape": obs_shape,
