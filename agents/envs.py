@@ -87,9 +87,10 @@ class AtariPreprocessing(BaseModel):
     """The standard Atari preprocessing (Mnih et al. 2015; Machado et al. 2018), by ALE's own
     vector env (its C++ threads) for training and evaluation, and by gymnasium's
     `AtariPreprocessing` and `FrameStackObservation` wrappers for a single env (`rlgen
-    evaluate`, whose episodes are rendered). Observations: (frame_stack, screen_size,
-    screen_size) uint8 greyscale, identical on both paths except that gymnasium has no wrapper
-    that presses FIRE on reset: the single env leaves that to the policy."""
+    evaluate`, whose episodes are rendered; FIRE on reset by `FireOnReset`, as gymnasium has
+    no wrapper for it). Observations: (frame_stack, screen_size, screen_size) uint8 greyscale,
+    identical on both paths for the same actions (no-op starts aside: each path draws their
+    number from its own generator)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -111,6 +112,24 @@ class AtariPreprocessing(BaseModel):
         True,
         description="Training rewards clipped to their sign; evaluation reports game scores.",
     )
+
+
+class FireOnReset(gym.Wrapper):
+    """After each reset, FIRE for one emulator frame in games whose action set has it
+    (Breakout, Pong, ...: some start to play only then), as ALE's vector env does with
+    `use_fire_reset`. It wraps the frame-skip-1 game under gymnasium's `AtariPreprocessing`,
+    whose no-op starts and first observation then follow the FIRE, as in ALE's reset."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        meanings = env.unwrapped.get_action_meanings()  # type: ignore[attr-defined]
+        self.fire = meanings.index("FIRE") if "FIRE" in meanings else None
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        if self.fire is not None:
+            obs, _, _, _, info = self.env.step(self.fire)  # one frame cannot end a game
+        return obs, info
 
 
 class EnvSpec(BaseModel):
@@ -163,6 +182,8 @@ class EnvSpec(BaseModel):
 
         # gymnasium's wrapper skips frames itself: the emulator must not skip any.
         env = gym.make(self.id, **{**kwargs, "frameskip": 1})
+        if pre.fire_reset:
+            env = FireOnReset(env)
         env = Preprocess(
             env,
             noop_max=pre.noop_max,

@@ -111,21 +111,50 @@ def test_the_state_of_a_frame_store_round_trips() -> None:
     envs.close()
 
 
-def test_both_preprocessing_paths_see_the_same_frames() -> None:
+@pytest.mark.parametrize(
+    ("game", "fire_reset"),
+    [
+        (PONG, False),
+        (PONG, True),
+        ("BreakoutNoFrameskip-v4", True),
+        ("FreewayNoFrameskip-v4", True),
+    ],
+)
+def test_both_preprocessing_paths_see_the_same_frames(game: str, fire_reset: bool) -> None:
     """ALE's vector env (training, evaluation) and gymnasium's wrappers (`rlgen evaluate`) give
-    identical observations for the same actions (no noop starts, no FIRE: see below)."""
-    spec = EnvSpec(id=PONG, preprocessing={"noop_max": 0, "fire_reset": False})
+    identical observations for the same actions, with and without FIRE on reset (Freeway has no
+    FIRE: nothing is pressed), without no-op starts (each path draws their number itself)."""
+    spec = EnvSpec(id=game, preprocessing={"noop_max": 0, "fire_reset": fire_reset})
     vec, single = spec.make_vec(1), spec.make()
     a, _ = vec.reset(seed=0)
     b, _ = single.reset(seed=0)
     rng = np.random.default_rng(0)
+    n = int(vec.single_action_space.n)
+    # Breakout's ball is served by FIRE and not by the other actions: the policy keeps off it
+    # here, so frames that agree show that the reset served it in both paths.
+    actions = [a for a in range(n) if a != 1] if "Breakout" in game else list(range(n))
     for _ in range(200):
         assert np.array_equal(a[0], b)
-        action = int(rng.integers(6))
+        action = int(rng.choice(actions))
         a, *_ = vec.step(np.array([action]))
         b, *_ = single.step(action)
     vec.close()
     single.close()
+
+
+def test_fire_on_reset_serves_breakouts_ball() -> None:
+    """Without FIRE, Breakout's ball is never served: NOOPs leave the screen still. With it the
+    ball flies, so the frames change (and, above, equal ALE's own FIRE reset)."""
+    frames = {}
+    for fire in (False, True):
+        env = EnvSpec(
+            id="BreakoutNoFrameskip-v4", preprocessing={"noop_max": 0, "fire_reset": fire}
+        ).make()
+        obs, _ = env.reset(seed=0)
+        frames[fire] = [obs[-1]] + [env.step(0)[0][-1] for _ in range(30)]
+        env.close()
+    assert all(np.array_equal(f, frames[False][0]) for f in frames[False])
+    assert not all(np.array_equal(f, frames[True][0]) for f in frames[True])
 
 
 def test_observations_match_sb3s_atari_wrapper() -> None:
