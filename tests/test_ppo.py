@@ -13,6 +13,9 @@ import torch
 from agents import ppo
 from agents.envs import EnvSpec
 from runctx import RunContext
+from service.spec import load_spec
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def test_gae_on_a_hand_computed_sequence_with_truncation_and_termination() -> None:
@@ -151,20 +154,26 @@ def test_ppo_solves_a_continuous_bandit(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ppo_solves_cartpole_and_logs_its_metrics(tmp_path: Path) -> None:
-    """RL-Zoo3's CartPole settings and budget (100k steps) reach a greedy return of 475."""
-    config = ppo.Config(
-        total_timesteps=100_000,
-        num_envs=8,
-        num_steps=32,
-        gae_lambda=0.8,
-        gamma=0.98,
-        update_epochs=20,
-        num_minibatches=1,
-        learning_rate=1e-3,
-        ent_coef=0.0,
-        eval_every=10_000,
-    )
+@pytest.mark.parametrize("settings", ["rl-zoo3", "example"])
+def test_ppo_solves_cartpole_and_logs_its_metrics(settings: str, tmp_path: Path) -> None:
+    """RL-Zoo3's CartPole settings and budget (100k steps), and the example's (its 10 epochs at
+    lr 5e-3), reach a greedy return of 475."""
+    if settings == "example":
+        spec = load_spec(EXAMPLES / "ppo_cartpole.yaml", ["params.stop_at_return=null"])
+        config = ppo.Config.model_validate(spec.params.model_dump())  # type: ignore[attr-defined]
+    else:
+        config = ppo.Config(
+            total_timesteps=100_000,
+            num_envs=8,
+            num_steps=32,
+            gae_lambda=0.8,
+            gamma=0.98,
+            update_epochs=20,
+            num_minibatches=1,
+            learning_rate=1e-3,
+            ent_coef=0.0,
+            eval_every=10_000,
+        )
     ctx = RunContext.in_memory(seed=0, workdir=tmp_path, env=EnvSpec(id="CartPole-v1"))
     ppo.train(config, ctx)
     ctx.close()
