@@ -132,7 +132,7 @@ def test_both_preprocessing_paths_see_the_same_frames(game: str, fire_reset: boo
     n = int(vec.single_action_space.n)
     # Breakout's ball is served by FIRE and not by the other actions: the policy keeps off it
     # here, so frames that agree show that the reset served it in both paths.
-    actions = [a for a in range(n) if a != 1] if "Breakout" in game else list(range(n))
+    actions = [k for k in range(n) if k != 1] if "Breakout" in game else list(range(n))
     for _ in range(200):
         assert np.array_equal(a[0], b)
         action = int(rng.choice(actions))
