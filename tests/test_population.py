@@ -9,15 +9,17 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.execution import launch
-from service.spec import SpecError, load_spec
+from service.execution import PBT_STOPPED, LaunchResult, fail_stopped_members, launch
+from service.spec import SpecBase, SpecError, load_spec
 from service.sweeps import expand
-from service.tracking import TAG_EXPLOITS
+from service.tracking import TAG_ERROR, TAG_EXPLOITS
 
 # Two members, one with a poor learning rate. PBT explores only `iwae_k`, which changes the
 # evaluation and not the training: after an exploit the exploiting trial trains exactly as its
 # donor does from the donor's checkpoint on, which makes "continues from the donor's state"
-# checkable to the last bit.
+# checkable to the last bit. (Now and then Ray Tune's synchronous PBT stops a member instead of
+# pausing it, ray-project/ray#57906: the launch then fails naming that issue, see
+# `test_members_stopped_by_tune_end_failed_saying_why`.)
 PBT_VAE = """\
 name: {name}
 algorithm: vae
@@ -46,6 +48,17 @@ sweep:
 """
 
 
+def launch_pbt(spec: SpecBase, tracking_uri: str) -> LaunchResult:
+    """A PBT launch, run again once when Ray Tune's synchronous PBT stopped a member instead of
+    pausing it (ray-project/ray#57906, about one launch in ten here): that upstream race is not
+    what these tests check, and how a launch reports it is checked on its own
+    (`test_members_stopped_by_tune_end_failed_saying_why`)."""
+    report = launch(spec, mode="ray", tracking_uri=tracking_uri)
+    if not report.ok and any(t.error == PBT_STOPPED for t in report.trials):
+        report = launch(spec, mode="ray", tracking_uri=tracking_uri)
+    return report
+
+
 def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
@@ -56,7 +69,7 @@ def test_an_exploit_continues_from_the_donors_checkpoint(
     path = in_tmp / "pbt.yaml"
     path.write_text(PBT_VAE.format(name=experiment_name))
     spec = load_spec(path)
-    report = launch(spec, mode="ray", tracking_uri=tracking_uri)
+    report = launch_pbt(spec, tracking_uri)
     assert report.ok, [(t.label, t.status, t.error) for t in report.trials]
     client = MlflowClient(tracking_uri)
     runs = {t.label: client.get_run(t.run_id) for t in report.trials}
@@ -77,6 +90,27 @@ def test_an_exploit_continues_from_the_donors_checkpoint(
     assert after and all(mine[s] == donors[s] for s in after)
     before = [s for s in mine if s <= step]
     assert any(mine[s] != donors[s] for s in before)  # it was another trajectory until then
+
+
+def test_members_stopped_by_tune_end_failed_saying_why(
+    tracking_uri: str, experiment_name: str
+) -> None:
+    """At the end of a PBT sweep every member's last segment has ended its run FINISHED or
+    FAILED; a run still KILLED (a pause never resumed: Tune's synchronous PBT, with concurrent
+    members, can stop a member instead of pausing it) ends FAILED with the reason."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment(experiment_name)
+    runs = {}
+    for status in ("FINISHED", "FAILED", "KILLED"):
+        run_id = client.create_run(experiment).info.run_id
+        client.set_terminated(run_id, status)
+        runs[status] = client.get_run(run_id)
+    assert fail_stopped_members(client, list(runs.values())) == [runs["KILLED"].info.run_id]
+    after = {status: client.get_run(run.info.run_id) for status, run in runs.items()}
+    assert after["KILLED"].info.status == "FAILED"
+    assert "ray-project/ray#57906" in after["KILLED"].data.tags[TAG_ERROR]
+    for status in ("FINISHED", "FAILED"):
+        assert after[status].info.status == status and TAG_ERROR not in after[status].data.tags
 
 
 def test_pbt_blocks_are_checked_like_sweeps(tmp_path: Path) -> None:
@@ -228,7 +262,7 @@ def test_pbt_runs_ppo_and_sac(
         name=experiment_name, algorithm=algorithm, params=params, rate=rate, interval=interval
     )
     path.write_text(text)
-    report = launch(load_spec(path), mode="ray", tracking_uri=tracking_uri)
+    report = launch_pbt(load_spec(path), tracking_uri)
     assert report.ok, [(t.label, t.status, t.error) for t in report.trials]
     client = MlflowClient(tracking_uri)
     runs = [client.get_run(t.run_id) for t in report.trials]
