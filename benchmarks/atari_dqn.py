@@ -9,12 +9,12 @@ SB3 through `make_atari_env` + `VecFrameStack(4)` (its `AtariWrapper`, one env),
 timestep; the envs step as one batch in ALE's C++ threads), and with 4 envs and bf16 mixed
 precision (`precision: bf16-mixed`: the same weights and optimizer, forward passes in bfloat16,
 which CPUs with AVX-512 BF16 run faster; not the same arithmetic as SB3's, so a separate row).
-Learning starts after 1,000 random
-steps, so most of each run trains. Reported: steps per second over each run's clock, which
-covers making its envs and replay as well as training on both sides (rlgen: `dqn.train`, whose
-training clock starts before it builds them; SB3: its env, its `DQN` and `learn`), and the
-replay's bytes per transition at the configured capacity, every field counted. Runs alternate their order; medians of
-`--repeats`. Both use every core (`torch.set_num_threads`).
+Learning starts after 1,000 random steps, so most of each run trains. Reported: steps per
+second over each run's clock, which on both sides covers making the envs and the replay as well
+as training (rlgen: `dqn.train`, whose training clock starts before it builds them; SB3: its env,
+its `DQN` and `learn`), and the replay's bytes per transition at the configured capacity, every
+field counted. Runs alternate their order; medians of `--repeats`. Both use every core
+(`torch.set_num_threads`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from agents import dqn  # noqa: E402
 from agents.envs import EnvSpec  # noqa: E402
 from agents.replay import FrameStore, ReplayBuffer  # noqa: E402
+from benchmarks.peers import warm_up_torch  # noqa: E402
 from runctx import RunContext  # noqa: E402
 
 BUFFER, LEARNING_STARTS = 100_000, 1_000
@@ -123,9 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(torch.get_num_threads())
-    # Building the first optimizer imports torch's compiler stack (~1 s here): done before the
-    # runs, so that whichever run comes first does not pay it inside its clock.
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    warm_up_torch()
     names = ("sb3", "rlgen 1 env", "rlgen 4 envs", "rlgen 4 envs bf16-mixed")
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     order = list(runs)

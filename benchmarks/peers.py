@@ -1,5 +1,6 @@
 """What the benchmarks share when they run a peer library (Stable-Baselines3, an extra: `pip install
--e ".[bench]"`): an SB3 callback that evaluates exactly as rlgen does and stops at a goal."""
+-e ".[bench]"`) in the same process as rlgen: an SB3 callback that evaluates exactly as rlgen does
+and stops at a goal, and a warm-up that keeps torch's one-time costs out of both clocks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ from typing import Any
 import gymnasium as gym
 
 from agents.evaluation import evaluate_vector
+
+
+def warm_up_torch() -> None:
+    """Build an optimizer once before any timed run: the first one built in a process imports
+    torch's compiler stack (~1 s on a 2-core host), which would otherwise land in the clock of
+    whichever run comes first."""
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
 def sb3_goal_callback(

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agents import ppo, sac  # noqa: E402
-from benchmarks.peers import sb3_goal_callback  # noqa: E402
+from benchmarks.peers import sb3_goal_callback, warm_up_torch  # noqa: E402
 from runctx import RunContext  # noqa: E402
 from service.spec import load_spec  # noqa: E402
 
@@ -163,9 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    # Building the first optimizer imports torch's compiler stack (~1 s here): done before the
-    # runs, so that whichever run comes first does not pay it inside its clock.
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    warm_up_torch()
     out = sys.stdout
     for task, seeds in (("ppo", args.ppo_seeds), ("sac", args.sac_seeds)):
         if args.only not in (None, task):
