@@ -560,13 +560,11 @@ def train(config: Config, ctx: RunContext) -> None:
         for group in optimizer.param_groups:  # the config's, should it differ (PBT)
             group["lr"] = config.learning_rate
         ctx.log.info("resumed from the checkpoint at timestep %d", step)
-    elif len(obs_shape) == 3:  # what the network sees, as a figure
-        ctx.log_figure(
-            observation_frames(
-                np.asarray(obs[0]), stacked_frames(envs.single_observation_space), "Observation"
-            ),
-            "observation",
-        )
+    elif len(obs_shape) == 3:  # what the network sees, as a figure (off the training clock)
+        with ctx.timer.paused():
+            channels_first = stacked_frames(envs.single_observation_space)
+            figure = observation_frames(np.asarray(obs[0]), channels_first, "Observation")
+            ctx.log_figure(figure, "observation")
 
     def checkpoint() -> None:
         with ctx.timer.paused():

@@ -164,12 +164,15 @@ class ReplayBuffer:
     ):
         self.capacity, self.device, self.generator = capacity, device, generator
         self.frames = frames
-        self.obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype, device=device)
-        self.next_obs = torch.zeros_like(self.obs)
+        # Uninitialised: rows are read only once written (below `size`), and the host's pages
+        # are then touched as the buffer fills instead of all at start (zeroing 2.8 GB of image
+        # stacks takes seconds).
+        self.obs = torch.empty((capacity, *obs_shape), dtype=obs_dtype, device=device)
+        self.next_obs = torch.empty_like(self.obs)
         # Action indices (DQN), or continuous action vectors (SAC: action_shape (A,), float32).
-        self.actions = torch.zeros((capacity, *action_shape), dtype=action_dtype, device=device)
-        self.returns = torch.zeros(capacity, dtype=torch.float32, device=device)
-        self.discounts = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.actions = torch.empty((capacity, *action_shape), dtype=action_dtype, device=device)
+        self.returns = torch.empty(capacity, dtype=torch.float32, device=device)
+        self.discounts = torch.empty(capacity, dtype=torch.float32, device=device)
         self.pos = 0  # next row to write
         self.size = 0
 
@@ -211,15 +214,16 @@ class ReplayBuffer:
         return rows
 
     def _gather(self, idx: torch.Tensor, weights: torch.Tensor | None) -> Batch:
-        obs, next_obs = self.obs[idx], self.next_obs[idx]
+        # index_select: whole rows copied at once (see `FrameStore.stack`).
+        obs, next_obs = self.obs.index_select(0, idx), self.next_obs.index_select(0, idx)
         if self.frames is not None:
             obs, next_obs = self.frames.stack(obs), self.frames.stack(next_obs)
         return Batch(
             obs,
-            self.actions[idx],
-            self.returns[idx],
+            self.actions.index_select(0, idx),
+            self.returns.index_select(0, idx),
             next_obs,
-            self.discounts[idx],
+            self.discounts.index_select(0, idx),
             weights,
             idx,
         )
@@ -412,8 +416,10 @@ class FrameStore:
         self, capacity: int, frame_shape: tuple[int, ...], num_envs: int, device: torch.device
     ):
         self.capacity, self.device = capacity, device
-        # One more row: the zero frame, at index `capacity`.
-        self.frames = torch.zeros((capacity + 1, *frame_shape), dtype=torch.uint8, device=device)
+        # One more row: the zero frame, at index `capacity`. The ring is left uninitialised (a
+        # slot is read only once its id is in `ids`), so its pages are touched as it fills.
+        self.frames = torch.empty((capacity + 1, *frame_shape), dtype=torch.uint8, device=device)
+        self.frames[capacity] = 0
         self.ids = torch.full((capacity,), -2, dtype=torch.int64, device=device)  # id per slot
         self.written = 0  # frames written so far: the next id
         self.last_obs: list[np.ndarray | None] = [None] * num_envs  # per env: its last stack
@@ -463,7 +469,9 @@ class FrameStore:
     def stack(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, S) ids -> (B, S, H, W) frames."""
         slots = torch.where(ids == self.ZERO, self.capacity, ids % self.capacity)
-        return self.frames[slots]
+        # index_select copies whole frames; indexing with a (B, S) tensor goes byte by byte on
+        # CPUs (0.6 ms against 0.05 for 32 stacks of 4 84x84 frames).
+        return self.frames.index_select(0, slots.flatten()).view(*ids.shape, *self.frames.shape[1:])
 
     def forget_episodes(self) -> None:
         """Fresh episodes begin (a resumed run without its envs): no stack continues."""

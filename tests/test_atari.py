@@ -83,6 +83,21 @@ def test_overwritten_frames_are_never_sampled() -> None:
         assert np.array_equal(next_obs.numpy(), raw_next[row])
 
 
+def test_the_zero_frame_pads_stacks_in_a_fresh_store() -> None:
+    """The ring of a new store is left uninitialised (see `FrameStore`), its zero frame is not:
+    built in memory just freed full of 255s, the padding of a reset stack still reads 0."""
+    for _ in range(3):
+        dirty = torch.full((9, 84, 84), 255, dtype=torch.uint8)
+        del dirty
+        store = FrameStore(8, (84, 84), 1, torch.device("cpu"))
+        padded = store.intern(
+            np.stack([np.zeros((84, 84), np.uint8)] * 3 + [np.ones((84, 84), np.uint8)])[None]
+        )
+        stack = store.stack(torch.as_tensor(padded))
+        assert stack.shape == (1, 4, 84, 84)
+        assert not stack[0, :3].any() and bool((stack[0, 3] == 1).all())
+
+
 def test_a_transition_costs_about_one_84x84_frame() -> None:
     """At most 7.5 KB a transition (SB3's buffer: 56 KB, 28 KB with optimize_memory_usage),
     counting the frame store, the ids and every other field of the buffer."""
@@ -107,7 +122,9 @@ def test_the_state_of_a_frame_store_round_trips() -> None:
     b = FrameStore(50, (84, 84), 2, torch.device("cpu"))
     b.load_state_dict(a.state_dict())
     assert np.array_equal(a.intern(obs), b.intern(obs))  # both continue the same stacks
-    assert torch.equal(a.frames, b.frames) and a.written == b.written
+    assert a.written == b.written and torch.equal(a.ids, b.ids)
+    held = torch.cat([a.ids[a.ids >= 0], torch.tensor([FrameStore.ZERO])]).view(-1, 1)
+    assert len(held) > 40 and torch.equal(a.stack(held), b.stack(held))  # every readable frame
     envs.close()
 
 
