@@ -13,14 +13,20 @@ Learning starts after 1,000 random steps, so most of each run trains. Reported: 
 second over each run's clock, which on both sides covers making the envs and the replay as well
 as training (rlgen: `dqn.train`, whose training clock starts before it builds them; SB3: its env,
 its `DQN` and `learn`), and the replay's bytes per transition at the configured capacity, every
-field counted. Runs alternate their order; medians of `--repeats`. Both use every core
-(`torch.set_num_threads`).
+field counted. Runs alternate their order; medians of `--repeats`, and the median of each
+repeat's ratio to the same repeat's SB3. Both use every core (`torch.set_num_threads`).
+
+One more row measures rlgen's floor at these settings: its network alone (the 4-env run's
+gradient steps and action passes on random stacks, no envs, no replay). Its ratio to SB3 bounds
+what any rlgen run could reach here in float32, however little the rest cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,8 +45,10 @@ from agents.envs import EnvSpec  # noqa: E402
 from agents.replay import FrameStore, ReplayBuffer  # noqa: E402
 from benchmarks.peers import warm_up_torch  # noqa: E402
 from runctx import RunContext  # noqa: E402
+from runctx.accel import MixedPrecision  # noqa: E402
 
 BUFFER, LEARNING_STARTS = 100_000, 1_000
+NETWORK_ALONE = "rlgen 4 envs, its network alone"
 # RL-Zoo3 hyperparams/dqn.yml, atari (its learning_starts 100k shortened, see the docstring).
 SETTINGS: dict[str, Any] = {
     "learning_rate": 1e-4,
@@ -75,6 +84,7 @@ def run_sb3(game: str, steps: int, seed: int) -> dict[str, float]:
     model.learn(steps)
     seconds = time.perf_counter() - start
     buf = model.replay_buffer
+    assert buf is not None  # made by `learn`
     fields = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
     nbytes = sum(getattr(buf, f).nbytes for f in fields if getattr(buf, f, None) is not None)
     env.close()
@@ -92,10 +102,8 @@ def rlgen_replay_bytes(n_envs: int, n_step: int = 1, stack: int = 4) -> float:
     return total / BUFFER
 
 
-def run_rlgen(
-    game: str, steps: int, seed: int, num_envs: int, precision: str = "fp32"
-) -> dict[str, float]:
-    config = dqn.Config(
+def rlgen_config(steps: int, num_envs: int, precision: str = "fp32") -> dqn.Config:
+    return dqn.Config(
         **SETTINGS,
         total_timesteps=steps,
         target_update_interval=250,  # gradient steps: 1000 env steps at train_freq 4
@@ -108,12 +116,51 @@ def run_rlgen(
         log_every=10**9,
         checkpoint_every=10 * steps,
     )
+
+
+def run_rlgen(
+    game: str, steps: int, seed: int, num_envs: int, precision: str = "fp32"
+) -> dict[str, float]:
+    config = rlgen_config(steps, num_envs, precision)
     with tempfile.TemporaryDirectory() as d:
         ctx = RunContext.in_memory(seed=seed, workdir=d, env=EnvSpec(id=game, preprocessing={}))
         ctx.timer.start()
         dqn.train(config, ctx)
         ctx.close()
     return {"sps": steps / ctx.timer.elapsed(), "bytes": rlgen_replay_bytes(num_envs)}
+
+
+def run_network_alone(game: str, steps: int, seed: int, num_envs: int) -> dict[str, float]:
+    """The network's share of an rlgen run: its gradient steps (target and online passes on 32
+    stacks, backward, clipping, Adam: `dqn.td_targets` and `MixedPrecision.step`, as
+    `dqn.train` calls them) and its batched action passes, on random stacks, without envs or
+    replay. A run at these settings takes at least this long on this machine."""
+    config = rlgen_config(steps, num_envs)
+    envs = EnvSpec(id=game, preprocessing={}).make_vec(num_envs)  # for the spaces only
+    generator = torch.Generator().manual_seed(seed)
+    q = dqn.build_network(config, envs, generator)
+    envs.close()
+    target = copy.deepcopy(q).requires_grad_(False)
+    params = list(q.parameters())
+    optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=True)
+    amp = MixedPrecision("fp32", torch.device("cpu"))
+    stacks = torch.randint(0, 256, (4096, 4, 84, 84), dtype=torch.uint8, generator=generator)
+    b = config.batch_size
+    trained = max(steps - config.learning_starts, 0)
+    acting, updates = trained // num_envs, trained // config.train_freq
+    start = time.perf_counter()
+    for i in range(max(acting, updates)):
+        if i < acting:
+            with torch.inference_mode():
+                q(stacks[i % 1024 : i % 1024 + num_envs]).argmax(dim=1)
+        if i < updates:
+            rows = torch.randint(0, len(stacks), (2, b), generator=generator)
+            obs, next_obs = stacks.index_select(0, rows[0]), stacks.index_select(0, rows[1])
+            with torch.no_grad():
+                y = dqn.td_targets(torch.zeros(b), torch.ones(b), target(next_obs), None)
+            q_taken = q(obs).gather(1, torch.zeros(b, 1, dtype=torch.int64)).squeeze(1)
+            amp.step(F.smooth_l1_loss(q_taken, y), optimizer, params, config.max_grad_norm)
+    return {"sps": steps / (time.perf_counter() - start), "bytes": float("nan")}
 
 
 def main() -> None:
@@ -125,32 +172,39 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(torch.get_num_threads())
     warm_up_torch()
-    names = ("sb3", "rlgen 1 env", "rlgen 4 envs", "rlgen 4 envs bf16-mixed")
+    names = ("sb3", "rlgen 1 env", "rlgen 4 envs", "rlgen 4 envs bf16-mixed", NETWORK_ALONE)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     order = list(runs)
     for r in range(args.repeats):
         for name in order if r % 2 == 0 else order[::-1]:
             if name == "sb3":
                 result = run_sb3(args.game, args.steps, seed=r)
+            elif name == NETWORK_ALONE:
+                result = run_network_alone(args.game, args.steps, r, 4)
             else:
                 precision = "bf16-mixed" if "bf16" in name else "fp32"
                 envs = 1 if "1 env" in name else 4
                 result = run_rlgen(args.game, args.steps, r, envs, precision)
             runs[name].append(result)
             sys.stdout.write(f"repeat {r}: {name}: {result['sps']:.1f} steps/s\n")
-    sb3_sps = statistics.median(x["sps"] for x in runs["sb3"])
+    sb3 = [x["sps"] for x in runs["sb3"]]
     sb3_bytes = runs["sb3"][0]["bytes"]
     sys.stdout.write(
         f"\n{args.game}, {args.steps} steps ({LEARNING_STARTS} random first), "
-        f"{torch.get_num_threads()} torch threads, median of {args.repeats}\n"
-        "| | steps/s | vs SB3 | replay bytes / transition | vs SB3 |\n|---|---:|---:|---:|---:|\n"
+        f"{torch.get_num_threads()} torch threads, {args.repeats} repeats; paired: the median of "
+        "each repeat's ratio to the same repeat's SB3\n"
+        "| | steps/s, each repeat | median | vs SB3 (medians) | vs SB3 (paired) "
+        "| replay bytes / transition | vs SB3 |\n|---|---|---:|---:|---:|---:|---:|\n"
     )
     for name, results in runs.items():
-        sps = statistics.median(x["sps"] for x in results)
+        sps = [x["sps"] for x in results]
+        paired = statistics.median(a / b for a, b in zip(sps, sb3, strict=True))
         nbytes = results[0]["bytes"]
+        memory = "" if math.isnan(nbytes) else f"{nbytes:,.0f} | {nbytes / sb3_bytes:.3f}x"
         sys.stdout.write(
-            f"| {name} | {sps:.1f} | {sps / sb3_sps:.2f}x | {nbytes:,.0f} | "
-            f"{nbytes / sb3_bytes:.3f}x |\n"
+            f"| {name} | {', '.join(f'{x:.1f}' for x in sps)} | {statistics.median(sps):.1f} | "
+            f"{statistics.median(sps) / statistics.median(sb3):.2f}x | {paired:.2f}x | "
+            f"{memory or '- | -'} |\n"
         )
 
 

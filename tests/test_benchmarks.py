@@ -114,8 +114,9 @@ def test_pbt_against_random_search() -> None:
 
 
 def test_atari_dqn() -> None:
-    out = run("atari_dqn.py", "--steps", "300", "--repeats", "1")
-    assert "rlgen 4 envs" in out and "sb3" in out
+    out = run("atari_dqn.py", "--steps", "1100", "--repeats", "1")
+    assert "| rlgen 4 envs |" in out and "| sb3 |" in out
+    assert "| rlgen 4 envs, its network alone |" in out
 
 
 def test_minatar_dqn() -> None:
