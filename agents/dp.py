@@ -92,8 +92,9 @@ METRICS = (
 )
 
 
-def check_env(env: Any) -> str | None:
-    """Why dynamic programming cannot run on `env` (it needs the transition model), or None."""
+def check_env(env: Any, config: Any = None) -> str | None:
+    """Why dynamic programming cannot run on `env` (it needs the transition model), or None,
+    whatever the `config` (value or policy iteration's)."""
     base = env.unwrapped
     if hasattr(base, "transition_model") or hasattr(base, "P"):
         return unmodelled_dynamics(env)

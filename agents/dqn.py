@@ -37,7 +37,14 @@ from torch import nn
 
 from agents import envstate
 from agents.evaluation import evaluate_and_log, length_metric
-from agents.nets import MinAtarCNN, NatureCNN, default_init_, image_torso, update_target
+from agents.nets import (
+    MinAtarCNN,
+    NatureCNN,
+    default_init_,
+    image_torso,
+    network_problem,
+    update_target,
+)
 from agents.plots import learning_curve, observation_frames
 from agents.replay import Batch, FrameStore, NStep, PrioritizedReplayBuffer, ReplayBuffer
 from agents.schedules import linear_schedule
@@ -76,7 +83,7 @@ class Config(BaseModel):
     )
     network: Literal["auto", "mlp", "nature_cnn", "minatar_cnn"] = Field(
         "auto",
-        description="Torso for observations: auto picks the Nature CNN for image stacks of 36+ "
+        description="Torso for observations: auto picks the Nature CNN for images of 36+ "
         "pixels a side, the MinAtar CNN for smaller grids, an MLP for everything else.",
     )
     frame_replay: bool = Field(
@@ -199,16 +206,18 @@ def resume_problem(config: Config) -> str | None:
     return None
 
 
-def check_env(env: gym.Env) -> str | None:
-    """Why DQN cannot run on `env`, or None."""
+def check_env(env: gym.Env, config: Config | None = None) -> str | None:
+    """Why DQN with `config` (None: the defaults) cannot run on `env`, or None."""
     if not isinstance(env.action_space, gym.spaces.Discrete):
         return f"DQN needs a discrete action space, not {env.action_space}"
-    if not takes(env.observation_space):
+    space = env.observation_space
+    if not takes(space):
         return (
             "DQN needs a Box, MultiBinary, Discrete or MultiDiscrete observation space, or a "
-            f"Tuple/Dict of them, not {env.observation_space}"
+            f"Tuple/Dict of them, not {space}"
         )
-    return None
+    network = config.network if config is not None else "auto"
+    return network_problem(network, flatten_space(space) if is_composite(space) else space)
 
 
 class NoisyLinear(nn.Module):

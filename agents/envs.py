@@ -200,8 +200,9 @@ class EnvSpec(BaseModel):
         self, num_envs: int, evaluation: bool = False, **overrides: Any
     ) -> gym.vector.VectorEnv:
         """`num_envs` copies as one vector env: the env's own batched implementation where
-        there is one (classic control; ALE's, which runs the games and their preprocessing in
-        C++ threads), else a `SyncVectorEnv` of `gym.make` copies. `evaluation`: see `make`.
+        there is one (classic control; ALE's for `preprocessing`, which runs the games and the
+        preprocessing in C++ threads), else a `SyncVectorEnv` of `gym.make` copies.
+        `evaluation`: see `make`.
 
         The copies are made by a `functools.partial` of `gym.make` (what `gym.make_vec` does
         with a local function), so the vector env pickles into checkpoints (`agents.envstate`).
@@ -210,7 +211,9 @@ class EnvSpec(BaseModel):
         kwargs = {**self.kwargs, **overrides}
         if self.preprocessing is not None:
             return self._ale_vector(num_envs, evaluation, kwargs)
-        if gym.spec(self.id).vector_entry_point is not None:
+        # ALE's registered vector env preprocesses (84x84 stacks, clipped rewards); without
+        # `preprocessing` the spec asks for the game's own frames, as `make` gives them.
+        if gym.spec(self.id).vector_entry_point is not None and not is_ale(self.id):
             return gym.make_vec(self.id, num_envs=num_envs, **kwargs)
         return gym.vector.SyncVectorEnv([functools.partial(gym.make, self.id, **kwargs)] * num_envs)
 

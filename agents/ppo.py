@@ -54,7 +54,7 @@ from torch import nn
 
 from agents import envstate
 from agents.evaluation import evaluate_and_log, length_metric
-from agents.nets import image_torso
+from agents.nets import image_torso, network_problem
 from runctx import RunContext
 from runctx.accel import Compile, MixedPrecision, Precision, compile_modules
 from runctx.checkpoints import capture
@@ -87,7 +87,7 @@ class Config(BaseModel):
     max_grad_norm: float = Field(0.5, gt=0, description="Clip the gradient's global norm.")
     network: Literal["auto", "mlp", "nature_cnn", "minatar_cnn"] = Field(
         "auto",
-        description="auto: a shared Nature CNN torso for image stacks of 36+ pixels a side, "
+        description="auto: a shared Nature CNN torso for images of 36+ pixels a side, "
         "MinAtar's CNN for smaller grids, separate actor and critic MLPs for vectors.",
     )
     hidden_sizes: list[PositiveInt] = Field(
@@ -134,8 +134,8 @@ METRICS = (
 )
 
 
-def check_env(env: gym.Env) -> str | None:
-    """Why PPO cannot run on `env`, or None."""
+def check_env(env: gym.Env, config: Config | None = None) -> str | None:
+    """Why PPO with `config` (None: the defaults) cannot run on `env`, or None."""
     if not isinstance(env.action_space, gym.spaces.Discrete | gym.spaces.Box):
         return f"PPO needs a Discrete or Box action space, not {env.action_space}"
     if isinstance(env.action_space, gym.spaces.Box) and len(env.action_space.shape) != 1:
@@ -146,7 +146,7 @@ def check_env(env: gym.Env) -> str | None:
             "PPO takes vector observations (a one-dimensional Box) or images (a 3-dimensional "
             f"Box), not {space}"
         )
-    return None
+    return network_problem(config.network if config is not None else "auto", space)
 
 
 class RunningMeanStd(nn.Module):

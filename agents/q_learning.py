@@ -128,7 +128,8 @@ class StateIndex:
         return np.ravel_multi_index(tuple(o.T), self.sizes)
 
 
-def check_env(env: gym.Env) -> str | None:
+def check_env(env: gym.Env, config: Config | None = None) -> str | None:
+    """Why tabular Q-learning cannot run on `env` (whatever its `config`), or None."""
     if not isinstance(env.action_space, gym.spaces.Discrete):
         return f"tabular Q-learning needs a discrete action space, not {env.action_space}"
     try:

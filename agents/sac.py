@@ -103,8 +103,8 @@ METRICS = (
 )
 
 
-def check_env(env: gym.Env) -> str | None:
-    """Why SAC cannot run on `env`, or None."""
+def check_env(env: gym.Env, config: Config | None = None) -> str | None:
+    """Why SAC cannot run on `env` (whatever its `config`), or None."""
     space = env.action_space
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         return f"SAC needs a one-dimensional Box of continuous actions, not {space}"

@@ -21,8 +21,9 @@ class Algorithm:
     summary: str
     config: type[BaseModel]
     train: Callable[[Any, RunContext], None]
-    # RL: why the algorithm cannot run on an env (its spaces, no model...), or None if it can.
-    check_env: Callable[[Any], str | None] | None = None
+    # RL: (env, config) -> why the algorithm with that config cannot run on the env (its
+    # spaces, no model, a network that cannot take its observations...), or None if it can.
+    check_env: Callable[[Any, Any], str | None] | None = None
     # RL: (config, checkpoint, env) -> greedy policy, obs batch -> actions; for `rlgen evaluate`.
     load_policy: Callable[[Any, dict[str, Any], Any], Callable[[Any], Any]] | None = None
     needs_labels: bool = False  # needs a labelled data set

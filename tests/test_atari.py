@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import gymnasium as gym
@@ -222,8 +223,122 @@ def test_cnns_take_the_envs_bytes() -> None:
     assert nets.image_torso("auto", gym.spaces.Box(-1, 1, (4,))) is None
     x = torch.full((2, 4, 84, 84), 255, dtype=torch.uint8)
     assert torch.equal(nature(x), nature(torch.ones(2, 4, 84, 84) * 255))  # scaled inside
-    with pytest.raises(ValueError, match="channel-first"):
+    with pytest.raises(ValueError, match="at least 36x36 pixels, not 10x10"):
         nets.image_torso("nature_cnn", minatar)
+
+
+def test_the_cnns_take_either_layout_and_compute_the_same() -> None:
+    """RGB frames (H, W, C) (an ALE game without preprocessing) get the Nature CNN; small
+    channel-first stacks (84x84 preprocessing shrunk to 20x20) the MinAtar CNN. Each computes
+    what it computes on the other layout with the same weights."""
+    rgb = gym.spaces.Box(0, 255, (210, 160, 3), np.uint8)
+    stacks = gym.spaces.Box(0, 255, (4, 20, 20), np.uint8)
+    nature, small = nets.image_torso("auto", rgb), nets.image_torso("auto", stacks)
+    assert isinstance(nature, nets.NatureCNN) and nature.channels_last
+    assert isinstance(small, nets.MinAtarCNN) and not small.channels_last
+    assert nature.out_dim == 64 * 22 * 16 and small.out_dim == 16 * 18 * 18
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (2, 210, 160, 3), dtype=torch.uint8, generator=g)
+    chw = nets.NatureCNN((3, 210, 160), 1 / 255)
+    chw.load_state_dict(nature.state_dict())
+    torch.testing.assert_close(nature(frames), chw(frames.permute(0, 3, 1, 2).contiguous()))
+    grids = torch.randint(0, 256, (2, 4, 20, 20), dtype=torch.uint8, generator=g)
+    hwc = nets.MinAtarCNN((4, 20, 20), 1 / 255, channels_last=True)
+    hwc.load_state_dict(small.state_dict())
+    torch.testing.assert_close(small(grids), hwc(grids.permute(0, 2, 3, 1)))
+
+
+@pytest.mark.parametrize(
+    ("network", "space", "problem"),
+    [
+        ("nature_cnn", gym.spaces.Box(0, 1, (10, 10, 4), bool), "at least 36x36 pixels, not 10x10"),
+        ("nature_cnn", gym.spaces.Box(0, 255, (4, 35, 84), np.uint8), "not 35x84"),
+        ("minatar_cnn", gym.spaces.Box(-1, 1, (4,)), "needs image observations"),
+        ("nature_cnn", gym.spaces.Discrete(3), "needs image observations"),
+        ("auto", gym.spaces.Box(0, 1, (2, 2, 1)), "too small for a CNN: use network mlp"),
+        ("minatar_cnn", gym.spaces.Box(0, 1, (4, 2, 9)), "too small for a CNN"),
+    ],
+)
+def test_a_network_that_cannot_take_the_observations_is_named(
+    network: str, space: gym.Space, problem: str
+) -> None:
+    found = nets.network_problem(network, space)
+    assert found is not None and problem in found
+    with pytest.raises(ValueError, match=problem):
+        nets.image_torso(network, space)
+
+
+@pytest.mark.parametrize(
+    ("network", "space"),
+    [
+        ("auto", gym.spaces.Box(0, 255, (4, 36, 36), np.uint8)),
+        ("nature_cnn", gym.spaces.Box(0, 255, (210, 160, 3), np.uint8)),
+        ("minatar_cnn", gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)),
+        ("mlp", gym.spaces.Box(0, 1, (10, 10, 4), bool)),
+        ("auto", gym.spaces.Box(-1, 1, (3,))),
+        ("auto", gym.spaces.Box(0, 1, (3, 3, 1))),
+    ],
+)
+def test_a_network_that_takes_the_observations_builds(network: str, space: gym.Space) -> None:
+    assert nets.network_problem(network, space) is None
+    torso = nets.image_torso(network, space)
+    if torso is not None:
+        x = torch.as_tensor(space.sample()).unsqueeze(0)
+        assert torso(x).shape == (1, torso.out_dim)
+
+
+def test_validation_refuses_a_network_the_env_cannot_feed(tmp_path: Path) -> None:
+    """Set in params or swept, a CNN that cannot take the env's observations is refused with
+    the file, line and field, before any trial starts."""
+    from service.spec import SpecError, load_spec
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: t\nalgorithm: dqn\nenv: {id: MinAtar/Breakout-v1}\nparams: {network: nature_cnn}\n"
+    )
+    with pytest.raises(
+        SpecError, match=re.escape("spec.yaml:3: env.id: 'MinAtar/Breakout-v1': the Nature")
+    ):
+        load_spec(spec)
+    spec.write_text(
+        "name: t\nalgorithm: ppo\nenv: {id: MinAtar/Breakout-v1}\nsweep:\n  params:\n"
+        "    network: {choice: [minatar_cnn, mlp, nature_cnn]}\n"
+    )
+    with pytest.raises(
+        SpecError, match=re.escape("spec.yaml:6: sweep.params.network: 'nature_cnn' on")
+    ):
+        load_spec(spec)
+    spec.write_text(spec.read_text().replace(", nature_cnn]", ", auto]"))
+    assert load_spec(spec).sweep is not None
+
+
+def test_an_ale_game_without_preprocessing_trains_on_its_own_frames(tmp_path: Path) -> None:
+    """No `preprocessing`: the game's RGB frames, in training as in `make` (ALE's registered
+    vector env would preprocess them), through the Nature CNN on channel-last images."""
+    env = EnvSpec(id="ALE/Pong-v5")
+    envs = env.make_vec(2)
+    assert envs.single_observation_space.shape == env.make().observation_space.shape
+    assert envs.single_observation_space.shape == (210, 160, 3)
+    envs.close()
+    config = dqn.Config(
+        total_timesteps=48,
+        learning_starts=32,
+        train_freq=4,
+        gradient_steps=1,
+        batch_size=4,
+        buffer_size=64,
+        hidden_sizes=[16],
+        eval_every=48,
+        eval_episodes=1,
+        eval_max_steps=20,
+    )
+    ctx = RunContext.in_memory(seed=0, workdir=tmp_path, env=env)
+    ctx.timer.start()
+    dqn.train(config, ctx)
+    ctx.close()
+    m = ctx.writer.metrics  # type: ignore[attr-defined]
+    assert np.isfinite([v for _, v in m["losses/td_loss"]]).all()
+    assert m["eval/return_mean"][-1][0] == 48
 
 
 def test_the_nature_cnn_convolves_channels_last_and_computes_the_nchw_result() -> None:

@@ -111,6 +111,10 @@ BAD = {
         on_env("Pendulum-v1", "dqn", "gamma: 0.99"),
         ":4: env.id: 'Pendulum-v1': DQN needs a discrete action space",
     ),
+    "a CNN for vector observations": (
+        on_env("CartPole-v1", "dqn", "network: nature_cnn"),
+        ":4: env.id: 'CartPole-v1': network nature_cnn needs image observations",
+    ),
     "q_learning on a continuous-state env": (
         on_env("CartPole-v1", "q_learning"),
         ":4: env.id: 'CartPole-v1': tabular Q-learning needs a Discrete, MultiDiscrete or Tuple-of-Discrete observation",

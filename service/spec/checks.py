@@ -112,6 +112,23 @@ def set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
     data[last] = value
 
 
+def swept(spec: SpecBase) -> list[tuple[Loc, str, Distribution]]:
+    """(where in the spec, params path, distribution) of each swept param: the sweep's params
+    and the PBT scheduler's mutations."""
+    if spec.sweep is None:
+        return []
+    explored = {}
+    if isinstance(spec.sweep.scheduler, Pbt):
+        explored = spec.sweep.scheduler.hyperparam_mutations
+    found: list[tuple[Loc, str, Distribution]] = [
+        (("sweep", "params", p), p, d) for p, d in spec.sweep.params.items()
+    ]
+    found += [
+        (("sweep", "scheduler", "hyperparam_mutations", p), p, d) for p, d in explored.items()
+    ]
+    return found
+
+
 def check_sweep(spec: SpecBase, source: Source) -> None:
     """Every swept path is a field of the algorithm's config and every value it may take is
     valid there, so no trial of a sweep can fail on its config."""
@@ -160,16 +177,7 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
     check_data, dataset = ALGORITHMS[spec.algorithm].check_data, getattr(spec, "dataset", None)
     params = spec.params.model_dump(mode="json")  # type: ignore[attr-defined]
     problems = []
-    explored = {}
-    if isinstance(spec.sweep.scheduler, Pbt):
-        explored = spec.sweep.scheduler.hyperparam_mutations
-    checked: list[tuple[Loc, str, Distribution]] = [
-        (("sweep", "params", p), p, d) for p, d in spec.sweep.params.items()
-    ]
-    checked += [
-        (("sweep", "scheduler", "hyperparam_mutations", p), p, d) for p, d in explored.items()
-    ]
-    for loc, path, dist in checked:
+    for loc, path, dist in swept(spec):
         parts = tuple(path.split("."))
         if parts[-1] not in fields_at(config_model, parts[:-1]):
             known = fields_at(config_model, ())
@@ -212,7 +220,7 @@ def check_world(spec: SpecBase, source: Source) -> None:
     """Checks that look outside the document: env ids and their models, data files."""
     env = getattr(spec, "env", None)
     if env is not None:
-        check_env(env, ALGORITHMS[spec.algorithm], source)
+        check_env(spec, env, ALGORITHMS[spec.algorithm], source)
     dataset = getattr(spec, "dataset", None)
     if dataset is not None:
         try:
@@ -224,7 +232,7 @@ def check_world(spec: SpecBase, source: Source) -> None:
             raise SpecError([Problem(source.where(loc), dotted(loc), str(e))]) from None
 
 
-def check_env(env: EnvSpec, algo: Algorithm, source: Source) -> None:
+def check_env(spec: SpecBase, env: EnvSpec, algo: Algorithm, source: Source) -> None:
     import gymnasium as gym
 
     import agents  # noqa: F401  (registers rlgen/* envs)
@@ -276,7 +284,19 @@ def check_env(env: EnvSpec, algo: Algorithm, source: Source) -> None:
             [Problem(source.where(("env", "kwargs")), "env", f"cannot create '{env.id}': {e}")]
         ) from None
     try:
-        if (reason := algo.check_env(instance)) is not None:
+        params = spec.params  # type: ignore[attr-defined]
+        if (reason := algo.check_env(instance, params)) is not None:
             raise SpecError([Problem(where, "env.id", f"'{env.id}': {reason}")])
+        # Every value a sweep may give (check_sweep validated them): a network that cannot
+        # take the env's observations would fail its trials.
+        raw = params.model_dump(mode="json")
+        for loc, path, dist in swept(spec):
+            for value in dist.examples():
+                trial = json.loads(json.dumps(raw))
+                set_dotted(trial, path, value)
+                reason = algo.check_env(instance, algo.config.model_validate(trial))
+                if reason is not None:
+                    msg = f"{value!r} on '{env.id}': {reason}"
+                    raise SpecError([Problem(source.where(loc), dotted(loc), msg)])
     finally:
         instance.close()
