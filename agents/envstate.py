@@ -13,6 +13,7 @@ and the resumed run starts fresh episodes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from typing import Any
@@ -50,12 +51,18 @@ def _restore_physics(env: Any, states: list[tuple[np.ndarray, np.random.Generato
         e.np_random = rng
 
 
+@functools.cache
+def _warn_unpicklable(kind: str, reason: str) -> None:
+    """Once a process for each kind of env, not at every checkpoint of a run."""
+    log.warning("the env does not pickle (%s): a resumed run starts fresh episodes", reason)
+
+
 def snapshot(env: Any) -> torch.Tensor | None:
     """The env (a `gym.Env` or vector env, wrappers and random state included) as bytes."""
     try:
         blob = pickle.dumps((env, _physics(env)), protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError) as e:
-        log.warning("the env does not pickle (%s): a resumed run starts fresh episodes", e)
+        _warn_unpicklable(type(env).__qualname__, str(e))
         return None
     return torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy())
 

@@ -317,3 +317,21 @@ def test_restarts_are_refused_where_a_resume_would_not_be_exact(tmp_path: Path) 
     for algo in ALGORITHMS.values():
         assert algo.resumes and algo.budget
         assert all(b in algo.config.model_fields for b in algo.budget)
+
+
+def test_an_env_that_does_not_pickle_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A run checkpoints many times; the reason its envs stay out of the checkpoints is said
+    once, not at each of them."""
+    import logging
+
+    import gymnasium as gym
+
+    from agents import envstate
+
+    class Local(gym.Env):  # a local class does not pickle, as ALE's vector env does not
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="agents.envstate"):
+        assert all(envstate.snapshot(Local()) is None for _ in range(3))
+    said = [r.getMessage() for r in caplog.records if "does not pickle" in r.getMessage()]
+    assert len(said) == 1 and "a resumed run starts fresh episodes" in said[0]
