@@ -11,6 +11,8 @@ but keeps d = gamma^k (its value is bootstrapped); only a true termination zeroe
 
 from __future__ import annotations
 
+import math
+import os
 from collections import deque
 from dataclasses import dataclass
 
@@ -142,6 +144,30 @@ class Batch:
 MAX_REDRAWS = 100
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory `device` has in all (the host's RAM for the CPU), or None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse `what`, a buffer of `nbytes` at capacity, if the device cannot hold it at all.
+    Buffers are allocated uninitialised and fill as a run goes, so without this check a run
+    would die hours in, when the host's OOM killer ends it or the GPU runs out."""
+    total = device_memory(device)
+    if total is not None and nbytes > total:
+        raise MemoryError(
+            f"{what} would take {nbytes / 2**30:,.1f} GiB when full, more than the "
+            f"{total / 2**30:,.1f} GiB of memory of this {device.type}: lower the buffer size"
+        )
+
+
 class ReplayBuffer:
     """A ring buffer of transitions, preallocated as tensors on the training device.
 
@@ -164,6 +190,15 @@ class ReplayBuffer:
     ):
         self.capacity, self.device, self.generator = capacity, device, generator
         self.frames = frames
+        row = 2 * math.prod(obs_shape) * obs_dtype.itemsize
+        row += math.prod(action_shape) * action_dtype.itemsize + 2 * 4  # + returns, discounts
+        store = frames.nbytes() if frames is not None else 0
+        observations = f"{obs_shape} frame ids" if frames is not None else f"{obs_shape}"
+        check_fits(
+            capacity * row + store,
+            device,
+            f"a replay buffer of {capacity:,} transitions of {observations} observations",
+        )
         # Uninitialised: rows are read only once written (below `size`), and the host's pages
         # are then touched as the buffer fills instead of all at start (zeroing 2.8 GB of image
         # stacks takes seconds).
@@ -416,6 +451,11 @@ class FrameStore:
         self, capacity: int, frame_shape: tuple[int, ...], num_envs: int, device: torch.device
     ):
         self.capacity, self.device = capacity, device
+        check_fits(
+            (capacity + 1) * math.prod(frame_shape) + capacity * 8,  # frames, ids
+            device,
+            f"a frame store of {capacity:,} frames of {frame_shape}",
+        )
         # One more row: the zero frame, at index `capacity`. The ring is left uninitialised (a
         # slot is read only once its id is in `ids`), so its pages are touched as it fills.
         self.frames = torch.empty((capacity + 1, *frame_shape), dtype=torch.uint8, device=device)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents import dqn, nets
+from agents import dqn, nets, replay
 from agents.envs import EnvSpec
 from agents.replay import FrameStore, NStep, ReplayBuffer
 from runctx import RunContext
@@ -97,6 +97,23 @@ def test_the_zero_frame_pads_stacks_in_a_fresh_store() -> None:
         stack = store.stack(torch.as_tensor(padded))
         assert stack.shape == (1, 4, 84, 84)
         assert not stack[0, :3].any() and bool((stack[0, 3] == 1).all())
+
+
+def test_a_replay_larger_than_the_machine_is_refused_before_it_is_allocated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Buffers fill as a run goes: one the machine cannot hold would end the run hours in."""
+    cpu = torch.device("cpu")
+    with pytest.raises(MemoryError, match=r"10,000,000,000 transitions of \(210, 160, 3\).*GiB"):
+        ReplayBuffer(10**10, (210, 160, 3), torch.uint8, cpu, torch.Generator())  # ~2 PB
+    monkeypatch.setattr(replay, "device_memory", lambda device: 2**30)  # a 1 GiB machine
+    with pytest.raises(MemoryError, match=r"frame store of 100,000,000 frames.*buffer size"):
+        FrameStore(10**8, (8, 8), 1, cpu)
+    frames = FrameStore(10**7, (8, 8), 1, cpu)  # 0.7 GB: fits, but not with the buffer's rows
+    with pytest.raises(MemoryError, match=r"transitions of \(4,\) frame ids.*than the 1.0 GiB"):
+        ReplayBuffer(10**7, (4,), torch.int64, cpu, torch.Generator(), frames)
+    frames = FrameStore(10**5, (84, 84), 1, cpu)  # 0.7 GB with its 8 MB of rows: fits
+    ReplayBuffer(10**5, (4,), torch.int64, cpu, torch.Generator(), frames)
 
 
 def test_a_transition_costs_about_one_84x84_frame() -> None:
