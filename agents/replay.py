@@ -192,13 +192,11 @@ class ReplayBuffer:
         self.frames = frames
         row = 2 * math.prod(obs_shape) * obs_dtype.itemsize
         row += math.prod(action_shape) * action_dtype.itemsize + 2 * 4  # + returns, discounts
-        store = frames.nbytes() if frames is not None else 0
-        observations = f"{obs_shape} frame ids" if frames is not None else f"{obs_shape}"
-        check_fits(
-            capacity * row + store,
-            device,
-            f"a replay buffer of {capacity:,} transitions of {observations} observations",
-        )
+        what = f"a replay buffer of {capacity:,} transitions of {obs_shape} observations"
+        store = 0
+        if frames is not None:
+            store, what = frames.nbytes(), what + " (frame ids) and its frames"
+        check_fits(capacity * row + store, device, what)
         # Uninitialised: rows are read only once written (below `size`), and the host's pages
         # are then touched as the buffer fills instead of all at start (zeroing 2.8 GB of image
         # stacks takes seconds).

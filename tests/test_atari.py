@@ -110,7 +110,9 @@ def test_a_replay_larger_than_the_machine_is_refused_before_it_is_allocated(
     with pytest.raises(MemoryError, match=r"frame store of 100,000,000 frames.*buffer size"):
         FrameStore(10**8, (8, 8), 1, cpu)
     frames = FrameStore(10**7, (8, 8), 1, cpu)  # 0.7 GB: fits, but not with the buffer's rows
-    with pytest.raises(MemoryError, match=r"transitions of \(4,\) frame ids.*than the 1.0 GiB"):
+    with pytest.raises(
+        MemoryError, match=r"of \(4,\) observations \(frame ids\) and its frames.*than the 1.0 GiB"
+    ):
         ReplayBuffer(10**7, (4,), torch.int64, cpu, torch.Generator(), frames)
     frames = FrameStore(10**5, (84, 84), 1, cpu)  # 0.7 GB with its 8 MB of rows: fits
     ReplayBuffer(10**5, (4,), torch.int64, cpu, torch.Generator(), frames)
