@@ -112,6 +112,13 @@ def set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
     data[last] = value
 
 
+def with_value(params: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A trial's params: a copy of the JSON `params` with `value` at `path` (`set_dotted`)."""
+    trial = json.loads(json.dumps(params))
+    set_dotted(trial, path, value)
+    return trial
+
+
 def swept(spec: SpecBase) -> list[tuple[Loc, str, Distribution]]:
     """(where in the spec, params path, distribution) of each swept param: the sweep's params
     and the PBT scheduler's mutations."""
@@ -188,9 +195,8 @@ def check_sweep(spec: SpecBase, source: Source) -> None:
             problems.append(Problem(source.where(loc), dotted(loc), msg))
             continue
         for value in dist.examples():
-            trial = json.loads(json.dumps(params))
             try:
-                set_dotted(trial, path, value)
+                trial = with_value(params, path, value)
             except ValueError as e:  # params give a list where the path needs a mapping
                 msg = f"cannot set '{path}': {e} in params (a per-layer list?)"
                 problems.append(Problem(source.where(loc), dotted(loc), msg))
@@ -292,9 +298,8 @@ def check_env(spec: SpecBase, env: EnvSpec, algo: Algorithm, source: Source) -> 
         raw = params.model_dump(mode="json")
         for loc, path, dist in swept(spec):
             for value in dist.examples():
-                trial = json.loads(json.dumps(raw))
-                set_dotted(trial, path, value)
-                reason = algo.check_env(instance, algo.config.model_validate(trial))
+                trial = algo.config.model_validate(with_value(raw, path, value))
+                reason = algo.check_env(instance, trial)
                 if reason is not None:
                     msg = f"{value!r} on '{env.id}': {reason}"
                     raise SpecError([Problem(source.where(loc), dotted(loc), msg)])
