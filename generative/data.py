@@ -155,15 +155,41 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
+DIGITS_SIZE = 1797  # scikit-learn's digits
+
+
+def split(n: int, holdout: float) -> tuple[int, int]:
+    """(train, test) sizes of `n` examples with a `holdout` fraction held out (at least one)."""
+    n_test = max(1, round(holdout * n))
+    return n - n_test, n_test
+
+
 def check(spec: DatasetSpec) -> None:
-    """Cheap checks before any trial starts: files exist and look right. Raises DatasetError."""
-    if isinstance(spec, IdxDataset):
+    """Cheap checks before any trial starts: files exist and look right, and the split leaves
+    examples to train on. Raises DatasetError."""
+    size: int | None = None  # examples in the set, where known without loading it
+    if isinstance(spec, DigitsDataset):
+        size, field = DIGITS_SIZE, "name"
+    elif isinstance(spec, BarsAndStripesDataset):
+        size, field = spec.samples, "samples"
+    elif isinstance(spec, IdxDataset):
         images = _check_idx("images", spec.images, IDX_IMAGES)
         if spec.labels is not None:
             labels = _check_idx("labels", spec.labels, IDX_LABELS)
             if labels[0] != images[0]:
                 raise DatasetError("labels", f"{labels[0]} labels for {images[0]} images")
-    elif isinstance(spec, TorchvisionDataset):
+        size, field = images[0], "images"
+    if size is not None:
+        if spec.limit is not None and spec.limit < size:
+            size, field = spec.limit, "limit"
+        n_train, n_test = split(size, spec.holdout)
+        if n_train < 1:  # one example, or a holdout that rounds to all of them
+            raise DatasetError(
+                field if size < 2 else "holdout",
+                f"{size} example{'s' * (size != 1)}: holding out {n_test} (holdout "
+                f"{spec.holdout}) leaves none to train on",
+            )
+    if isinstance(spec, TorchvisionDataset):
         try:
             import torchvision  # noqa: F401
         except ImportError:
@@ -197,8 +223,12 @@ def _check_idx(field: str, path: Path, magic: int) -> tuple[int, ...]:
     except ValueError as e:
         raise DatasetError(field, str(e)) from None
     if found != magic:
-        kind = "image" if magic == IDX_IMAGES else "label"
-        raise DatasetError(field, f"{path} is not an IDX {kind} file (magic number {found})")
+        kind, form = ("image", "(N, rows, columns)") if magic == IDX_IMAGES else ("label", "(N,)")
+        raise DatasetError(
+            field,
+            f"{path} is not an IDX {kind} file: it holds an array of shape {dims}, not {form} "
+            f"(magic number {found}, not {magic})",
+        )
     expected = int(np.prod(dims))
     size = idx_data_size(path, 4 + 4 * len(dims), expected)
     if size != expected:
@@ -251,8 +281,10 @@ def load(spec: DatasetSpec, seed: int) -> Dataset:
         x = (x > spec.threshold).astype(np.float64)
     elif spec.binarize == "stochastic":
         x = (rng.random(x.shape) < x).astype(np.float64)
+    n_train, n_test = split(n, spec.holdout)
+    if n_train < 1:
+        raise DatasetError("limit", f"{n} examples leave none to train on after the holdout")
     order = rng.permutation(n)
-    n_test = max(1, round(spec.holdout * n))
     test, train = order[:n_test], order[n_test:]
 
     if spec.scale == "standardize":  # statistics of the train split only: no leak from held-out

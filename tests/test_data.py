@@ -58,10 +58,33 @@ def test_idx_errors(tmp_path: Path) -> None:
                 images=write_idx(tmp_path / "l", np.zeros(4, np.uint8), data.IDX_LABELS, False)
             )
         )
+    rgb = write_idx(tmp_path / "rgb", np.zeros((4, 2, 2, 3), np.uint8), 0x0804, False)
+    with pytest.raises(data.DatasetError, match=r"shape \(4, 2, 2, 3\), not \(N, rows, columns\)"):
+        data.check(data.IdxDataset(images=rgb))
     few = write_idx(tmp_path / "few", np.zeros(3, np.uint8), data.IDX_LABELS, False)
     with pytest.raises(data.DatasetError, match="3 labels for 4 images") as e:
         data.check(data.IdxDataset(images=img, labels=few))
     assert e.value.field == "labels"
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_refused(tmp_path: Path) -> None:
+    """One example, or a holdout that rounds to all of them, would leave the train split empty
+    (and a model diverging on no data); refused before any trial starts, naming the field."""
+    one = write_idx(tmp_path / "one", np.zeros((1, 2, 2), np.uint8), data.IDX_IMAGES, False)
+    cases: list[tuple[data.DatasetSpec, str, str]] = [
+        (data.IdxDataset(images=one), "images", "1 example: holding out 1"),
+        (data.DigitsDataset(limit=1), "limit", "1 example: holding out 1"),
+        (data.DigitsDataset(holdout=0.9999), "holdout", "1797 examples: holding out 1797"),
+        (data.BarsAndStripesDataset(samples=1), "samples", "1 example"),
+    ]
+    for spec, field, message in cases:
+        with pytest.raises(data.DatasetError, match=message) as e:
+            data.check(spec)
+        assert e.value.field == field and "leaves none to train on" in str(e.value)
+    with pytest.raises(data.DatasetError, match="none to train on"):  # load defends as well
+        data.load(data.DigitsDataset(limit=1), seed=0)
+    two = data.load(data.DigitsDataset(limit=2), seed=0)
+    assert len(two.x_train) == len(two.x_test) == 1
 
 
 @pytest.mark.parametrize("compress", [True, False])
