@@ -316,7 +316,8 @@ def test_validation_refuses_a_network_the_env_cannot_feed(tmp_path: Path) -> Non
         "name: t\nalgorithm: dqn\nenv: {id: MinAtar/Breakout-v1}\nparams: {network: nature_cnn}\n"
     )
     with pytest.raises(
-        SpecError, match=re.escape("spec.yaml:3: env.id: 'MinAtar/Breakout-v1': the Nature")
+        SpecError,
+        match=re.escape("spec.yaml:4: params.network: 'nature_cnn' on 'MinAtar/Breakout-v1': the"),
     ):
         load_spec(spec)
     spec.write_text(

@@ -113,7 +113,7 @@ BAD = {
     ),
     "a CNN for vector observations": (
         on_env("CartPole-v1", "dqn", "network: nature_cnn"),
-        ":4: env.id: 'CartPole-v1': network nature_cnn needs image observations",
+        ":7: params.network: 'nature_cnn' on 'CartPole-v1': network nature_cnn needs image",
     ),
     "q_learning on a continuous-state env": (
         on_env("CartPole-v1", "q_learning"),
@@ -413,3 +413,23 @@ def test_a_bare_list_in_a_sweep_is_a_grid(tmp_path: Path) -> None:
     assert "spec.yaml:11: sweep.params.gamma: False: expected a number, not a boolean" in problems(
         tmp_path, base % "[0.9, false]"
     )
+
+
+def test_the_param_at_fault_is_the_one_whose_default_would_run() -> None:
+    """Validation points at the param that makes an env unusable, and at the env when no
+    param's default would help; every RL config builds from its defaults for this."""
+    import gymnasium as gym
+
+    from agents import dqn
+    from service.registry import ALGORITHMS
+    from service.spec.checks import param_at_fault
+
+    algo = ALGORITHMS["dqn"]
+    cartpole, pendulum = gym.make("CartPole-v1"), gym.make("Pendulum-v1")
+    params = dqn.Config(network="minatar_cnn", gamma=0.9, batch_size=8)
+    assert param_at_fault(algo, cartpole, params) == "network"
+    assert param_at_fault(algo, pendulum, params) is None  # continuous actions: the env
+    assert param_at_fault(algo, cartpole, dqn.Config(gamma=0.9)) is None
+    for a in ALGORITHMS.values():
+        if a.check_env is not None:
+            a.config()

@@ -238,6 +238,20 @@ def check_world(spec: SpecBase, source: Source) -> None:
             raise SpecError([Problem(source.where(loc), dotted(loc), str(e))]) from None
 
 
+def param_at_fault(algo: Algorithm, env: Any, params: BaseModel) -> str | None:
+    """The param the spec sets whose default would let `algo` run on `env` (a `network` the
+    env's observations cannot go through), or None when the env itself is the problem."""
+    assert algo.check_env is not None
+    if algo.check_env(env, params) is None:
+        return None
+    defaults = algo.config()
+    for name in sorted(params.model_fields_set):
+        default = params.model_copy(update={name: getattr(defaults, name)})
+        if algo.check_env(env, default) is None:
+            return name
+    return None
+
+
 def check_env(spec: SpecBase, env: EnvSpec, algo: Algorithm, source: Source) -> None:
     import gymnasium as gym
 
@@ -292,7 +306,11 @@ def check_env(spec: SpecBase, env: EnvSpec, algo: Algorithm, source: Source) -> 
     try:
         params = spec.params  # type: ignore[attr-defined]
         if (reason := algo.check_env(instance, params)) is not None:
-            raise SpecError([Problem(where, "env.id", f"'{env.id}': {reason}")])
+            if (name := param_at_fault(algo, instance, params)) is None:
+                raise SpecError([Problem(where, "env.id", f"'{env.id}': {reason}")])
+            loc = ("params", name)
+            msg = f"{getattr(params, name)!r} on '{env.id}': {reason}"
+            raise SpecError([Problem(source.where(loc), dotted(loc), msg)])
         # Every value a sweep may give (check_sweep validated them): a network that cannot
         # take the env's observations would fail its trials.
         raw = params.model_dump(mode="json")
